@@ -1,0 +1,96 @@
+"""The `lm` command. Every user-caused error is one line on stderr and exit status 2.
+
+  lm train --config FILE --workdir DIR [--config.KEY=VALUE ...]
+  lm plot DIR [DIR ...] [--out DIR]
+  lm bench train [--preset ref] [--config.KEY=VALUE ...]
+"""
+
+import argparse
+import sys
+
+from lm.errors import UserError
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      item = arg[len("--config.") :]
+      if "=" not in item:
+        if i + 1 >= len(argv):
+          raise UserError(f"{arg} needs a value")
+        item, i = f"{item}={argv[i + 1]}", i + 1
+      overrides.append(item)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise UserError(f"{self.prog}: {message}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="lm", description="Train, evaluate and study language models.")
+  parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+  p = sub.add_parser("train", help="train or resume a run")
+  p.add_argument("--config", required=True, help="experiment file defining get_config()")
+  p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, plots")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  p = sub.add_parser("plot", help="overlay the loss curves of runs")
+  p.add_argument("workdirs", nargs="+")
+  p.add_argument("--out", default=None, help="output directory (default: DIR/plots of the first run)")
+
+  p = sub.add_parser("bench", help="benchmarks that print one JSON line")
+  p.add_argument("what", choices=["train"])
+  p.add_argument("--preset", default="ref", help="model preset (default: ref)")
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
+  return parser
+
+
+def run(argv: list[str]) -> int:
+  argv, overrides = split_overrides(argv)
+  args = make_parser().parse_args(argv)
+  if args.command == "train":
+    from lm import config as config_lib  # noqa: PLC0415 (keeps `lm --help` fast)
+    from lm import train  # noqa: PLC0415
+
+    cfg = config_lib.load_config(args.config, overrides)
+    final = train.train(cfg, args.workdir, progress=not args.no_progress)
+    shown = {k: round(v, 4) for k, v in final.items() if k in ("train/loss", "eval/loss", "eval/bpb", "tokens_per_s")}
+    print(f"done at step {final['step']}: {shown}; outputs in {args.workdir}")
+  elif args.command == "plot":
+    from lm import plots  # noqa: PLC0415
+
+    out = args.out or f"{args.workdirs[0]}/plots"
+    for path in plots.plot_runs(args.workdirs, out):
+      print(path)
+  elif args.command == "bench":
+    from lm import bench  # noqa: PLC0415
+
+    bench.main(args, overrides)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    return run(argv)
+  except UserError as e:
+    if "--debug" in argv:
+      raise
+    print(f"lm: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,338 @@
+"""Configs: defaults, experiment-file loading, `--config.a.b=v` overrides and validation.
+
+Every key an experiment may set exists in `default_config()`; an experiment's `get_config()`
+starts from it and changes what it needs. Validation runs before anything touches a workdir, and
+every problem is a `UserError` naming the key.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import ml_collections
+
+from lm.errors import UserError
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults: a ~1M-parameter model on the standard library, 200 steps."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 128
+  c.model.n_layers = 2
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 4
+  c.model.d_ff = 384
+  c.model.tie_embeddings = False
+  c.model.dtype = "float32"  # compute dtype of matmul inputs; accumulation is always f32
+  c.model.param_dtype = "float32"
+  c.model.rope_base = 10_000.0
+  c.model.norm_eps = 1e-6
+  c.model.z_loss = 0.0  # weight of log(Z)^2, as in PaLM; 0 disables it
+  c.model.scan_layers = False
+  c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "stdlib"
+  c.data.seq_len = 128
+  c.data.eval_fraction = 0.01
+  c.data.text_field = "text"  # the field read by jsonl: and tfds: sources
+  c.data.cache_dir = ""  # prepared TFDS datasets; empty = $LM_DATA_DIR or ~/.cache/lm/tfds
+  c.data.max_bytes = 0  # read at most this many bytes of the source; 0 = all of it
+  c.data.worker_threads = 2  # grain read/tokenize threads
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = "sentencepiece"  # sentencepiece | byte
+  c.tokenizer.vocab_size = 4096  # ignored by byte (256 + specials)
+  c.tokenizer.train_bytes = 8_000_000  # corpus bytes sampled to train sentencepiece
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16  # global, in sequences
+  c.train.steps = 200
+  c.train.max_tokens = 0  # if > 0, stop once this many tokens were trained on
+  c.train.max_flops = 0.0  # if > 0, stop once this many training FLOPs were spent
+  c.train.eval_every = 100
+  c.train.eval_batches = 8
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+  c.train.keep_checkpoints = 3
+  c.train.seed = 0
+  c.train.flops_convention = "6N+attn"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-3
+  c.optim.final_lr_fraction = 0.1
+  c.optim.warmup_steps = 20
+  c.optim.schedule = "cosine"  # cosine | wsd | constant
+  c.optim.cooldown_fraction = 0.2  # wsd: the last fraction of steps decays
+  c.optim.cooldown_shape = "linear"  # wsd: linear | 1-sqrt
+  c.optim.weight_decay = 0.1
+  c.optim.decay_norms = False
+  c.optim.decay_embeddings = False
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.clip_norm = 1.0  # 0 disables clipping
+  c.optim.grad_accum_steps = 1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: whatever devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return c
+
+
+def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of the experiment file at `path` and applies `key=value` overrides."""
+  if not os.path.isfile(path):
+    raise UserError(f"config file not found: {path}")
+  module = load_module(path)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"{path} defines no get_config()")
+  try:
+    cfg = module.get_config()
+  except UserError:
+    raise
+  except Exception as e:  # an experiment file is user code: report its error in one line
+    raise UserError(f"{path}: get_config() raised {type(e).__name__}: {e}") from e
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise UserError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+  cfg = merge_into_defaults(cfg)
+  for item in overrides:
+    apply_override(cfg, item)
+  return cfg
+
+
+def load_module(path: str):
+  """Imports a Python file by path, reporting syntax and import errors in one line."""
+  name = "lm_experiment_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:
+    raise UserError(f"{path}: importing it raised {type(e).__name__}: {e}") from e
+  sys.modules[name] = module
+  return module
+
+
+def merge_into_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns the defaults updated with `cfg`; a key the defaults lack is an error."""
+  merged = default_config()
+  for key, value in flatten(cfg.to_dict()).items():
+    set_key(merged, key, value)
+  return merged
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def set_key(cfg: ml_collections.ConfigDict, key: str, value) -> None:
+  """Sets dotted `key`, checking that it exists and that `value` has the default's type."""
+  *parents, leaf = key.split(".")
+  node = cfg
+  for p in parents:
+    if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+      raise UserError(f"unknown config key: {key}")
+    node = node[p]
+  if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+    raise UserError(f"unknown config key: {key}")
+  default = node[leaf]
+  node[leaf] = coerce(key, value, type(default))
+
+
+def coerce(key: str, value, kind: type):
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if type(value) is not kind:
+    raise UserError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+  return value
+
+
+def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
+  """Applies one `a.b=value` override; the value is parsed by the type of the key's default."""
+  if "=" not in item:
+    raise UserError(f"override must be KEY=VALUE, got {item!r}")
+  key, text = item.split("=", 1)
+  set_key(cfg, key, parse_value(key, text, type(get_key(cfg, key))))
+
+
+def get_key(cfg: ml_collections.ConfigDict, key: str):
+  node = cfg
+  for p in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      raise UserError(f"unknown config key: {key}")
+    node = node[p]
+  return node
+
+
+def parse_value(key: str, text: str, kind: type):
+  try:
+    if kind is bool:
+      if text.lower() in ("true", "1", "yes"):
+        return True
+      if text.lower() in ("false", "0", "no"):
+        return False
+      raise ValueError
+    if kind is int:
+      return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
+    if kind is float:
+      return float(text)
+  except ValueError:
+    raise UserError(f"{key} must be {kind.__name__}, got {text!r}") from None
+  return text
+
+
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "wsd", "constant")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises UserError naming the first inconsistent key. `num_devices` enables mesh checks."""
+  m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+  positive = {
+    "model.d_model": m.d_model,
+    "model.n_layers": m.n_layers,
+    "model.n_heads": m.n_heads,
+    "model.n_kv_heads": m.n_kv_heads,
+    "model.d_ff": m.d_ff,
+    "train.batch_size": t.batch_size,
+    "train.steps": t.steps,
+    "train.eval_every": t.eval_every,
+    "train.eval_batches": t.eval_batches,
+    "train.log_every": t.log_every,
+    "train.checkpoint_every": t.checkpoint_every,
+    "train.keep_checkpoints": t.keep_checkpoints,
+    "optim.lr": o.lr,
+    "optim.grad_accum_steps": o.grad_accum_steps,
+    "data.worker_threads": d.worker_threads,
+  }
+  for key, value in positive.items():
+    if not value > 0:
+      raise UserError(f"{key} must be positive, got {value}")
+  if m.d_model % m.n_heads:
+    raise UserError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+  if (m.d_model // m.n_heads) % 2:
+    raise UserError(f"model.d_model / model.n_heads must be even for RoPE, got {m.d_model // m.n_heads}")
+  if m.n_heads % m.n_kv_heads:
+    raise UserError(f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
+  for key in ("model.dtype", "model.param_dtype"):
+    if get_key(cfg, key) not in DTYPES:
+      raise UserError(f"{key} must be one of {DTYPES}, got {get_key(cfg, key)!r}")
+  if m.remat not in REMAT:
+    raise UserError(f"model.remat must be one of {REMAT}, got {m.remat!r}")
+  if m.z_loss < 0:
+    raise UserError(f"model.z_loss must be >= 0, got {m.z_loss}")
+  if d.seq_len < 2:
+    raise UserError(f"data.seq_len must be at least 2, got {d.seq_len}")
+  if not 0.0 < d.eval_fraction < 1.0:
+    raise UserError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
+  if d.max_bytes < 0:
+    raise UserError(f"data.max_bytes must be >= 0, got {d.max_bytes}")
+  if cfg.tokenizer.kind not in ("sentencepiece", "byte"):
+    raise UserError(f"tokenizer.kind must be 'sentencepiece' or 'byte', got {cfg.tokenizer.kind!r}")
+  if cfg.tokenizer.kind == "sentencepiece" and not 300 <= cfg.tokenizer.vocab_size <= 1_000_000:
+    raise UserError(f"tokenizer.vocab_size must be in [300, 1000000], got {cfg.tokenizer.vocab_size}")
+  if t.max_tokens < 0 or t.max_flops < 0:
+    raise UserError("train.max_tokens and train.max_flops must be >= 0")
+  if o.schedule not in SCHEDULES:
+    raise UserError(f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+  if o.warmup_steps < 0:
+    raise UserError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+  if not 0.0 <= o.final_lr_fraction <= 1.0:
+    raise UserError(f"optim.final_lr_fraction must be in [0, 1], got {o.final_lr_fraction}")
+  if not 0.0 <= o.cooldown_fraction <= 1.0:
+    raise UserError(f"optim.cooldown_fraction must be in [0, 1], got {o.cooldown_fraction}")
+  if o.cooldown_shape not in ("linear", "1-sqrt"):
+    raise UserError(f"optim.cooldown_shape must be 'linear' or '1-sqrt', got {o.cooldown_shape!r}")
+  for key in ("optim.b1", "optim.b2"):
+    if not 0.0 <= get_key(cfg, key) < 1.0:
+      raise UserError(f"{key} must be in [0, 1), got {get_key(cfg, key)}")
+  if o.weight_decay < 0 or o.clip_norm < 0:
+    raise UserError("optim.weight_decay and optim.clip_norm must be >= 0")
+  if t.batch_size % o.grad_accum_steps:
+    raise UserError(
+      f"train.batch_size ({t.batch_size}) must be divisible by optim.grad_accum_steps ({o.grad_accum_steps})"
+    )
+  from lm import flops  # noqa: PLC0415 (flops imports nothing heavy, but config must stay import-light)
+
+  if t.flops_convention not in flops.CONVENTIONS:
+    raise UserError(f"train.flops_convention must be one of {tuple(flops.CONVENTIONS)}, got {t.flops_convention!r}")
+  if num_devices is not None:
+    data, fsdp, tensor = mesh_shape(cfg, num_devices)
+    microbatch = t.batch_size // o.grad_accum_steps
+    if microbatch % (data * fsdp):
+      raise UserError(
+        f"train.batch_size / optim.grad_accum_steps ({microbatch}) must be divisible by the "
+        f"{data * fsdp} data-parallel devices (mesh.data x mesh.fsdp)"
+      )
+    if m.n_kv_heads % tensor and m.n_heads % tensor:
+      raise UserError(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({tensor})")
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Resolves `mesh.{data,fsdp,tensor}` (at most one -1) against the device count."""
+  sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
+  free = [k for k, v in sizes.items() if v == -1]
+  for k, v in sizes.items():
+    if v == 0 or v < -1:
+      raise UserError(f"{k} must be positive or -1, got {v}")
+  if len(free) > 1:
+    raise UserError(f"at most one mesh axis may be -1, got {', '.join(free)}")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise UserError(f"{num_devices} devices do not divide into mesh axes of total size {fixed}")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise UserError(f"mesh {tuple(sizes.values())} needs {fixed} devices, but {num_devices} are present")
+  return sizes["mesh.data"], sizes["mesh.fsdp"], sizes["mesh.tensor"]
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return merge_into_defaults(ml_collections.ConfigDict(json.loads(text)))
+
+
+# Keys a resumed run may change: they alter neither shapes, nor data, nor the optimizer.
+RESUMABLE_KEYS = (
+  "train.steps",
+  "train.max_tokens",
+  "train.max_flops",
+  "train.eval_every",
+  "train.eval_batches",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.flops_convention",
+  "data.worker_threads",
+  "data.cache_dir",
+  "model.remat",
+  "mesh.data",
+  "mesh.fsdp",
+  "mesh.tensor",
+)
+
+
+def incompatible_changes(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
+  """Keys, as `key: old -> new`, whose change makes `new` unable to resume a run of `saved`."""
+  old, cur = flatten(saved.to_dict()), flatten(new.to_dict())
+  return [
+    f"{k}: {old.get(k)!r} -> {cur.get(k)!r}"
+    for k in sorted(set(old) | set(cur))
+    if k not in RESUMABLE_KEYS and old.get(k) != cur.get(k)
+  ]
