@@ -1,8 +1,8 @@
 """The `lm` command. Every user-caused error is one line on stderr and exit status 2.
 
-  lm train --config FILE --workdir DIR [--config.KEY=VALUE ...]
-  lm plot DIR [DIR ...] [--out DIR]
-  lm bench train [--preset ref] [--config.KEY=VALUE ...]
+lm train --config FILE --workdir DIR [--config.KEY=VALUE ...]
+lm plot DIR [DIR ...] [--out DIR]
+lm bench train [--preset ref] [--config.KEY=VALUE ...]
 """
 
 import argparse
@@ -54,6 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--preset", default="ref", help="model preset (default: ref)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
+  p.add_argument("--peer", default=None, metavar="PYTHON", help="also run the PyTorch peer with this interpreter")
+  p.add_argument("--peer-script", default="../shared/peers/torch_llama.py", help="the PyTorch peer script")
   return parser
 
 

@@ -106,9 +106,7 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh) -> Setup:
     tx, lambda _, sharding: sharding, boxed.opt_state, param_shardings, transform_non_params=lambda _: replicated
   )
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated)
-  abstract = jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings
-  )
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
   return Setup(cfg, model_cfg, model, tx, mesh, rules, shardings, abstract)
 
 
@@ -272,9 +270,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
     else:
       state, data_state, _ = ckpt.restore(start, setup.abstract_state)
       data.set_state(data_state)
-    eval_batches = [
-      pipeline.global_batch(b, batch_sharding) for b in pipeline.make_eval_batches(cfg, tok, proc, nproc)
-    ]
+    eval_batches = [pipeline.global_batch(b, batch_sharding) for b in pipeline.make_eval_batches(cfg, tok, proc, nproc)]
     return _loop(cfg, setup, state, start, train_step, eval_step, eval_batches, data, ckpt, tok, path, progress)
 
 

@@ -1,0 +1,165 @@
+"""Prepares a local source once into an array_record TFDS dataset with `train` and `validation`.
+
+The validation split is the last `data.eval_fraction` of the source, in order: the tail of the text
+of a single-document source (cut at a character offset, as nanoGPT does), otherwise the last
+ceil(fraction * n) documents. Each prepared corpus is a builder config named by a hash of the
+source string, the split and truncation settings and the file list with sizes and mtimes, so the
+same files are reused without rereading and a changed file is prepared anew.
+"""
+
+import contextlib
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lm.data import sources
+from lm.errors import UserError
+
+SPLITS = ("train", "validation")
+SAMPLE_CHUNK_CHARS = 65_536  # training_text takes documents longer than this in pieces
+
+
+class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """The documents of the local `cfg.data.source`, split into train and validation."""
+
+  name = "lm_corpus"
+  VERSION = tfds.core.Version("1.0.0")
+  # No download checksums live beside this code; tfds's search for them needs importlib_resources.
+  code_path = None
+
+  def __init__(self, cfg):
+    self._cfg = cfg
+    config = tfds.core.BuilderConfig(name=fingerprint(cfg), description=cfg.data.source)
+    super().__init__(data_dir=sources.data_dir(cfg), config=config, file_format="array_record")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+    return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    train, validation = split_documents(self._cfg)
+    generate = self._generate_examples
+    return {"train": generate(train), "validation": generate(validation)}
+
+  def _generate_examples(self, documents):
+    for i, text in enumerate(documents):
+      yield i, {"text": text}
+
+
+def fingerprint(cfg) -> str:
+  """A name for the prepared form of a local source; it changes when any file changes."""
+  d = cfg.data
+  stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sources.list_files(d.source)]
+  key = json.dumps([d.source, d.eval_fraction, d.max_bytes, d.text_field, stats])
+  return "c" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def split_documents(cfg) -> tuple[Iterator[str], Iterator[str]]:
+  """(train, validation) documents of a local source; it is read once to count, once per split."""
+  n = sum(1 for _ in sources.documents(cfg))
+  fraction = cfg.data.eval_fraction
+  if n == 1:
+    text = next(sources.documents(cfg))
+    cut = int(len(text) * (1 - fraction))
+    if not 0 < cut < len(text):
+      raise UserError(
+        f"data.source {cfg.data.source!r} is one document of {len(text)} characters: too short to "
+        f"hold out data.eval_fraction={fraction} of it"
+      )
+    return iter([text[:cut]]), iter([text[cut:]])
+  n_validation = max(1, math.ceil(fraction * n))
+  if n_validation >= n:
+    raise UserError(
+      f"data.source {cfg.data.source!r} has {n} documents: too few to hold out "
+      f"data.eval_fraction={fraction} of them and train on the rest"
+    )
+  return (
+    itertools.islice(sources.documents(cfg), n - n_validation),
+    itertools.islice(sources.documents(cfg), n - n_validation, None),
+  )
+
+
+def prepare(cfg) -> dict[str, sources.TextSource]:
+  """Random-access 'train' and 'validation' texts of `cfg.data.source`, preparing it if needed."""
+  kind, _ = sources.parse(cfg.data.source)
+  if kind == "tfds":
+    return tfds_splits(cfg)
+  builder = CorpusBuilder(cfg)
+  if not builder.is_prepared():
+    start = time.time()
+    tfds.display_progress_bar(False)  # the line logged below replaces TFDS's bars and banners
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare()
+    splits = builder.info.splits
+    logging.info(
+      "prepared %s: %d train + %d validation docs, %.1f MB in %.1f s, in %s",
+      cfg.data.source,
+      splits["train"].num_examples,
+      splits["validation"].num_examples,
+      sum(splits[s].num_bytes for s in SPLITS) / 1e6,
+      time.time() - start,
+      builder.data_dir,
+    )
+  records = builder.as_data_source()
+  return {split: sources.TextSource(records[split], "text") for split in SPLITS}
+
+
+def tfds_splits(cfg) -> dict[str, sources.TextSource]:
+  """'train' and 'validation' of a `tfds:` source.
+
+  Training reads the named split (default 'train'), cut to `data.max_bytes` of whole records if
+  set. Validation is the 'validation' or 'test' split if there is one, else the last
+  `data.eval_fraction` of the training records.
+  """
+  builder, split = sources.open_tfds(cfg)
+  field, name = cfg.data.text_field, builder.info.full_name
+  if field not in builder.info.features:
+    raise UserError(f"TFDS dataset {name} has no field {field!r} (set data.text_field)")
+  split = split or "train"
+  try:
+    train = sources.TextSource(builder.as_data_source(split=split), field)
+  except (ValueError, KeyError) as e:
+    raise UserError(f"TFDS dataset {name} has no split {split!r}: {e}") from None
+  if cfg.data.max_bytes:
+    total, n = 0, 0
+    while n < len(train) and total < cfg.data.max_bytes:
+      total += len(train[n].encode())
+      n += 1
+    train = train.slice(0, n)
+  held_out = [s for s in ("validation", "test") if s in builder.info.splits and s != split]
+  if held_out:
+    validation = sources.TextSource(builder.as_data_source(split=held_out[0]), field)
+    return {"train": train, "validation": validation}
+  n_validation = max(1, math.ceil(cfg.data.eval_fraction * len(train)))
+  if n_validation >= len(train):
+    raise UserError(f"TFDS dataset {name} split {split!r} is too small to hold out validation")
+  cut = len(train) - n_validation
+  return {"train": train.slice(0, cut), "validation": train.slice(cut, len(train))}
+
+
+def training_text(cfg, max_bytes: int) -> Iterator[str]:
+  """Up to `max_bytes` of train-split text for fitting a tokenizer, spread over the whole corpus.
+
+  Documents come in a fixed random order (seed 0, so every run of a corpus gets one tokenizer);
+  a long document gives evenly spaced pieces of SAMPLE_CHUNK_CHARS rather than its beginning.
+  """
+  train = prepare(cfg)["train"]
+  for index in np.random.default_rng(0).permutation(len(train)):
+    text = train[int(index)]
+    pieces = math.ceil(len(text) / SAMPLE_CHUNK_CHARS)
+    wanted = min(pieces, math.ceil(max_bytes / SAMPLE_CHUNK_CHARS))
+    for piece in np.linspace(0, pieces - 1, wanted).round().astype(int):
+      chunk = text[piece * SAMPLE_CHUNK_CHARS : (piece + 1) * SAMPLE_CHUNK_CHARS]
+      yield chunk
+      max_bytes -= len(chunk.encode())
+      if max_bytes <= 0:
+        return

@@ -1,0 +1,138 @@
+"""grain pipelines that turn the prepared corpus into packed batches of token ids.
+
+Every batch is a dict of numpy arrays of shape [B_local, T], T = data.seq_len:
+  inputs, targets: int32 ids; targets are inputs shifted by one within a packed row of T+1 tokens.
+  segment_ids: int32, 1.. per document piece in the row, 0 for padding.
+  positions: int32, restarting at 0 for each segment.
+  loss_mask: float32, 1 where the target is a token of the input's own document.
+Each document is tokenized as [BOS] + ids + [EOS]. A row may start or end mid-document.
+"""
+
+import grain
+import jax
+import numpy as np
+
+from lm.data import corpus_builder
+from lm.errors import UserError
+from lm.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+
+def make_train_iterator(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
+  """An endless, resumable grain iterator of this process's training batches.
+
+  Yields `train.batch_size // process_count` rows per batch. The process reads records
+  process_index::process_count of the train split, reshuffled every epoch from `train.seed`.
+  `get_state()` is JSON-serializable; `set_state` on a fresh iterator resumes exactly.
+  """
+  records = grain.MapDataset.source(corpus_builder.prepare(cfg)["train"])
+  if len(records) < process_count:
+    raise UserError(f"the train split has {len(records)} documents, fewer than the processes")
+  assert cfg.train.batch_size % process_count == 0, (cfg.train.batch_size, process_count)
+  records = records[process_index::process_count].shuffle(seed=cfg.train.seed).repeat()
+  return iter(batches(cfg, tokenizer, records, cfg.train.batch_size // process_count))
+
+
+def make_eval_batches(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
+  """This process's rows of the first `train.eval_batches` batches of the validation split.
+
+  The batches are the same whatever the process count: every process packs the whole split (in
+  order, cycled if it is short) and keeps its contiguous block of each global batch. Compute them
+  once and reuse the list.
+  """
+  records = grain.MapDataset.source(corpus_builder.prepare(cfg)["validation"]).repeat()
+  it = iter(batches(cfg, tokenizer, records, cfg.train.batch_size))
+  rows = cfg.train.batch_size // process_count
+  block = slice(process_index * rows, (process_index + 1) * rows)
+  return [{k: v[block] for k, v in next(it).items()} for _ in range(cfg.train.eval_batches)]
+
+
+def batches(cfg, tokenizer: Tokenizer, records: grain.MapDataset, rows: int) -> grain.IterDataset:
+  """Tokenizes text records (in the read threads), packs them into rows and batches them."""
+
+  def tokenize(text: str) -> np.ndarray:
+    ids = tokenizer.encode([text])[0]
+    tokens = np.empty(len(ids) + 2, np.int32)
+    tokens[0], tokens[1:-1], tokens[-1] = BOS_ID, ids, EOS_ID
+    return tokens
+
+  options = grain.ReadOptions(num_threads=cfg.data.worker_threads, prefetch_buffer_size=64)
+  tokens = records.map(tokenize).to_iter_dataset(options)
+  packed = PackIterDataset(tokens, cfg.data.seq_len + 1)
+  return packed.batch(rows, drop_remainder=True).map(to_batch)
+
+
+def to_batch(packed: dict) -> dict:
+  """The batch format (see the module docstring) from packed rows of T+1 tokens."""
+  tokens_BxS, segments_BxS = packed["tokens"], packed["segment_ids"]
+  same_document_BxT = (segments_BxS[:, 1:] == segments_BxS[:, :-1]) & (segments_BxS[:, 1:] > 0)
+  return {
+    "inputs": tokens_BxS[:, :-1],
+    "targets": tokens_BxS[:, 1:],
+    "segment_ids": segments_BxS[:, :-1],
+    "positions": packed["positions"][:, :-1],
+    "loss_mask": same_document_BxT.astype(np.float32),
+  }
+
+
+class PackIterDataset(grain.IterDataset):
+  """Concatenates token arrays and cuts the stream into rows of `length`.
+
+  Written here rather than grain's ConcatThenSplitIterDataset, whose state does not survive a
+  JSON round trip (its tuples come back as lists) and which replays elements on restore.
+  """
+
+  def __init__(self, parent: grain.IterDataset, length: int):
+    super().__init__(parent)
+    self.length = length
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return PackIterator(self._parent.__iter__(), self.length)
+
+
+class PackIterator(grain.DatasetIterator):
+  """Yields {'tokens', 'segment_ids', 'positions'}, each int32 [length]; pads only at the end.
+
+  State: the parent's state before the current document, and how many of its tokens are used.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, length: int):
+    super().__init__(parent)
+    self.length = length
+    self.arange = np.arange(length, dtype=np.int32)
+    self.doc_state, self.doc, self.offset = parent.get_state(), np.zeros(0, np.int32), 0
+
+  def __next__(self) -> dict:
+    tokens, segment_ids, positions = (np.zeros(self.length, np.int32) for _ in range(3))
+    filled, segment = 0, 0
+    while filled < self.length:
+      if self.offset == len(self.doc):
+        self.doc_state = self._parent.get_state()
+        try:
+          self.doc, self.offset = next(self._parent), 0
+        except StopIteration:
+          if filled:
+            break
+          raise
+        continue
+      n = min(self.length - filled, len(self.doc) - self.offset)
+      segment += 1
+      tokens[filled : filled + n] = self.doc[self.offset : self.offset + n]
+      segment_ids[filled : filled + n] = segment
+      positions[filled : filled + n] = self.arange[:n]
+      filled += n
+      self.offset += n
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+  def get_state(self) -> dict:
+    return {"parent": self.doc_state, "offset": self.offset}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self.doc_state, self.doc, self.offset = state["parent"], np.zeros(0, np.int32), 0
+    if state["offset"]:
+      self.doc, self.offset = next(self._parent), state["offset"]
+
+
+def global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+  """The global jax.Arrays whose process-local rows are `local_batch`."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
