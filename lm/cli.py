@@ -6,6 +6,7 @@ lm bench train [--preset ref] [--config.KEY=VALUE ...]
 """
 
 import argparse
+import logging
 import sys
 
 from lm.errors import UserError
@@ -85,6 +86,7 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  logging.getLogger("absl").setLevel(logging.ERROR)  # tfds and orbax are chatty at WARNING
   try:
     return run(argv)
   except UserError as e:

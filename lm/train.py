@@ -187,6 +187,23 @@ def make_eval_step(setup: Setup, token_bytes: np.ndarray):
   )
 
 
+def unigram_loss(train_batches, eval_batches: list[dict], vocab_size: int) -> float:
+  """Nats/token on the eval targets of the add-one-smoothed unigram distribution of train targets.
+
+  The baseline a model must beat to have learned anything beyond token frequencies.
+  """
+  counts_V = np.ones(vocab_size)
+  for batch in train_batches:
+    np.add.at(counts_V, batch["targets"][batch["loss_mask"] > 0], 1)
+  log_p_V = np.log(counts_V / counts_V.sum())
+  total, n = 0.0, 0.0
+  for batch in eval_batches:
+    mask = batch["loss_mask"] > 0
+    total -= log_p_V[batch["targets"][mask]].sum()
+    n += mask.sum()
+  return total / max(n, 1.0)
+
+
 def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
   """Loss (nats/token), perplexity and bits per byte over fixed validation batches."""
   totals = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
@@ -274,7 +291,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
     return _loop(cfg, setup, state, start, train_step, eval_step, eval_batches, data, ckpt, tok, path, progress)
 
 
-def _loop(cfg, setup, state, start, train_step, eval_step, eval_batches, data, ckpt, tok, path, progress) -> dict:
+def _loop(
+  cfg, setup, state, start, train_step, eval_step, eval_batches, data, ckpt, tok, path, progress, baseline
+) -> dict:
   from tqdm import tqdm  # noqa: PLC0415
 
   t = cfg.train
@@ -320,6 +339,8 @@ def _loop(cfg, setup, state, start, train_step, eval_step, eval_batches, data, c
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}", refresh=False)
       if step % t.eval_every == 0 or step == last_step:
         row.update(evaluate(eval_step, state.params, eval_batches))
+        if baseline is not None:
+          row["eval/unigram_loss"], baseline = baseline, None  # logged once, with the first eval
       if row:
         writer.write(step, step * tokens_per_step, step * tokens_per_step * flops_per_token, row)
         final.update(row)

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny configs and a runner for scripts that need several simulated devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lm import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """A config small enough to train in seconds on one CPU core."""
+  cfg = config_lib.default_config()
+  values = {
+    "model.d_model": 32,
+    "model.n_layers": 2,
+    "model.n_heads": 4,
+    "model.n_kv_heads": 2,
+    "model.d_ff": 64,
+    "data.seq_len": 32,
+    "tokenizer.kind": "byte",
+    "train.batch_size": 8,
+    "train.steps": 10,
+    "train.eval_every": 5,
+    "train.eval_batches": 2,
+    "train.log_every": 1,
+    "train.checkpoint_every": 5,
+    "optim.warmup_steps": 2,
+    "mesh.data": 1,
+  }
+  values.update(overrides)
+  for key, value in values.items():
+    config_lib.set_key(cfg, key, value)
+  return cfg
+
+
+def random_batch(batch: int, length: int, vocab: int, seed: int = 0, split: int | None = None) -> dict:
+  """A batch in the common format; rows hold two documents when `split` is given."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch, length + 1)).astype(np.int32)
+  segments = np.ones((batch, length), np.int32)
+  positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
+  if split:
+    segments[:, split:] = 2
+    positions[:, split:] -= split
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "segment_ids": segments,
+    "positions": positions,
+    "loss_mask": np.ones((batch, length), np.float32),
+  }
+
+
+def run_devices_script(code: str, devices: int = 8, timeout: int = 300):
+  """Runs `code` in a fresh Python with `devices` simulated CPU devices; returns its last JSON line."""
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout, check=False
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+  """A small text file source of Python-like text."""
+  path = tmp_path / "corpus.txt"
+  path.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400)))
+  return f"text:{path}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("LM_DATA_DIR", str(tmp_path / "tfds_cache"))
