@@ -16,7 +16,8 @@ def write_experiment(tmp_path, body: str) -> str:
 def test_load_config_applies_typed_overrides(tmp_path):
   path = write_experiment(
     tmp_path,
-    "from lm.config import default_config\ndef get_config():\n  c = default_config()\n  c.model.d_model = 64\n  return c\n",
+    "from lm.config import default_config\n"
+    "def get_config():\n  c = default_config()\n  c.model.d_model = 64\n  return c\n",
   )
   cfg = config_lib.load_config(
     path, ["model.n_layers=3", "optim.lr=1e-3", "model.tie_embeddings=true", "data.source=x"]
