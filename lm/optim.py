@@ -23,7 +23,7 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     else:  # wsd: warmup, stable at peak, then decay over the last cooldown_fraction of steps
       cooldown = max(int(round(o.cooldown_fraction * steps)), 1)
       frac = jnp.clip((step - (steps - cooldown)) / cooldown, 0.0, 1.0)
-      shape = frac if o.cooldown_shape == "linear" else 1.0 - jnp.sqrt(1.0 - frac)
+      shape = frac if o.cooldown_shape == "linear" else jnp.sqrt(frac)  # 1-sqrt: lr ~ 1 - sqrt(frac)
       lr = peak - (peak - final) * shape
     return jnp.where(step < warmup, warm, lr)
 

@@ -151,8 +151,8 @@ def make_train_step(setup: Setup):
     params = optax.apply_updates(state.params, updates)
     metrics = {
       "train/loss": ce_sum / n_tokens,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
       "lr": schedule(state.step),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -287,8 +287,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
     else:
       state, data_state, _ = ckpt.restore(start, setup.abstract_state)
       data.set_state(data_state)
-    eval_batches = [pipeline.global_batch(b, batch_sharding) for b in pipeline.make_eval_batches(cfg, tok, proc, nproc)]
-    return _loop(cfg, setup, state, start, train_step, eval_step, eval_batches, data, ckpt, tok, path, progress)
+    local_eval = pipeline.make_eval_batches(cfg, tok, proc, nproc)
+    eval_batches = [pipeline.global_batch(b, batch_sharding) for b in local_eval]
+    baseline = None
+    if start == 0:
+      sample = pipeline.make_train_iterator(cfg, tok, proc, nproc)
+      baseline = unigram_loss((next(sample) for _ in range(32)), local_eval, tok.vocab_size)
+    return _loop(
+      cfg, setup, state, start, train_step, eval_step, eval_batches, data, ckpt, tok, path, progress, baseline
+    )
 
 
 def _loop(

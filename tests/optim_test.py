@@ -1,0 +1,84 @@
+import jax
+import numpy as np
+import pytest
+
+from lm import optim, partitioning, train
+
+from conftest import random_batch, tiny_config
+
+
+def lr_at(cfg, steps):
+  schedule = optim.make_schedule(cfg)
+  return np.array([float(schedule(s)) for s in steps])
+
+
+def test_cosine_warms_up_then_decays_to_the_final_fraction():
+  cfg = tiny_config(**{"optim.lr": 1.0, "optim.warmup_steps": 10, "train.steps": 110, "optim.final_lr_fraction": 0.1})
+  lr = lr_at(cfg, range(111))
+  np.testing.assert_allclose(lr[:10], np.arange(1, 11) / 10, rtol=1e-6)
+  assert lr[10] == pytest.approx(1.0)
+  assert lr[60] == pytest.approx(0.55, rel=1e-4)  # halfway through the cosine
+  assert lr[110] == pytest.approx(0.1, rel=1e-5)
+  assert np.all(np.diff(lr[10:]) <= 1e-7)
+
+
+@pytest.mark.parametrize("shape, midpoint", [("linear", 0.5), ("1-sqrt", 1 - np.sqrt(0.5))])
+def test_wsd_is_flat_then_cools_down(shape, midpoint):
+  cfg = tiny_config(
+    **{
+      "optim.schedule": "wsd",
+      "optim.lr": 1.0,
+      "optim.warmup_steps": 10,
+      "train.steps": 100,
+      "optim.cooldown_fraction": 0.2,
+      "optim.cooldown_shape": shape,
+      "optim.final_lr_fraction": 0.0,
+    }
+  )
+  lr = lr_at(cfg, range(101))
+  np.testing.assert_allclose(lr[10:81], 1.0)
+  assert lr[90] == pytest.approx(midpoint, rel=1e-5)  # halfway through the cooldown
+  assert lr[100] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_constant_schedule():
+  cfg = tiny_config(**{"optim.schedule": "constant", "optim.lr": 0.5, "optim.warmup_steps": 4, "train.steps": 50})
+  lr = lr_at(cfg, [0, 3, 4, 49])
+  np.testing.assert_allclose(lr, [0.125, 0.5, 0.5, 0.5])
+
+
+def test_weight_decay_skips_norms_and_embeddings_by_default():
+  params = {"embed": 1, "layer_0": {"attn_norm": {"scale": 1}, "mlp": {"w_up": 1}}, "head": 1}
+  mask = optim.decay_mask(params, tiny_config())
+  assert mask == {"embed": False, "layer_0": {"attn_norm": {"scale": False}, "mlp": {"w_up": True}}, "head": True}
+  mask = optim.decay_mask(params, tiny_config(**{"optim.decay_norms": True, "optim.decay_embeddings": True}))
+  assert all(jax.tree.leaves(mask))
+
+
+def run_steps(cfg, batches):
+  mesh = partitioning.make_mesh(cfg, jax.devices()[:1])
+  setup = train.build(cfg, 64, mesh)
+  step = train.make_train_step(setup)
+  with setup.context():
+    state = setup.init_state()
+    for batch in batches:
+      state, metrics = step(state, batch)
+  return jax.device_get(state.params), metrics
+
+
+def test_gradient_accumulation_gives_the_full_batch_update():
+  batches = [random_batch(8, 32, 64, seed=i, split=10) for i in range(3)]
+  for b in batches:  # uneven masks: the accumulated mean must weight microbatches by tokens
+    b["loss_mask"][:3, 20:] = 0.0
+  full, full_metrics = run_steps(tiny_config(), batches)
+  accum, accum_metrics = run_steps(tiny_config(**{"optim.grad_accum_steps": 4}), batches)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), full, accum)
+  assert float(full_metrics["train/loss"]) == pytest.approx(float(accum_metrics["train/loss"]), rel=1e-5)
+  assert float(full_metrics["grad_norm"]) == pytest.approx(float(accum_metrics["grad_norm"]), rel=1e-4)
+
+
+def test_clipping_bounds_the_update():
+  batch = random_batch(8, 32, 64)
+  clipped, m = run_steps(tiny_config(**{"optim.clip_norm": 1e-3, "optim.warmup_steps": 0}), [batch])
+  assert float(m["grad_norm"]) > 1e-3  # reported before clipping
+  assert float(m["lr"]) == pytest.approx(3e-3)
