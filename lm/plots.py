@@ -34,7 +34,8 @@ def plot_runs(workdirs: list[str], out_dir: str, labels: list[str] | None = None
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss (nats/token)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+      ax.legend(fontsize=8)
     ax.set_title(f"loss against {xlabel}")
     fig.tight_layout()
     path = out / f"loss_vs_{x}.png"
