@@ -11,13 +11,15 @@ Training FLOPs per token, forward + backward = 3x forward, with 2 FLOPs per mult
   half included, because a dense kernel computes it. This is the default, and it matches
   XLA's compiled cost analysis (tested).
 - `6N+attn_causal`: 6 * N + 6 * L * T * D, counting only the unmasked half, as Kaplan et al.
+- `6N_nohead`, `6N_nohead+attn`, `6N_nohead+attn_causal`: the same without the last layer (the output
+  head), i.e. with Kaplan et al.'s non-embedding N; Porian et al. (2024) show this choice moves the exponents.
 """
 
 import time
 
 import numpy as np
 
-CONVENTIONS = ("6N", "6N+attn", "6N+attn_causal")
+CONVENTIONS = ("6N", "6N+attn", "6N+attn_causal", "6N_nohead", "6N_nohead+attn", "6N_nohead+attn_causal")
 
 
 def param_counts(model_cfg) -> dict[str, int]:
@@ -43,13 +45,14 @@ def flops_per_token(model_cfg, seq_len: int, convention: str = "6N+attn") -> flo
   """Training FLOPs per token (forward + backward) under a named convention."""
   if convention not in CONVENTIONS:
     raise ValueError(f"unknown FLOP convention {convention!r}; known: {CONVENTIONS}")
-  n = param_counts(model_cfg)["flop_params"]
+  counts = param_counts(model_cfg)
+  n = counts["non_embedding"] if convention.startswith("6N_nohead") else counts["flop_params"]
   attn = 12 * model_cfg.n_layers * seq_len * model_cfg.d_model
-  if convention == "6N":
-    return 6.0 * n
-  if convention == "6N+attn":
+  if convention.endswith("+attn"):
     return 6.0 * n + attn
-  return 6.0 * n + attn / 2
+  if convention.endswith("+attn_causal"):
+    return 6.0 * n + attn / 2
+  return 6.0 * n
 
 
 # Peak dense bf16 FLOP/s per chip, from the vendors' published figures.

@@ -1,0 +1,1 @@
+"""Scaling-law studies: FLOP accounting, sweeps of runs, fits with uncertainty, figures and reports."""

@@ -1,0 +1,123 @@
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lm.errors import UserError
+from lm.scaling import cli, fit
+
+CHINCHILLA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "scaling", "chinchilla_240.csv")
+TRUE = {"E": 1.7, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.30}
+
+
+def synthetic(noise=0.0005, seed=0):
+  rng = np.random.default_rng(seed)
+  n = np.exp(rng.uniform(np.log(1e7), np.log(1e10), 300))
+  d = np.exp(rng.uniform(np.log(1e9), np.log(1e12), 300))
+  loss = fit.predict_loss(TRUE, n, d) * np.exp(noise * rng.standard_normal(300))
+  return n, d, loss
+
+
+def test_allocation_is_consistent_with_the_law():
+  alloc = fit.optimal_allocation(TRUE, 1e21)
+  assert alloc["N_opt"] * alloc["D_opt"] * 6 == pytest.approx(1e21)
+  for scale in (0.9, 1.1):  # the optimum beats nearby points on the same budget
+    assert alloc["loss"] < fit.predict_loss(TRUE, alloc["N_opt"] * scale, alloc["D_opt"] / scale)
+
+
+@pytest.mark.skipif(not os.path.exists(CHINCHILLA), reason="../shared/data absent")
+def test_chinchilla_reaches_the_global_optimum_and_loose_fit_is_worse():
+  t = fit.load_table(CHINCHILLA)
+  best = fit.fit_parametric(t["N"], t["D"], t["loss"])
+  assert best["starts"] == 4500
+  # Besiroglu et al. (2024): E 1.8172, alpha 0.3478, beta 0.3658 (A and B are weakly identified).
+  assert best["E"] == pytest.approx(1.8172, abs=0.005)
+  assert best["alpha"] == pytest.approx(0.3478, abs=0.005)
+  assert best["beta"] == pytest.approx(0.3658, abs=0.005)
+  assert best["grad_norm"] < 1e-8 and best["starts_in_best_basin"] >= 5
+  # No start of a long, tight run from a dense grid lands lower.
+  check = fit.fit_parametric(t["N"], t["D"], t["loss"], grid=fit.init_grid()[::90], max_iter=200, polish=0)
+  assert check["objective"] >= best["objective"] * (1 - 1e-9)
+  loose = fit.fit_parametric(
+    t["N"], t["D"], t["loss"], grid=fit.init_grid()[::90], reduce="mean", max_iter=15, tol=1e-3, polish=0
+  )
+  theta = np.log([loose["A"], loose["B"], loose["E"]]).tolist() + [loose["alpha"], loose["beta"]]
+  sum_objective = fit_objective_sum(t, theta)
+  assert sum_objective > best["objective"] * 1.01
+
+
+def fit_objective_sum(t, theta):
+  a, b, e, alpha, beta = theta
+  pred = np.logaddexp(np.logaddexp(a - alpha * np.log(t["N"]), b - beta * np.log(t["D"])), e)
+  r = np.abs(pred - np.log(t["loss"]))
+  return float(np.sum(np.where(r < 1e-3, 0.5 * r * r, 1e-3 * (r - 0.5e-3))))
+
+
+def isoflop_table(vertex_outside=False):
+  rows = []
+  for c in (1e18, 1e19, 1e20):
+    n_opt = 0.1 * c**0.5
+    for f in (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8):
+      n = n_opt * f * (16 if vertex_outside and c == 1e19 else 1)
+      rows.append((n, c / (6 * n), c, 2.0 + 0.05 * np.log(n / n_opt) ** 2 + 1e3 / c**0.1))
+  n, d, c, loss = map(np.array, zip(*rows, strict=True))
+  return {"N": n, "D": d, "C": c, "loss": loss}
+
+
+def test_approach2_recovers_exponents_and_warns_when_vertex_outside():
+  t = isoflop_table()
+  result = fit.approach2(t["N"], t["D"], t["C"], t["loss"])
+  assert result["a"] == pytest.approx(0.5, abs=1e-6) and result["b"] == pytest.approx(0.5, abs=1e-6)
+  t = isoflop_table(vertex_outside=True)
+  with pytest.warns(UserWarning, match="vertex outside the sampled N range.*1e\\+19"):
+    result = fit.approach2(t["N"], t["D"], t["C"], t["loss"])
+  assert result["vertex_outside_range"] == [pytest.approx(1e19)]
+
+
+def test_approach1_and_kaplan():
+  t = isoflop_table()
+  a1 = fit.approach1(t["N"], t["D"], t["C"], t["loss"])
+  assert 0.3 < a1["a"] < 0.7 and a1["a"] + a1["b"] == pytest.approx(1.0)
+  k = fit.kaplan(t["N"], t["D"], t["C"], t["loss"])
+  assert k["alpha_C"] > 0
+
+
+def parser():
+  p = argparse.ArgumentParser()
+  cli.add_parsers(p.add_subparsers(dest="command"))
+  return p
+
+
+def test_cli_fit_recovers_synthetic_parameters_with_intervals(tmp_path, capsys):
+  n, d, loss = synthetic()
+  path = tmp_path / "t.csv"
+  path.write_text("N,D,loss\n" + "".join(f"{a},{b},{c}\n" for a, b, c in zip(n, d, loss, strict=True)))
+  args = parser().parse_args(
+    ["scaling", "fit", str(path), "--approach", "3", "--bootstrap", "50", "--budget", "1e21", "--predict", "1e9,2e10"]
+    + ["--grid-stride", "37", "--out", str(tmp_path / "out")]
+  )
+  assert cli.run(args, []) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert json.loads((tmp_path / "out" / "fit.json").read_text()) == result
+  fit3 = result["approach3"]
+  for name, value in TRUE.items():
+    assert abs(fit3[name] / value - 1) < 0.01, (name, fit3[name], value)
+  assert fit3["grad_norm"] < 1e-8
+  for name in ("E", "A", "B", "alpha", "beta", "a", "b"):
+    lo, hi = fit3["ci95"][name]
+    assert lo <= fit3[name] <= hi, name
+  for name in ("N_opt", "D_opt", "tokens_per_param"):
+    lo, hi = fit3["at_budget"]["ci95"][name]
+    assert lo <= fit3["at_budget"][name] <= hi
+  assert fit3["predicted_loss"]["loss"] == pytest.approx(fit.predict_loss(TRUE, 1e9, 2e10), rel=0.01)
+
+
+def test_bad_table_is_a_user_error(tmp_path):
+  path = tmp_path / "bad.csv"
+  path.write_text("N,loss\n1,2\n")
+  with pytest.raises(UserError, match="lacks column"):
+    fit.load_table(str(path))
+  with pytest.raises(UserError, match="cannot read"):
+    fit.load_table(str(tmp_path / "missing.csv"))
