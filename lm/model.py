@@ -95,19 +95,21 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions_BxT: Array, head_dim: int, base: float) -> tuple[Array, Array]:
-  """cos and sin [B, T, 1, E/2] of the angles position * base^(-2i/E), shared by all layers."""
+  """cos and signed sin [B, T, 1, 2, E/2] of the angles position * base^(-2i/E), shared by all layers."""
   half = head_dim // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxTx1xE = (positions_BxT[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
-  return jnp.cos(angle_BxTx1xE), jnp.sin(angle_BxTx1xE)
+  angle_BxTx1x1xE = (positions_BxT[..., None].astype(jnp.float32) * inv_freq)[:, :, None, None, :]
+  cos_BxTx1x1xE, sin_BxTx1x1xE = jnp.cos(angle_BxTx1x1xE), jnp.sin(angle_BxTx1x1xE)
+  return jnp.concatenate([cos_BxTx1x1xE] * 2, axis=3), jnp.concatenate([-sin_BxTx1x1xE, sin_BxTx1x1xE], axis=3)
 
 
-def rope(x_BxTxNxE: Array, rope_BxTx1xE: tuple[Array, Array]) -> Array:
-  """Rotates the two halves of each head by the angles of `rope_tables`."""
-  cos, sin = rope_BxTx1xE
-  half = x_BxTxNxE.shape[-1] // 2
-  x1, x2 = x_BxTxNxE[..., :half], x_BxTxNxE[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+def rope(x_BxTxNxE: Array, rope_BxTx1x2xE: tuple[Array, Array]) -> Array:
+  """Rotates the two halves (x1, x2) of each head to (x1 cos - x2 sin, x1 sin + x2 cos)."""
+  cos, signed_sin = rope_BxTx1x2xE
+  x_BxTxNx2xE = x_BxTxNxE.reshape(*x_BxTxNxE.shape[:-1], 2, -1)
+  # Swapping the halves with a reverse, not a concatenate, keeps this one fusible elementwise loop.
+  out_BxTxNx2xE = x_BxTxNx2xE * cos + jnp.flip(x_BxTxNx2xE, axis=3) * signed_sin
+  return out_BxTxNx2xE.reshape(x_BxTxNxE.shape)
 
 
 def attention_mask(segment_ids_BxT: Array) -> Array:
@@ -118,11 +120,78 @@ def attention_mask(segment_ids_BxT: Array) -> Array:
   return causal_TxS[None] & same_BxTxS
 
 
+def _bmm(a: Array, b: Array, dtype: str) -> Array:
+  """a @ b batched over the leading axes, inputs in the compute dtype, f32 out."""
+  return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q_BxKxNxE: Array, k_BxKxSxE: Array, v_BxKxSxE: Array, mask_BxTxS: Array, dtype: str) -> Array:
+  """softmax(q k^T masked) v for the N = G * T query rows of each kv head; q comes pre-scaled."""
+  return _attend_fwd(q_BxKxNxE, k_BxKxSxE, v_BxKxSxE, mask_BxTxS, dtype)[0]
+
+
+def _attend_fwd(q_BxKxNxE, k_BxKxSxE, v_BxKxSxE, mask_BxTxS, dtype):
+  b, k, n, _ = q_BxKxNxE.shape
+  t = mask_BxTxS.shape[1]
+  logits_BxKxGxTxS = _bmm(q_BxKxNxE, k_BxKxSxE.swapaxes(-1, -2), dtype).reshape(b, k, n // t, t, t)
+  logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
+  max_BxKxGxTx1 = jnp.max(logits_BxKxGxTxS, axis=-1, keepdims=True)
+  # Unnormalised weights: dividing the [N, E] output by the row sum is cheaper than the [N, S] weights.
+  w_BxKxNxS = jnp.exp(logits_BxKxGxTxS - max_BxKxGxTx1).reshape(b, k, n, t)
+  sum_BxKxNx1 = jnp.sum(w_BxKxNxS, axis=-1, keepdims=True)
+  out_BxKxNxE = _bmm(w_BxKxNxS, v_BxKxSxE, dtype) / sum_BxKxNx1
+  return out_BxKxNxE, (q_BxKxNxE, k_BxKxSxE, v_BxKxSxE, w_BxKxNxS, sum_BxKxNx1, out_BxKxNxE)
+
+
+def _attend_bwd(dtype, res, d_out_BxKxNxE):
+  q_BxKxNxE, k_BxKxSxE, v_BxKxSxE, w_BxKxNxS, sum_BxKxNx1, out_BxKxNxE = res
+  d_out_BxKxNxE = d_out_BxKxNxE / sum_BxKxNx1
+  d_v_BxKxSxE = _bmm(w_BxKxNxS.swapaxes(-1, -2), d_out_BxKxNxE, dtype)
+  d_w_BxKxNxS = _bmm(d_out_BxKxNxE, v_BxKxSxE.swapaxes(-1, -2), dtype)
+  # The softmax backward's row sum of probs * d_probs equals the row sum of d_out * out: E wide, not S.
+  delta_BxKxNx1 = jnp.sum(d_out_BxKxNxE * out_BxKxNxE, axis=-1, keepdims=True)
+  d_logits_BxKxNxS = w_BxKxNxS * (d_w_BxKxNxS - delta_BxKxNx1)
+  d_q_BxKxNxE = _bmm(d_logits_BxKxNxS, k_BxKxSxE, dtype)
+  d_k_BxKxSxE = _bmm(d_logits_BxKxNxS.swapaxes(-1, -2), q_BxKxNxE, dtype)
+  return (
+    d_q_BxKxNxE.astype(q_BxKxNxE.dtype),
+    d_k_BxKxSxE.astype(k_BxKxSxE.dtype),
+    d_v_BxKxSxE.astype(v_BxKxSxE.dtype),
+    None,
+  )
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+@jax.custom_vjp
+def _swiglu(gate_BxTxF: Array, up_BxTxF: Array) -> Array:
+  """silu(gate) * up; the VJP keeps only gate and up and recomputes the sigmoid."""
+  return jax.nn.silu(gate_BxTxF) * up_BxTxF
+
+
+def _swiglu_fwd(gate_BxTxF, up_BxTxF):
+  return _swiglu(gate_BxTxF, up_BxTxF), (gate_BxTxF, up_BxTxF)
+
+
+def _swiglu_bwd(res, d_h_BxTxF):
+  # The barrier stops XLA from merging this sigmoid with the forward one and saving it.
+  gate_BxTxF, up_BxTxF = jax.lax.optimization_barrier(res)
+  sig_BxTxF = jax.nn.sigmoid(gate_BxTxF)
+  d_up_BxTxF = d_h_BxTxF * gate_BxTxF * sig_BxTxF
+  d_gate_BxTxF = d_h_BxTxF * up_BxTxF * sig_BxTxF * (1.0 + gate_BxTxF * (1.0 - sig_BxTxF))
+  return d_gate_BxTxF, d_up_BxTxF
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, rope_BxTx1xE: tuple[Array, Array], mask_BxTxS: Array) -> Array:
+  def __call__(self, x_BxTxD: Array, rope_BxTx1x2xE: tuple[Array, Array], mask_BxTxS: Array) -> Array:
     c = self.cfg
     h, k, e, d = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
     g = h // k
@@ -132,8 +201,8 @@ class Attention(nn.Module):
     wv_DxKxE = _param(self, "wv", (d, k, e), ("embed", "kv_heads", "head_dim"), init, c)
     wo_HxExD = _param(self, "wo", (h, e, d), ("heads", "head_dim", "embed"), _fan_in_init(h * e), c)
 
-    q_BxTxHxE = rope(_project(x_BxTxD, wq_DxHxE, 1, c.dtype), rope_BxTx1xE)
-    k_BxSxKxE = rope(_project(x_BxTxD, wk_DxKxE, 1, c.dtype), rope_BxTx1xE)
+    q_BxTxHxE = rope(_project(x_BxTxD, wq_DxHxE, 1, c.dtype), rope_BxTx1x2xE)
+    k_BxSxKxE = rope(_project(x_BxTxD, wk_DxKxE, 1, c.dtype), rope_BxTx1x2xE)
     v_BxSxKxE = _project(x_BxTxD, wv_DxKxE, 1, c.dtype)
     q_BxTxHxE = nn.with_logical_constraint(q_BxTxHxE, ("act_batch", "act_length", "act_heads", None))
 
@@ -141,13 +210,9 @@ class Attention(nn.Module):
     # the G query heads that share a kv head stacked along the rows: N = G * T.
     b, t = x_BxTxD.shape[:2]
     q_BxKxNxE = (q_BxTxHxE * e**-0.5).reshape(b, t, k, g, e).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, e)
-    k_BxKxExS = k_BxSxKxE.transpose(0, 2, 3, 1).astype(c.dtype)
+    k_BxKxSxE = k_BxSxKxE.transpose(0, 2, 1, 3).astype(c.dtype)
     v_BxKxSxE = v_BxSxKxE.transpose(0, 2, 1, 3).astype(c.dtype)
-    logits_BxKxNxS = jnp.matmul(q_BxKxNxE.astype(c.dtype), k_BxKxExS, preferred_element_type=jnp.float32)
-    logits_BxKxGxTxS = logits_BxKxNxS.reshape(b, k, g, t, t)
-    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
-    probs_BxKxNxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).reshape(b, k, g * t, t).astype(c.dtype)
-    out_BxKxNxE = jnp.matmul(probs_BxKxNxS, v_BxKxSxE, preferred_element_type=jnp.float32)
+    out_BxKxNxE = _attend(q_BxKxNxE.astype(c.dtype), k_BxKxSxE, v_BxKxSxE, mask_BxTxS, c.dtype)
     out_BxTxHxE = out_BxKxNxE.reshape(b, k, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
     return _project(out_BxTxHxE, wo_HxExD, 2, c.dtype)
 
@@ -163,7 +228,7 @@ class MLP(nn.Module):
     w_down_FxD = _param(self, "w_down", (c.d_ff, c.d_model), ("mlp", "embed"), _fan_in_init(c.d_ff), c)
     gate_BxTxF = _project(x_BxTxD, w_gate_DxF, 1, c.dtype)
     up_BxTxF = _project(x_BxTxD, w_up_DxF, 1, c.dtype)
-    h_BxTxF = nn.with_logical_constraint(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("act_batch", "act_length", "act_mlp"))
+    h_BxTxF = nn.with_logical_constraint(_swiglu(gate_BxTxF, up_BxTxF), ("act_batch", "act_length", "act_mlp"))
     return _project(h_BxTxF, w_down_FxD, 1, c.dtype)
 
 
@@ -171,10 +236,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, rope_BxTx1xE: tuple[Array, Array], mask_BxTxS: Array) -> Array:
+  def __call__(self, x_BxTxD: Array, rope_BxTx1x2xE: tuple[Array, Array], mask_BxTxS: Array) -> Array:
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
     x_BxTxD = x_BxTxD + Attention(self.cfg, name="attn")(
-      RMSNorm(self.cfg, name="attn_norm")(x_BxTxD), rope_BxTx1xE, mask_BxTxS
+      RMSNorm(self.cfg, name="attn_norm")(x_BxTxD), rope_BxTx1x2xE, mask_BxTxS
     )
     x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxD))
     return x_BxTxD
@@ -183,8 +248,8 @@ class Block(nn.Module):
 class ScanBlock(Block):
   """A Block with the (carry, xs) -> (carry, ys) signature nn.scan expects."""
 
-  def __call__(self, x_BxTxD, rope_BxTx1xE, mask_BxTxS):
-    return super().__call__(x_BxTxD, rope_BxTx1xE, mask_BxTxS), None
+  def __call__(self, x_BxTxD, rope_BxTx1x2xE, mask_BxTxS):
+    return super().__call__(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS), None
 
 
 REMAT_POLICIES = {
@@ -212,7 +277,7 @@ class Transformer(nn.Module):
     x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(jnp.float32)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
     mask_BxTxS = attention_mask(segment_ids_BxT)
-    rope_BxTx1xE = rope_tables(positions_BxT, c.head_dim, c.rope_base)
+    rope_BxTx1x2xE = rope_tables(positions_BxT, c.head_dim, c.rope_base)
 
     block = ScanBlock if c.scan_layers else Block
     if c.remat != "none":
@@ -226,10 +291,10 @@ class Transformer(nn.Module):
         length=c.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )(c, name="layers")
-      x_BxTxD, _ = stack(x_BxTxD, rope_BxTx1xE, mask_BxTxS)
+      x_BxTxD, _ = stack(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS)
     else:
       for i in range(c.n_layers):
-        x_BxTxD = block(c, name=f"layer_{i}")(x_BxTxD, rope_BxTx1xE, mask_BxTxS)
+        x_BxTxD = block(c, name=f"layer_{i}")(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS)
 
     x_BxTxD = RMSNorm(c, name="final_norm")(x_BxTxD)
     if c.tie_embeddings:
