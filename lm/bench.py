@@ -6,6 +6,7 @@ the same process. With `--peer PYTHON`, PyTorch's version of the same model (`--
 runs in eager and compiled mode in the same invocation, and the JSON gains the ratios.
 """
 
+import dataclasses
 import json
 import resource
 import subprocess
@@ -152,3 +153,65 @@ def main(args, overrides: list[str]) -> None:
         record[f"{name}_error"] = peer["error"]
   print(json.dumps(record))
   sys.stdout.flush()
+
+
+def sample_throughput(cfg, new_tokens: int = 512, prompt_len: int = 16, recompute_tokens: int = 64) -> dict:
+  """Tokens/s of prefill, cached decode at batch 1 and 8, and the no-cache recompute loop."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from lm import flops as flops_lib  # noqa: PLC0415
+  from lm import sampling  # noqa: PLC0415
+  from lm.model import ModelConfig, Transformer  # noqa: PLC0415
+  from lm.tokenizer import EOS_ID, ByteTokenizer  # noqa: PLC0415
+
+  vocab = cfg.tokenizer.vocab_size
+  model_cfg = ModelConfig.from_config(cfg, vocab)
+  model = Transformer(model_cfg)
+  context = prompt_len + new_tokens
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  sampler = sampling.Sampler.for_model(model, context, ByteTokenizer(), EOS_ID)
+  greedy = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+  rng = np.random.default_rng(0)
+
+  def decode_rate(batch: int) -> float:
+    prompts = [list(rng.integers(7, vocab, prompt_len)) for _ in range(batch)]
+    requests = [dataclasses.replace(greedy, max_new_tokens=8)] * batch
+    sampler.generate(params, prompts, requests)  # compile the short loop
+    sampler.generate(params, prompts, [greedy] * batch)  # and the long one
+    t0 = time.perf_counter()
+    out = sampler.generate(params, prompts, [greedy] * batch)
+    elapsed = time.perf_counter() - t0
+    assert all(len(g.tokens) == new_tokens for g in out)
+    return batch * new_tokens / elapsed
+
+  prompt_1xP = jnp.asarray(rng.integers(7, vocab, (1, context)), jnp.int32)
+  prefill = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  jax.block_until_ready(prefill(params, prompt_1xP))
+  t0 = time.perf_counter()
+  jax.block_until_ready(prefill(params, prompt_1xP))
+  prefill_s = time.perf_counter() - t0
+
+  # The naive loop: every new token reruns the full forward pass over a fixed-size buffer.
+  def recompute_rate() -> float:
+    buffer_1xS = np.zeros((1, context), np.int32)
+    buffer_1xS[0, :prompt_len] = rng.integers(7, vocab, prompt_len)
+    length = prompt_len
+    step = jax.jit(lambda p, x, n: jnp.argmax(model.apply({"params": p}, x)[0, n - 1]))
+    int(step(params, buffer_1xS, length))
+    t0 = time.perf_counter()
+    for _ in range(recompute_tokens):
+      buffer_1xS[0, length] = int(step(params, buffer_1xS, length))
+      length += 1
+    return recompute_tokens / (time.perf_counter() - t0)
+
+  return {
+    "impl": f"lm-jax-{cfg.model.dtype}",
+    "new_tokens": new_tokens,
+    "prompt_tokens": prompt_len,
+    "prefill_tokens_per_s": context / prefill_s,
+    "decode_tokens_per_s": decode_rate(1),
+    "recompute_tokens_per_s": recompute_rate(),
+    "batch8_decode_tokens_per_s": decode_rate(8),
+    "params": flops_lib.param_counts(model_cfg)["total"],
+  }

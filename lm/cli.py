@@ -69,6 +69,12 @@ def run(argv: list[str]) -> int:
 
     cfg = config_lib.load_config(args.config, overrides)
     final = train.train(cfg, args.workdir, progress=not args.no_progress)
+    if "stopped_by" in final:
+      print(
+        f"stopped by {final['stopped_by']} after step {final['step']}: its checkpoint is saved and committed; "
+        "rerun the same command to resume"
+      )
+      return 0
     shown = {k: round(v, 4) for k, v in final.items() if k in ("train/loss", "eval/loss", "eval/bpb", "tokens_per_s")}
     print(f"done at step {final['step']}: {shown}; outputs in {args.workdir}")
   elif args.command == "plot":

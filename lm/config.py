@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.seed = 0
   c.train.flops_convention = "6N+attn"
+  c.train.max_bad_steps = 5  # stop after this many consecutive steps with a non-finite loss or gradient
+  c.train.min_free_bytes = -1  # refuse to start with less free disk in the workdir; -1: two checkpoints, 0: off
+  c.train.debug_nan_steps = ""  # fault injection: comma-separated steps whose batch is poisoned with NaN
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-3
@@ -214,6 +217,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     "train.log_every": t.log_every,
     "train.checkpoint_every": t.checkpoint_every,
     "train.keep_checkpoints": t.keep_checkpoints,
+    "train.max_bad_steps": t.max_bad_steps,
     "optim.lr": o.lr,
     "optim.grad_accum_steps": o.grad_accum_steps,
     "data.worker_threads": d.worker_threads,
@@ -244,6 +248,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"tokenizer.kind must be 'sentencepiece' or 'byte', got {cfg.tokenizer.kind!r}")
   if cfg.tokenizer.kind == "sentencepiece" and not 300 <= cfg.tokenizer.vocab_size <= 1_000_000:
     raise UserError(f"tokenizer.vocab_size must be in [300, 1000000], got {cfg.tokenizer.vocab_size}")
+  if t.min_free_bytes < -1:
+    raise UserError(f"train.min_free_bytes must be >= -1, got {t.min_free_bytes}")
+  debug_nan_steps(cfg)
   if t.max_tokens < 0 or t.max_flops < 0:
     raise UserError("train.max_tokens and train.max_flops must be >= 0")
   if o.schedule not in SCHEDULES:
@@ -279,6 +286,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       )
     if m.n_kv_heads % tensor and m.n_heads % tensor:
       raise UserError(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({tensor})")
+
+
+def debug_nan_steps(cfg: ml_collections.ConfigDict) -> frozenset[int]:
+  """The steps (1-based, as logged) that `train.debug_nan_steps` poisons."""
+  text = cfg.train.debug_nan_steps.replace(" ", "")
+  items = text.split(",") if text else []
+  if not all(item.isdigit() and int(item) > 0 for item in items):
+    raise UserError(f"train.debug_nan_steps must be comma-separated positive step numbers, got {text!r}")
+  return frozenset(map(int, items))
 
 
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -319,6 +335,9 @@ RESUMABLE_KEYS = (
   "train.checkpoint_every",
   "train.keep_checkpoints",
   "train.flops_convention",
+  "train.max_bad_steps",
+  "train.min_free_bytes",
+  "train.debug_nan_steps",
   "data.worker_threads",
   "data.cache_dir",
   "model.remat",

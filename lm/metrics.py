@@ -5,6 +5,8 @@ import math
 
 from etils import epath
 
+from lm.errors import UserError
+
 
 class MetricsWriter:
   """Appends `{"step", "tokens", "flops", name: value, ...}` rows; TensorBoard events go to `tb/`."""
@@ -17,7 +19,7 @@ class MetricsWriter:
       return
     # Steps after the checkpoint we resume from are replayed; drop their old rows.
     rows = [r for r in read_metrics(workdir) if r["step"] <= resume_step] if resume_step else []
-    self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    replace_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
     from tensorboardX import SummaryWriter  # noqa: PLC0415 (only the writing process needs it)
 
     self.tb = SummaryWriter(str(epath.Path(workdir) / "tb"), flush_secs=10)
@@ -44,11 +46,33 @@ def _finite_or_none(x: float):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All rows of `workdir/metrics.jsonl` (empty if there is none)."""
+  """All rows of `workdir/metrics.jsonl` (empty if there is none).
+
+  An unterminated last line is what a writer killed mid-row leaves; it is ignored.
+  """
   path = epath.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  text = path.read_text()
+  lines = text.splitlines()
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number == len(lines) and not text.endswith("\n"):
+        break
+      raise UserError(f"{path}:{number}: not a JSON row") from None
+  return rows
+
+
+def replace_text(path: epath.Path, text: str) -> None:
+  """Writes `path` through a temporary file and a rename: a killed writer leaves the old file or the new."""
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 def series(rows: list[dict], name: str, x: str = "tokens") -> tuple[list, list]:

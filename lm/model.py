@@ -133,12 +133,12 @@ def _attend(q_BxKxNxE: Array, k_BxKxSxE: Array, v_BxKxSxE: Array, mask_BxTxS: Ar
 
 def _attend_fwd(q_BxKxNxE, k_BxKxSxE, v_BxKxSxE, mask_BxTxS, dtype):
   b, k, n, _ = q_BxKxNxE.shape
-  t = mask_BxTxS.shape[1]
-  logits_BxKxGxTxS = _bmm(q_BxKxNxE, k_BxKxSxE.swapaxes(-1, -2), dtype).reshape(b, k, n // t, t, t)
+  t, s = mask_BxTxS.shape[1:]
+  logits_BxKxGxTxS = _bmm(q_BxKxNxE, k_BxKxSxE.swapaxes(-1, -2), dtype).reshape(b, k, n // t, t, s)
   logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
   max_BxKxGxTx1 = jnp.max(logits_BxKxGxTxS, axis=-1, keepdims=True)
   # Unnormalised weights: dividing the [N, E] output by the row sum is cheaper than the [N, S] weights.
-  w_BxKxNxS = jnp.exp(logits_BxKxGxTxS - max_BxKxGxTx1).reshape(b, k, n, t)
+  w_BxKxNxS = jnp.exp(logits_BxKxGxTxS - max_BxKxGxTx1).reshape(b, k, n, s)
   sum_BxKxNx1 = jnp.sum(w_BxKxNxS, axis=-1, keepdims=True)
   out_BxKxNxE = _bmm(w_BxKxNxS, v_BxKxSxE, dtype) / sum_BxKxNx1
   return out_BxKxNxE, (q_BxKxNxE, k_BxKxSxE, v_BxKxSxE, w_BxKxNxS, sum_BxKxNx1, out_BxKxNxE)
@@ -191,7 +191,11 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, rope_BxTx1x2xE: tuple[Array, Array], mask_BxTxS: Array) -> Array:
+  def __call__(
+    self, x_BxTxD: Array, rope_BxTx1x2xE: tuple[Array, Array], mask_BxTxS: Array, cache=None, positions_BxT=None
+  ):
+    """Returns (output, cache). With a cache (k, v [B, S, K, E]), this call's keys and values are
+    written at slots `positions_BxT` and the queries attend over the whole cache."""
     c = self.cfg
     h, k, e, d = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
     g = h // k
@@ -204,6 +208,11 @@ class Attention(nn.Module):
     q_BxTxHxE = rope(_project(x_BxTxD, wq_DxHxE, 1, c.dtype), rope_BxTx1x2xE)
     k_BxSxKxE = rope(_project(x_BxTxD, wk_DxKxE, 1, c.dtype), rope_BxTx1x2xE)
     v_BxSxKxE = _project(x_BxTxD, wv_DxKxE, 1, c.dtype)
+    if cache is not None:
+      rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
+      k_BxSxKxE = cache[0].at[rows_Bx1, positions_BxT].set(k_BxSxKxE.astype(cache[0].dtype))
+      v_BxSxKxE = cache[1].at[rows_Bx1, positions_BxT].set(v_BxSxKxE.astype(cache[1].dtype))
+      cache = (k_BxSxKxE, v_BxSxKxE)
     q_BxTxHxE = nn.with_logical_constraint(q_BxTxHxE, ("act_batch", "act_length", "act_heads", None))
 
     # Heads-major layouts make both attention matmuls plain batched matmuls over (B, K), with
@@ -214,7 +223,7 @@ class Attention(nn.Module):
     v_BxKxSxE = v_BxSxKxE.transpose(0, 2, 1, 3).astype(c.dtype)
     out_BxKxNxE = _attend(q_BxKxNxE.astype(c.dtype), k_BxKxSxE, v_BxKxSxE, mask_BxTxS, c.dtype)
     out_BxTxHxE = out_BxKxNxE.reshape(b, k, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
-    return _project(out_BxTxHxE, wo_HxExD, 2, c.dtype)
+    return _project(out_BxTxHxE, wo_HxExD, 2, c.dtype), cache
 
 
 class MLP(nn.Module):
@@ -236,20 +245,15 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: Array, rope_BxTx1x2xE: tuple[Array, Array], mask_BxTxS: Array) -> Array:
+  def __call__(self, x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, cache=None, positions_BxT=None):
+    """(x, cache) -> (x, cache): the (carry, xs) -> (carry, ys) signature nn.scan expects."""
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
-    x_BxTxD = x_BxTxD + Attention(self.cfg, name="attn")(
-      RMSNorm(self.cfg, name="attn_norm")(x_BxTxD), rope_BxTx1x2xE, mask_BxTxS
+    attn_BxTxD, cache = Attention(self.cfg, name="attn")(
+      RMSNorm(self.cfg, name="attn_norm")(x_BxTxD), rope_BxTx1x2xE, mask_BxTxS, cache, positions_BxT
     )
+    x_BxTxD = x_BxTxD + attn_BxTxD
     x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxD))
-    return x_BxTxD
-
-
-class ScanBlock(Block):
-  """A Block with the (carry, xs) -> (carry, ys) signature nn.scan expects."""
-
-  def __call__(self, x_BxTxD, rope_BxTx1x2xE, mask_BxTxS):
-    return super().__call__(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS), None
+    return x_BxTxD, cache
 
 
 REMAT_POLICIES = {
@@ -260,12 +264,18 @@ REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-  """Token ids [B, T] (with segment ids and positions for packed rows) -> f32 logits [B, T, V]."""
+  """Token ids [B, T] (with segment ids and positions for packed rows) -> f32 logits [B, T, V].
+
+  With `cache` (from `init_cache`), the tokens sit at slots `positions` of each row, attend to
+  every earlier slot, and the call returns (logits, updated cache): prefill and decoding.
+  """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT: Array, segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None):
+  def __call__(
+    self, tokens_BxT: Array, segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None, cache=None
+  ):
     c = self.cfg
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(tokens_BxT)
@@ -276,10 +286,14 @@ class Transformer(nn.Module):
     table_VxD = nn.with_logical_constraint(embed_VxD, ("vocab", None))
     x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(jnp.float32)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
-    mask_BxTxS = attention_mask(segment_ids_BxT)
+    if cache is None:
+      mask_BxTxS = attention_mask(segment_ids_BxT)
+    else:
+      slots_S = jnp.arange(cache["k"].shape[2])
+      mask_BxTxS = slots_S[None, None, :] <= positions_BxT[:, :, None]
     rope_BxTx1x2xE = rope_tables(positions_BxT, c.head_dim, c.rope_base)
 
-    block = ScanBlock if c.scan_layers else Block
+    block = Block
     if c.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
@@ -287,14 +301,23 @@ class Transformer(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=c.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )(c, name="layers")
-      x_BxTxD, _ = stack(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS)
+      layers_cache = None if cache is None else (cache["k"], cache["v"])
+      x_BxTxD, layers_cache = stack(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layers_cache, positions_BxT)
     else:
+      new_k, new_v = [], []
       for i in range(c.n_layers):
-        x_BxTxD = block(c, name=f"layer_{i}")(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS)
+        layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+        x_BxTxD, layer_cache = block(c, name=f"layer_{i}")(
+          x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layer_cache, positions_BxT
+        )
+        if cache is not None:
+          new_k.append(layer_cache[0])
+          new_v.append(layer_cache[1])
+      layers_cache = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
 
     x_BxTxD = RMSNorm(c, name="final_norm")(x_BxTxD)
     if c.tie_embeddings:
@@ -302,7 +325,16 @@ class Transformer(nn.Module):
     else:
       head_DxV = _param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), _fan_in_init(c.d_model), c)
       logits_BxTxV = _project(x_BxTxD, head_DxV, 1, c.dtype)
-    return nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
+    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
+    if cache is None:
+      return logits_BxTxV
+    return logits_BxTxV, {"k": layers_cache[0], "v": layers_cache[1]}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """An empty KV cache: keys and values [L, B, S, K, E] in the compute dtype."""
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
 
 
 def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, z_loss: float = 0.0) -> tuple[Array, Array]:

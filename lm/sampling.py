@@ -6,7 +6,7 @@ per row (a request), so one batch can mix greedy and nucleus sampling:
 - `temperature` (0 = greedy), `top_k` (0 = off), `top_p` (1 = off), `min_p` (0 = off);
 - `repetition_penalty` (CTRL-style: seen tokens' positive logits are divided by it, negative
   ones multiplied) and `frequency_penalty` (subtracted once per earlier occurrence);
-- `stop_tokens` (ids; the EOS id always stops) and `stop_strings` (checked on the host between
+- `stop_tokens` (ids; the EOS id stops too unless `ignore_eos`) and `stop_strings` (checked on the host between
   chunks of the loop, and cut from the text);
 - `max_new_tokens` and `seed`: the same seed gives the same tokens.
 Returned log-probabilities are the model's own (log-softmax of the raw logits), whatever the
@@ -37,6 +37,7 @@ class SamplingParams:
   stop_tokens: tuple[int, ...] = ()
   stop_strings: tuple[str, ...] = ()
   seed: int = 0
+  ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
   def validate(self, context: int | None = None) -> None:
     if self.temperature < 0:
@@ -115,6 +116,16 @@ class Sampler:
   makes an empty one.
   """
 
+  @classmethod
+  def for_model(cls, model, context: int, tokenizer, eos_id: int) -> "Sampler":
+    """A sampler for an `lm.model.Transformer`."""
+    from lm import model as model_lib  # noqa: PLC0415
+
+    def apply_fn(params, tokens_BxT, positions_BxT, cache):
+      return model.apply({"params": params}, tokens_BxT, None, positions_BxT, cache=cache)
+
+    return cls(apply_fn, lambda b, n: model_lib.init_cache(model.cfg, b, n), context, tokenizer, eos_id)
+
   def __init__(self, apply_fn: Callable, init_cache: Callable, context: int, tokenizer, eos_id: int):
     self.apply_fn, self.init_cache, self.context = apply_fn, init_cache, context
     self.tokenizer, self.eos_id = tokenizer, eos_id
@@ -142,7 +153,7 @@ class Sampler:
       token_B = choose(sub, penalized_BxV, controls["temperature"], filtered_BxV)
       token_B = jnp.where(s["done"], self.eos_id, token_B)
       logprob_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
-      stop_B = jnp.any(token_B[:, None] == controls["stop_tokens"], axis=-1) | (token_B == self.eos_id)
+      stop_B = jnp.any(token_B[:, None] == controls["stop_tokens"], axis=-1)
       b = jnp.arange(token_B.shape[0])
       logits_Bx1xV, cache = self.apply_fn(params, token_B[:, None], s["position"][:, None], s["cache"])
       return {
@@ -180,10 +191,10 @@ class Sampler:
     lengths_B = np.array([len(p) for p in prompts], np.int32)
     cache = self.init_cache(b, longest + max_new)
     logits_BxV, cache = self._prefill(params, prompt_BxP, lengths_B, cache)
-    n_stop = max([len(r.stop_tokens) for r in requests] + [1])
-    stop_tokens = np.full((b, n_stop), -1, np.int32)
-    for i, r in enumerate(requests):
-      stop_tokens[i, : len(r.stop_tokens)] = r.stop_tokens
+    stops = [stop_ids(r, self.eos_id) for r in requests]
+    stop_tokens = np.full((b, max(len(x) for x in stops) + 1), -1, np.int32)
+    for i, row in enumerate(stops):
+      stop_tokens[i, : len(row)] = row
     controls = {
       "temperature": jnp.array([r.temperature for r in requests], jnp.float32),
       "top_k": jnp.array([r.top_k for r in requests], jnp.int32),
@@ -231,11 +242,15 @@ class Sampler:
     return [finish(self.tokenizer, r, tokens, row_logprobs, self.eos_id) for r, tokens, row_logprobs in rows]
 
 
+def stop_ids(request: SamplingParams, eos_id: int) -> tuple[int, ...]:
+  return tuple(request.stop_tokens) + (() if request.ignore_eos else (eos_id,))
+
+
 def finish(tokenizer, request: SamplingParams, tokens: list[int], logprobs, eos_id: int) -> Generation:
   """Cuts a row at its first stop token or stop string; the stop itself is not returned."""
-  reason = "length"
+  reason, stops = "length", stop_ids(request, eos_id)
   for i, t in enumerate(tokens):
-    if t == eos_id or t in request.stop_tokens:
+    if t in stops:
       tokens, reason = tokens[:i], "stop"
       break
   text = tokenizer.decode(tokens)

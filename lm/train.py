@@ -6,9 +6,12 @@ checkpoints and signals.
 """
 
 import dataclasses
+import functools
 import json
 import math
+import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -20,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from lm import checkpoint as checkpoint_lib
@@ -35,10 +39,14 @@ from lm.model import ModelConfig, Transformer, cross_entropy
 
 @flax.struct.dataclass
 class TrainState:
+  """The whole training state; batches consumed = `step + skipped_steps` = the checkpoint's step."""
+
   step: jax.Array  # int32 scalar: optimizer updates applied so far
   params: Any
   opt_state: Any
   rng: jax.Array  # uint32 key data, for anything stochastic in training
+  skipped_steps: jax.Array  # int32 scalar: batches whose update was skipped for a non-finite loss or gradient
+  nonfinite_streak: jax.Array  # int32 scalar: how many of the latest batches in a row were skipped
 
 
 @dataclasses.dataclass
@@ -90,6 +98,8 @@ def _init(model: Transformer, tx, key, cfg) -> TrainState:
     params=params,
     opt_state=tx.init(nn.unbox(params)),
     rng=jax.random.key_data(train_key),
+    skipped_steps=jnp.zeros((), jnp.int32),
+    nonfinite_streak=jnp.zeros((), jnp.int32),
   )
 
 
@@ -105,7 +115,14 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh) -> Setup:
   opt_shardings = optax.tree_map_params(
     tx, lambda _, sharding: sharding, boxed.opt_state, param_shardings, transform_non_params=lambda _: replicated
   )
-  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated)
+  shardings = TrainState(
+    step=replicated,
+    params=param_shardings,
+    opt_state=opt_shardings,
+    rng=replicated,
+    skipped_steps=replicated,
+    nonfinite_streak=replicated,
+  )
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
   return Setup(cfg, model_cfg, model, tx, mesh, rules, shardings, abstract)
 
@@ -115,6 +132,8 @@ def make_train_step(setup: Setup):
 
   With `optim.grad_accum_steps` = A the batch is split into A interleaved microbatches whose
   summed gradients are divided by the whole batch's token count: the same update as one batch.
+  A batch whose loss or gradient norm is not finite leaves params, optimizer state and `step`
+  as they were and counts in `skipped_steps` and `nonfinite_streak` (also returned as metrics).
   """
   cfg, model = setup.cfg, setup.model
   accum, z_loss = cfg.optim.grad_accum_steps, cfg.model.z_loss
@@ -147,15 +166,27 @@ def make_train_step(setup: Setup):
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, ce_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
     grads = jax.tree.map(lambda g: g / n_tokens, grads)
+    loss, grad_norm = ce_sum / n_tokens, optax.tree.norm(grads)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+    )
+    bad = 1 - finite.astype(jnp.int32)
+    skipped, streak = state.skipped_steps + bad, (state.nonfinite_streak + 1) * bad
     metrics = {
-      "train/loss": ce_sum / n_tokens,
-      "grad_norm": optax.tree.norm(grads),
+      "train/loss": loss,
+      "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(params),
       "lr": schedule(state.step),
+      "train/skipped_steps": skipped,
+      "nonfinite_streak": streak,
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = state.replace(
+      step=state.step + 1 - bad, params=params, opt_state=opt_state, skipped_steps=skipped, nonfinite_streak=streak
+    )
+    return new_state, metrics
 
   batch_sharding = partitioning.batch_sharding(setup.mesh)
   return jax.jit(
@@ -219,7 +250,11 @@ def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
 
 
 class _StopFlag:
-  """Set by SIGTERM/SIGINT: the loop finishes its step, checkpoints and exits cleanly."""
+  """Set by SIGTERM/SIGINT: the loop finishes its step, checkpoints and exits cleanly.
+
+  The first signal only sets the flag; a second one meets the previous handler, so Ctrl-C twice
+  stops at once.
+  """
 
   def __init__(self):
     self.signal = None
@@ -227,6 +262,7 @@ class _StopFlag:
   def install(self):
     def handler(signum, _):
       self.signal = signal.Signals(signum).name
+      self.restore()
 
     self.previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -235,44 +271,132 @@ class _StopFlag:
       signal.signal(s, h)
 
 
-def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> epath.Path:
-  """Creates `workdir` (or checks it can resume this config) and writes `config.json`."""
+def _nearest_existing(path: epath.Path) -> epath.Path:
+  path = path.absolute()
+  while not path.exists() and path != path.parent:
+    path = path.parent
+  return path
+
+
+def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> epath.Path:
+  """Checks, writing nothing, that `workdir` is new or holds a run that `cfg` can resume."""
   path = epath.Path(workdir)
-  if path.exists() and not path.is_dir():
-    raise UserError(f"workdir {workdir} exists and is not a directory")
+  existing = _nearest_existing(path)
+  if not existing.is_dir():
+    if existing == path.absolute():
+      raise UserError(f"workdir {workdir} exists and is not a directory")
+    raise UserError(f"workdir {workdir} cannot be created: {existing} is not a directory")
   saved = path / "config.json"
   if saved.exists():
-    previous = config_lib.from_json(saved.read_text())
+    try:
+      previous = config_lib.from_json(saved.read_text())
+    except (ValueError, TypeError, UserError) as e:
+      raise UserError(f"cannot read {saved}: {e}") from None
     changed = config_lib.incompatible_changes(previous, cfg)
     if changed:
       raise UserError(f"workdir {workdir} holds a run with a different config: {', '.join(changed)}")
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    saved.write_text(config_lib.to_json(cfg))
-  except OSError as e:
-    raise UserError(f"cannot write to workdir {workdir}: {e.strerror or e}") from e
+  metrics_lib.read_metrics(workdir)  # a corrupt metrics.jsonl stops the run here, not after the first write
   return path
 
 
 def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer:
+  """The workdir's tokenizer, checked against the config, or else a new one (saved by `write_workdir`)."""
   if (workdir / "tokenizer.json").exists():
-    return tokenizer_lib.load_tokenizer(workdir)
+    try:
+      tok = tokenizer_lib.load_tokenizer(workdir)
+    except (ValueError, KeyError, RuntimeError) as e:
+      raise UserError(f"cannot read the tokenizer in {workdir}: {type(e).__name__}: {e}") from None
+    t = cfg.tokenizer
+    if tok.kind != t.kind or (t.kind == "sentencepiece" and tok.vocab_size != t.vocab_size):
+      wanted = "byte tokenizer" if t.kind == "byte" else f"sentencepiece tokenizer of {t.vocab_size} tokens"
+      raise UserError(f"{workdir} holds a {tok.kind} tokenizer of {tok.vocab_size} tokens, not the configured {wanted}")
+    return tok
   if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
     raise UserError(f"{workdir} has checkpoints but its tokenizer is missing (tokenizer.json)")
-  tok = tokenizer_lib.train_tokenizer(cfg, corpus_builder.training_text(cfg, cfg.tokenizer.train_bytes))
-  if jax.process_index() == 0:
-    tok.save(workdir)
-  return tok
+  return tokenizer_lib.train_tokenizer(cfg, corpus_builder.training_text(cfg, cfg.tokenizer.train_bytes))
+
+
+def check_checkpoint(cfg, tok: tokenizer_lib.Tokenizer, directory: str, step: int, meta: dict) -> None:
+  """Raises UserError unless checkpoint `step` (its `meta` item) was written by a run `cfg` can resume."""
+  where = f"checkpoint {step} in {directory}"
+  if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "tokenizer" not in meta:
+    raise UserError(f"{where} holds no run metadata: it was not written by lm")
+  try:
+    saved = config_lib.from_json(json.dumps(meta["config"]))
+  except UserError as e:
+    raise UserError(f"{where} has a config this version cannot read: {e}") from None
+  changed = config_lib.incompatible_changes(saved, cfg)
+  if changed:
+    raise UserError(f"{where} is from a run with a different config: {', '.join(changed)}")
+  if checkpoint_lib.decode_blob(meta["tokenizer"]) != tok.to_bytes():
+    raise UserError(f"{where} was trained with a different tokenizer than the one in {directory}")
+
+
+def check_free_space(cfg, path: epath.Path, abstract_state) -> None:
+  """Refuses to start when the workdir's filesystem has less than `train.min_free_bytes` free.
+
+  The default (-1) asks for room for two checkpoints: twice the bytes of params and optimizer state.
+  """
+  need = cfg.train.min_free_bytes
+  if need == -1:
+    need = 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  if not need or "://" in str(path):
+    return
+  free = shutil.disk_usage(_nearest_existing(path)).free
+  if free < need:
+    raise UserError(
+      f"only {free / 2**20:,.1f} MiB free on the filesystem of workdir {path}, but {need / 2**20:,.1f} MiB "
+      "are needed (room for two checkpoints; train.min_free_bytes sets this)"
+    )
+
+
+def write_workdir(cfg, path: epath.Path, tok: tokenizer_lib.Tokenizer) -> None:
+  """Creates `path` and writes `config.json` and the tokenizer: the run's first writes to its workdir."""
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      metrics_lib.replace_text(path / "config.json", config_lib.to_json(cfg))
+      if not (path / "tokenizer.json").exists():
+        staging = path / "tokenizer.tmp"
+        tok.save(staging)
+        for name in ("tokenizer.model", "tokenizer.json"):  # the json last: it marks a complete tokenizer
+          if (staging / name).exists():
+            (staging / name).replace(path / name)
+        staging.rmdir()
+  except OSError as e:
+    raise UserError(f"cannot write to workdir {path}: {e.strerror or e}") from None
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final metrics."""
+  """Trains (or resumes) the run in `workdir`; returns the final metrics.
+
+  Everything a user can get wrong (config, data, workdir, tokenizer, checkpoints, disk space) is
+  checked before the first write to the workdir. It resumes from the newest checkpoint that
+  restores, setting damaged newer ones aside. `final["stopped_by"]` names the signal that ended
+  the run early, after a committed checkpoint.
+  """
   config_lib.validate(cfg, jax.device_count())
   corpus_builder.prepare(cfg)  # data errors surface before the workdir is touched
-  path = prepare_workdir(cfg, workdir)
+  path = check_workdir(cfg, workdir)
   tok = load_or_train_tokenizer(cfg, path)
   mesh = partitioning.make_mesh(cfg)
   setup = build(cfg, tok.vocab_size, mesh)
+  with setup.context():
+    restored = checkpoint_lib.restore_latest(
+      str(path), setup.abstract_state, functools.partial(check_checkpoint, cfg, tok, workdir)
+    )
+  check_free_space(cfg, path, setup.abstract_state)
+  write_workdir(cfg, path, tok)
+  if restored and restored.damaged:
+    if jax.process_index() == 0:
+      for step, reason in restored.damaged:
+        moved = checkpoint_lib.set_aside(str(path), step)
+        print(
+          f"lm: warning: checkpoint {step} in {workdir} is damaged ({reason}); moved it to {moved} and resuming "
+          f"from checkpoint {restored.step}",
+          file=sys.stderr,
+        )
+    multihost_utils.sync_global_devices("lm: damaged checkpoints set aside")  # before any process lists checkpoints
   train_step = make_train_step(setup)
   eval_step = make_eval_step(setup, tok.token_bytes)
   ckpt = checkpoint_lib.Checkpointer(str(path), keep=cfg.train.keep_checkpoints)
@@ -281,20 +405,30 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
   data = pipeline.make_train_iterator(cfg, tok, proc, nproc)
 
   with setup.context():
-    start = ckpt.latest_step()
-    if start is None:
+    if restored is None:
       state, start = setup.init_state(), 0
     else:
-      state, data_state, _ = ckpt.restore(start, setup.abstract_state)
-      data.set_state(data_state)
+      state, start = restored.state, restored.step
+      data.set_state(restored.data_state)
     local_eval = pipeline.make_eval_batches(cfg, tok, proc, nproc)
     eval_batches = [pipeline.global_batch(b, batch_sharding) for b in local_eval]
     baseline = None
-    if start == 0:
+    if start < cfg.train.eval_every:  # the first eval, which logs the baseline, is still to come
       sample = pipeline.make_train_iterator(cfg, tok, proc, nproc)
       baseline = unigram_loss((next(sample) for _ in range(32)), local_eval, tok.vocab_size)
     return _loop(
       cfg, setup, state, start, train_step, eval_step, eval_batches, data, ckpt, tok, path, progress, baseline
+    )
+
+
+def _check_streak(streak, step: int, max_bad: int, ckpt: checkpoint_lib.Checkpointer) -> None:
+  """Stops the run once `max_bad` steps in a row were skipped as non-finite."""
+  if int(streak) >= max_bad:
+    last = ckpt.latest_step()
+    kept = "no checkpoint was saved" if last is None else f"the last checkpoint is {last}"
+    raise UserError(
+      f"steps {step - int(streak) + 1}-{step} all had a non-finite loss or gradient norm "
+      f"(train.max_bad_steps={max_bad}); stopped without saving, {kept}"
     )
 
 
@@ -313,6 +447,7 @@ def _loop(
   if t.max_flops:
     last_step = min(last_step, math.ceil(t.max_flops / (flops_per_token * tokens_per_step)))
   peak = _peak_flops(cfg.model.dtype)
+  poisoned = config_lib.debug_nan_steps(cfg)
   writer = metrics_lib.MetricsWriter(str(path), resume_step=start, enabled=lead)
   meta = {"config": cfg.to_dict(), "tokenizer": checkpoint_lib.encode_blob(tok.to_bytes())}
   batch_sharding = partitioning.batch_sharding(setup.mesh)
@@ -320,15 +455,21 @@ def _loop(
   stop.install()
   bar = tqdm(total=last_step, initial=start, disable=not (lead and progress), unit="step", dynamic_ncols=True)
   final: dict = {}
-  step = start
+  step, streak = start, None
   window_start, window_steps, compile_s = time.perf_counter(), 0, None
   try:
     while step < last_step:
-      batch = pipeline.global_batch(next(data), batch_sharding)
+      local = next(data)
+      if step + 1 in poisoned:
+        local = {**local, "loss_mask": local["loss_mask"] * np.float32(np.nan)}
+      batch = pipeline.global_batch(local, batch_sharding)
       t0 = time.perf_counter()
       state, step_metrics = train_step(state, batch)
       step += 1
       window_steps += 1
+      if streak is not None:  # the previous step's, read while this one runs
+        _check_streak(streak, step - 1, t.max_bad_steps, ckpt)
+      streak = step_metrics.pop("nonfinite_streak")
       if compile_s is None:
         jax.block_until_ready(state.step)
         compile_s = time.perf_counter() - t0
@@ -353,11 +494,13 @@ def _loop(
         final.update(row)
         window_start, window_steps = time.perf_counter(), 0
       if step % t.checkpoint_every == 0 or step == last_step or stop.signal:
+        _check_streak(streak, step, t.max_bad_steps, ckpt)
         ckpt.save(step, state, data.get_state(), meta, force=True)
       if lead and "eval/loss" in row:
         plots.plot_runs([str(path)], str(path / "plots"))
       bar.update(1)
       if stop.signal:
+        final["stopped_by"] = stop.signal
         break
   finally:
     bar.close()
@@ -365,8 +508,6 @@ def _loop(
     ckpt.close()
     writer.close()
     stop.restore()
-  if stop.signal and lead:
-    print(f"received {stop.signal}: saved checkpoint at step {step}; rerun the same command to resume")
   final["step"] = step
   return final
 

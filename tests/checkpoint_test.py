@@ -21,7 +21,8 @@ def test_state_data_and_meta_round_trip(tmp_path):
   restored, data_state, meta = ckpt.restore(3, setup.abstract_state)
   ckpt.close()
   assert int(restored.step) == 3
-  assert data_state == {"parent": {"next_index": 3}, "offset": 7} and meta == {"k": 3}
+  assert data_state == {"parent": {"next_index": 3}, "offset": 7} and meta["k"] == 3
+  assert meta["fingerprint"] == checkpoint_lib.fingerprint(restored)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), jax.device_get(state.params))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
   assert restored.params["embed"].sharding == setup.state_shardings.params["embed"]

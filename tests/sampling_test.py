@@ -96,3 +96,77 @@ def test_penalties():
 def test_bad_controls(params, message):
   with pytest.raises(UserError, match=message):
     sampling.SamplingParams(**params).validate(context=512)
+
+
+def tiny_model(**kw):
+  from lm.model import ModelConfig, Transformer
+
+  cfg = ModelConfig(vocab_size=263, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, **kw)
+  model = Transformer(cfg)
+  return model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_cached_logits_match_the_full_forward_pass(scan):
+  from lm.model import init_cache
+
+  model, params = tiny_model(scan_layers=scan)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(7, 263, (2, 20)), jnp.int32)
+  full = model.apply({"params": params}, tokens)
+  cache = init_cache(model.cfg, 2, 24)
+  positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  logits, cache = model.apply({"params": params}, tokens[:, :6], None, positions, cache=cache)
+  np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+  for t in range(6, 20):
+    logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], None, jnp.full((2, 1), t), cache=cache)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+
+
+def make_sampler(model):
+  from lm.tokenizer import EOS_ID, ByteTokenizer
+
+  return sampling.Sampler.for_model(model, 64, ByteTokenizer(), EOS_ID)
+
+
+def test_greedy_batch_of_different_lengths_equals_the_uncached_argmax_chain():
+  model, params = tiny_model()
+  prompts = [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [30]]
+  greedy = sampling.SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+  out = make_sampler(model).generate(params, prompts, [greedy] * 3)
+  for prompt, gen in zip(prompts, out, strict=True):
+    seq = list(prompt)
+    for _ in range(12):
+      seq.append(int(jnp.argmax(model.apply({"params": params}, jnp.asarray([seq]))[0, -1])))
+    assert gen.tokens == seq[len(prompt) :]
+    full = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray([seq]))[0], axis=-1)
+    expected = [float(full[len(prompt) - 1 + i, t]) for i, t in enumerate(gen.tokens)]
+    np.testing.assert_allclose(gen.logprobs, expected, atol=1e-4)
+
+
+def test_seed_determinism_and_stops():
+  model, params = tiny_model()
+  sampler = make_sampler(model)
+  request = sampling.SamplingParams(max_new_tokens=20, temperature=1.0, top_k=50, seed=7, ignore_eos=True)
+  a = sampler.generate(params, [[40, 41]], [request])[0]
+  b = sampler.generate(params, [[40, 41], [50]], [request, request])[0]
+  assert a.tokens == b.tokens and len(a.tokens) == 20
+  c = sampler.generate(params, [[40, 41]], [sampling.SamplingParams(**{**request.__dict__, "seed": 8})])[0]
+  assert c.tokens != a.tokens
+  stop = a.tokens[5]
+  cut = sampler.generate(params, [[40, 41]], [sampling.SamplingParams(**{**request.__dict__, "stop_tokens": (stop,)})])
+  assert cut[0].tokens == a.tokens[: a.tokens.index(stop)] and cut[0].finish_reason == "stop"
+  text = a.text
+  if len(text) > 4:
+    by_string = sampler.generate(
+      params, [[40, 41]], [sampling.SamplingParams(**{**request.__dict__, "stop_strings": (text[3:5],)})]
+    )[0]
+    assert by_string.text == text[: text.find(text[3:5])]
+
+
+def test_prompt_too_long_and_empty_prompt():
+  model, params = tiny_model()
+  sampler = make_sampler(model)
+  with pytest.raises(UserError, match="exceeds the context"):
+    sampler.generate(params, [list(range(7, 60))], [sampling.SamplingParams(max_new_tokens=20)])
+  with pytest.raises(UserError, match="empty prompt"):
+    sampler.generate(params, [[]], [sampling.SamplingParams(max_new_tokens=2)])
