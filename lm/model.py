@@ -132,16 +132,35 @@ def _attend(q_BxKxNxE: Array, k_BxKxSxE: Array, v_BxKxSxE: Array, mask_BxTxS: Ar
 
 
 def _attend_fwd(q_BxKxNxE, k_BxKxSxE, v_BxKxSxE, mask_BxTxS, dtype):
-  b, k, n, _ = q_BxKxNxE.shape
-  t, s = mask_BxTxS.shape[1:]
-  logits_BxKxGxTxS = _bmm(q_BxKxNxE, k_BxKxSxE.swapaxes(-1, -2), dtype).reshape(b, k, n // t, t, s)
+  b, k, n, e = q_BxKxNxE.shape
+  s = k_BxKxSxE.shape[2]
+  out_QxNxE, w_QxNxS, sum_QxNx1 = _attend_core(
+    q_BxKxNxE.reshape(b * k, n, e),
+    k_BxKxSxE.swapaxes(-1, -2).reshape(b * k, e, s),
+    v_BxKxSxE.reshape(b * k, s, e),
+    mask_BxTxS,
+    dtype,
+  )
+  out_BxKxNxE, w_BxKxNxS, sum_BxKxNx1 = (x.reshape(b, k, n, -1) for x in (out_QxNxE, w_QxNxS, sum_QxNx1))
+  return out_BxKxNxE, (q_BxKxNxE, k_BxKxSxE, v_BxKxSxE, w_BxKxNxS, sum_BxKxNx1, out_BxKxNxE)
+
+
+def _attend_core(q_QxNxE, k_QxExS, v_QxSxE, mask_BxTxS, dtype):
+  """(output, unnormalised weights, their row sums) over Q = B * K (batch row, kv head) pairs.
+
+  Keys come transposed and the pairs flattened, so that both matmuls read their operands as they
+  are stored: a decode step reads the cache in place instead of copying it.
+  """
+  q, n, _ = q_QxNxE.shape
+  b, t, s = mask_BxTxS.shape
+  logits_BxKxGxTxS = _bmm(q_QxNxE, k_QxExS, dtype).reshape(b, q // b, n // t, t, s)
   logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
   max_BxKxGxTx1 = jnp.max(logits_BxKxGxTxS, axis=-1, keepdims=True)
   # Unnormalised weights: dividing the [N, E] output by the row sum is cheaper than the [N, S] weights.
-  w_BxKxNxS = jnp.exp(logits_BxKxGxTxS - max_BxKxGxTx1).reshape(b, k, n, s)
-  sum_BxKxNx1 = jnp.sum(w_BxKxNxS, axis=-1, keepdims=True)
-  out_BxKxNxE = _bmm(w_BxKxNxS, v_BxKxSxE, dtype) / sum_BxKxNx1
-  return out_BxKxNxE, (q_BxKxNxE, k_BxKxSxE, v_BxKxSxE, w_BxKxNxS, sum_BxKxNx1, out_BxKxNxE)
+  w_QxNxS = jnp.exp(logits_BxKxGxTxS - max_BxKxGxTx1).reshape(q, n, s)
+  sum_QxNx1 = jnp.sum(w_QxNxS, axis=-1, keepdims=True)
+  out_QxNxE = _bmm(w_QxNxS, v_QxSxE, dtype) / sum_QxNx1
+  return out_QxNxE, w_QxNxS, sum_QxNx1
 
 
 def _attend_bwd(dtype, res, d_out_BxKxNxE):
@@ -191,11 +210,9 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(
-    self, x_BxTxD: Array, rope_BxTx1x2xE: tuple[Array, Array], mask_BxTxS: Array, cache=None, positions_BxT=None
-  ):
-    """Returns (output, cache). With a cache (k, v [B, S, K, E]), this call's keys and values are
-    written at slots `positions_BxT` and the queries attend over the whole cache."""
+  def __call__(self, x_BxTxD: Array, rope_BxTx1x2xE: tuple[Array, Array], mask_BxTxS: Array, cache=None, index=None):
+    """Returns (output, cache). With a cache (keys [B * K, E, S], values [B * K, S, E]), this call's
+    keys and values are written at slots `index` to `index + T` and the queries attend over the cache."""
     c = self.cfg
     h, k, e, d = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
     g = h // k
@@ -206,22 +223,28 @@ class Attention(nn.Module):
     wo_HxExD = _param(self, "wo", (h, e, d), ("heads", "head_dim", "embed"), _fan_in_init(h * e), c)
 
     q_BxTxHxE = rope(_project(x_BxTxD, wq_DxHxE, 1, c.dtype), rope_BxTx1x2xE)
-    k_BxSxKxE = rope(_project(x_BxTxD, wk_DxKxE, 1, c.dtype), rope_BxTx1x2xE)
-    v_BxSxKxE = _project(x_BxTxD, wv_DxKxE, 1, c.dtype)
-    if cache is not None:
-      rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
-      k_BxSxKxE = cache[0].at[rows_Bx1, positions_BxT].set(k_BxSxKxE.astype(cache[0].dtype))
-      v_BxSxKxE = cache[1].at[rows_Bx1, positions_BxT].set(v_BxSxKxE.astype(cache[1].dtype))
-      cache = (k_BxSxKxE, v_BxSxKxE)
+    k_BxTxKxE = rope(_project(x_BxTxD, wk_DxKxE, 1, c.dtype), rope_BxTx1x2xE)
+    v_BxTxKxE = _project(x_BxTxD, wv_DxKxE, 1, c.dtype)
     q_BxTxHxE = nn.with_logical_constraint(q_BxTxHxE, ("act_batch", "act_length", "act_heads", None))
 
     # Heads-major layouts make both attention matmuls plain batched matmuls over (B, K), with
     # the G query heads that share a kv head stacked along the rows: N = G * T.
     b, t = x_BxTxD.shape[:2]
     q_BxKxNxE = (q_BxTxHxE * e**-0.5).reshape(b, t, k, g, e).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, e)
-    k_BxKxSxE = k_BxSxKxE.transpose(0, 2, 1, 3).astype(c.dtype)
-    v_BxKxSxE = v_BxSxKxE.transpose(0, 2, 1, 3).astype(c.dtype)
-    out_BxKxNxE = _attend(q_BxKxNxE.astype(c.dtype), k_BxKxSxE, v_BxKxSxE, mask_BxTxS, c.dtype)
+    if cache is None:
+      k_BxKxSxE = k_BxTxKxE.transpose(0, 2, 1, 3).astype(c.dtype)
+      v_BxKxSxE = v_BxTxKxE.transpose(0, 2, 1, 3).astype(c.dtype)
+      out_BxKxNxE = _attend(q_BxKxNxE.astype(c.dtype), k_BxKxSxE, v_BxKxSxE, mask_BxTxS, c.dtype)
+    else:
+      # Stored in the layouts the attention matmuls read, and updated in place: a step copies no cache.
+      new_k_QxExT = k_BxTxKxE.transpose(0, 2, 3, 1).reshape(b * k, e, t).astype(cache[0].dtype)
+      new_v_QxTxE = v_BxTxKxE.transpose(0, 2, 1, 3).reshape(b * k, t, e).astype(cache[1].dtype)
+      cache = k_QxExS, v_QxSxE = (
+        jax.lax.dynamic_update_slice(cache[0], new_k_QxExT, (0, 0, index)),
+        jax.lax.dynamic_update_slice(cache[1], new_v_QxTxE, (0, index, 0)),
+      )
+      q_QxNxE = q_BxKxNxE.reshape(b * k, g * t, e).astype(c.dtype)
+      out_BxKxNxE = _attend_core(q_QxNxE, k_QxExS, v_QxSxE, mask_BxTxS, c.dtype)[0].reshape(b, k, g * t, e)
     out_BxTxHxE = out_BxKxNxE.reshape(b, k, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
     return _project(out_BxTxHxE, wo_HxExD, 2, c.dtype), cache
 
@@ -245,11 +268,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, cache=None, positions_BxT=None):
+  def __call__(self, x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, cache=None, index=None):
     """(x, cache) -> (x, cache): the (carry, xs) -> (carry, ys) signature nn.scan expects."""
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
     attn_BxTxD, cache = Attention(self.cfg, name="attn")(
-      RMSNorm(self.cfg, name="attn_norm")(x_BxTxD), rope_BxTx1x2xE, mask_BxTxS, cache, positions_BxT
+      RMSNorm(self.cfg, name="attn_norm")(x_BxTxD), rope_BxTx1x2xE, mask_BxTxS, cache, index
     )
     x_BxTxD = x_BxTxD + attn_BxTxD
     x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxD))
@@ -266,8 +289,9 @@ REMAT_POLICIES = {
 class Transformer(nn.Module):
   """Token ids [B, T] (with segment ids and positions for packed rows) -> f32 logits [B, T, V].
 
-  With `cache` (from `init_cache`), the tokens sit at slots `positions` of each row, attend to
-  every earlier slot, and the call returns (logits, updated cache): prefill and decoding.
+  With `cache` (from `init_cache`), the call returns (logits, updated cache): prefill and decoding.
+  Every row's T tokens go to the same slots, `cache["index"]` onwards, so rows of different
+  lengths are left-padded; token t of row b, at position p, attends to the p + 1 slots ending at its own.
   """
 
   cfg: ModelConfig
@@ -286,11 +310,13 @@ class Transformer(nn.Module):
     table_VxD = nn.with_logical_constraint(embed_VxD, ("vocab", None))
     x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(jnp.float32)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
+    index = None if cache is None else cache["index"]
     if cache is None:
       mask_BxTxS = attention_mask(segment_ids_BxT)
     else:
-      slots_S = jnp.arange(cache["k"].shape[2])
-      mask_BxTxS = slots_S[None, None, :] <= positions_BxT[:, :, None]
+      slot_BxT = index + jnp.arange(tokens_BxT.shape[1])[None, :]
+      slots_1x1xS = jnp.arange(cache["v"][0].shape[-2])[None, None, :]
+      mask_BxTxS = (slots_1x1xS <= slot_BxT[:, :, None]) & (slots_1x1xS >= (slot_BxT - positions_BxT)[:, :, None])
     rope_BxTx1x2xE = rope_tables(positions_BxT, c.head_dim, c.rope_base)
 
     block = Block
@@ -306,18 +332,16 @@ class Transformer(nn.Module):
         metadata_params={nn.PARTITION_NAME: "layers"},
       )(c, name="layers")
       layers_cache = None if cache is None else (cache["k"], cache["v"])
-      x_BxTxD, layers_cache = stack(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layers_cache, positions_BxT)
+      x_BxTxD, layers_cache = stack(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layers_cache, index)
     else:
       new_k, new_v = [], []
       for i in range(c.n_layers):
         layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-        x_BxTxD, layer_cache = block(c, name=f"layer_{i}")(
-          x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layer_cache, positions_BxT
-        )
+        x_BxTxD, layer_cache = block(c, name=f"layer_{i}")(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layer_cache, index)
         if cache is not None:
           new_k.append(layer_cache[0])
           new_v.append(layer_cache[1])
-      layers_cache = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+      layers_cache = None if cache is None else (tuple(new_k), tuple(new_v))
 
     x_BxTxD = RMSNorm(c, name="final_norm")(x_BxTxD)
     if c.tie_embeddings:
@@ -328,13 +352,22 @@ class Transformer(nn.Module):
     logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
     if cache is None:
       return logits_BxTxV
-    return logits_BxTxV, {"k": layers_cache[0], "v": layers_cache[1]}
+    return logits_BxTxV, {"k": layers_cache[0], "v": layers_cache[1], "index": index + tokens_BxT.shape[1]}
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-  """An empty KV cache: keys and values [L, B, S, K, E] in the compute dtype."""
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+  """An empty KV cache of `length` slots in the compute dtype, and `index`, the next slot to fill.
+
+  Per layer, keys are [B * K, E, S] and values [B * K, S, E]. With `scan_layers` each is one
+  stacked [L, ...] array; otherwise a tuple of L arrays, which a decode step updates in place.
+  """
+  q = batch * cfg.n_kv_heads
+  shapes = {"k": (q, cfg.head_dim, length), "v": (q, length, cfg.head_dim)}
+  if cfg.scan_layers:
+    cache = {name: jnp.zeros((cfg.n_layers, *shape), cfg.dtype) for name, shape in shapes.items()}
+  else:
+    cache = {name: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers)) for name, shape in shapes.items()}
+  return {**cache, "index": jnp.zeros((), jnp.int32)}
 
 
 def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, z_loss: float = 0.0) -> tuple[Array, Array]:

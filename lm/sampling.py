@@ -1,19 +1,25 @@
-"""Autoregressive sampling with a KV cache: prefill once, then one jitted loop of decode steps.
+"""Autoregressive sampling with a KV cache: one jitted prefill, then a jitted loop of decode steps.
 
-A batch holds prompts of different lengths, right-padded; each row keeps its own position, so
-row b writes its next key/value at slot `length_b + i` of the cache. Every decoding control is
-per row (a request), so one batch can mix greedy and nucleus sampling:
+Prompts of different lengths are left-padded to a common length, so every row writes its next
+key and value to the same cache slot (an in-place update); each row keeps its own positions and
+its padding is masked out. Every decoding control is per row (a request), so one batch can mix
+greedy and nucleus sampling:
 - `temperature` (0 = greedy), `top_k` (0 = off), `top_p` (1 = off), `min_p` (0 = off);
 - `repetition_penalty` (CTRL-style: seen tokens' positive logits are divided by it, negative
-  ones multiplied) and `frequency_penalty` (subtracted once per earlier occurrence);
-- `stop_tokens` (ids; the EOS id stops too unless `ignore_eos`) and `stop_strings` (checked on the host between
-  chunks of the loop, and cut from the text);
-- `max_new_tokens` and `seed`: the same seed gives the same tokens.
+  ones multiplied) and `frequency_penalty` (subtracted once per earlier occurrence), both
+  counting the prompt's tokens too;
+- `stop_tokens` (ids; the EOS id stops too unless `ignore_eos`) and `stop_strings` (checked on the
+  host between chunks of the loop, and cut from the text);
+- `max_new_tokens` and `seed`: the same seed gives the same tokens, whatever else is in the batch.
 Returned log-probabilities are the model's own (log-softmax of the raw logits), whatever the
 filters, so they score the text rather than the sampler.
+
+The decode loop is one `lax.while_loop` that runs a given number of steps or until every row is
+done; `stream` runs it in growing chunks and yields between them, so text shows as it is made.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.errors import UserError
+from lm.tokenizer import EOS_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +60,9 @@ class SamplingParams:
     if self.max_new_tokens < 1:
       raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
     if context is not None and self.max_new_tokens >= context:
-      raise UserError(f"max_new_tokens ({self.max_new_tokens}) must be less than the context ({context})")
+      raise UserError(f"max_new_tokens ({self.max_new_tokens}) must be less than the context ({context} tokens)")
+    if not 0 <= self.seed < 2**32:
+      raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
 
 
 def filter_logits(
@@ -66,21 +75,28 @@ def filter_logits(
   """Tempered logits with the tokens outside each row's top-k / top-p / min-p support at -inf.
 
   top-p keeps the smallest set of most likely tokens whose probability reaches p (ties at the
-  boundary are kept). Rows with temperature 0 are left for the caller's argmax.
+  boundary are kept). Rows with temperature 0 are left for the caller's argmax. The sort that
+  top-k and top-p need is skipped when no row asks for either.
   """
   v = logits_BxV.shape[-1]
   safe_t_B = jnp.where(temperature_B > 0, temperature_B, 1.0)
   scaled_BxV = logits_BxV / safe_t_B[:, None]
-  sorted_BxV = jnp.sort(scaled_BxV, axis=-1)[:, ::-1]
-  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
-  kth_B = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)[:, 0]
-  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of strictly more likely tokens
-  # A set whose mass is within float rounding of p has reached it.
-  n_keep_B = jnp.maximum(jnp.sum(before_BxV < top_p_B[:, None] - 1e-6, axis=-1), 1)
-  pth_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
-  min_logit_B = sorted_BxV[:, 0] + jnp.log(jnp.maximum(min_p_B, 1e-30))  # p >= min_p * p_max
-  threshold_B = jnp.maximum(jnp.maximum(kth_B, pth_B), jnp.where(min_p_B > 0, min_logit_B, -jnp.inf))
+
+  def sorted_cut():
+    sorted_BxV = jnp.sort(scaled_BxV, axis=-1)[:, ::-1]
+    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
+    kth_B = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)[:, 0]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of strictly more likely tokens
+    # A set whose mass is within float rounding of p has reached it.
+    n_keep_B = jnp.maximum(jnp.sum(before_BxV < top_p_B[:, None] - 1e-6, axis=-1), 1)
+    pth_B = jnp.take_along_axis(sorted_BxV, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
+    return jnp.maximum(kth_B, pth_B)
+
+  no_cut_B = jnp.full(temperature_B.shape, -jnp.inf)
+  cut_B = jax.lax.cond(jnp.any((top_k_B > 0) | (top_p_B < 1)), sorted_cut, lambda: no_cut_B)
+  min_logit_B = jnp.max(scaled_BxV, axis=-1) + jnp.log(jnp.maximum(min_p_B, 1e-30))  # p >= min_p * p_max
+  threshold_B = jnp.maximum(cut_B, jnp.where(min_p_B > 0, min_logit_B, -jnp.inf))
   return jnp.where(scaled_BxV >= threshold_B[:, None], scaled_BxV, -jnp.inf)
 
 
@@ -98,9 +114,30 @@ def choose(keys_B: jax.Array, logits_BxV: jax.Array, temperature_B: jax.Array, f
   return jnp.where(temperature_B > 0, sampled_B, jnp.argmax(logits_BxV, axis=-1)).astype(jnp.int32)
 
 
+def next_tokens(keys_B: jax.Array, logits_BxV: jax.Array, counts_BxV: jax.Array, controls: dict) -> jax.Array:
+  """Each row's next token under its controls; the work a batch does not need is skipped.
+
+  Penalties apply only when some row sets one, and filters and the draw only when some row
+  samples: greedy decoding is an argmax.
+  """
+  t_B = controls["temperature"]
+  penalized_BxV = jax.lax.cond(
+    jnp.any((controls["repetition"] != 1) | (controls["frequency"] != 0)),
+    lambda x: penalize(x, counts_BxV, controls["repetition"], controls["frequency"]),
+    lambda x: x,
+    logits_BxV,
+  )
+
+  def sample(x_BxV):
+    filtered_BxV = filter_logits(x_BxV, t_B, controls["top_k"], controls["top_p"], controls["min_p"])
+    return choose(keys_B, x_BxV, t_B, filtered_BxV)
+
+  return jax.lax.cond(jnp.any(t_B > 0), sample, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), penalized_BxV)
+
+
 @dataclasses.dataclass
 class Generation:
-  """What `generate` returns per row: new token ids, their log-probs and the decoded text."""
+  """One row's result: new token ids, their log-probs and the decoded text."""
 
   tokens: list[int]
   logprobs: list[float]
@@ -108,152 +145,176 @@ class Generation:
   finish_reason: str  # "stop" (stop token or string) or "length"
 
 
+@dataclasses.dataclass
+class Progress:
+  """Every row's new tokens and log-probs so far, after a chunk of decode steps."""
+
+  tokens: list[list[int]]
+  logprobs: list[list[float]]
+  finished: list[bool]
+
+
 class Sampler:
-  """Generates from a model and params with a KV cache; one jitted prefill and one decode loop.
+  """Generates from a model and params with a KV cache: one jitted prefill and one decode loop.
 
   `apply_fn(params, tokens_BxT, positions_BxT, cache) -> (logits_BxTxV, cache)` runs the model
-  on new tokens at the given positions, reading and writing the cache; `init_cache(batch, length)`
-  makes an empty one.
+  on new tokens, reading and writing the cache (`lm.model.Transformer` semantics);
+  `init_cache(batch, length)` makes an empty one. Calls trace under the caller's context, so a
+  sampler used inside a mesh and its axis rules runs sharded like training does.
   """
 
   @classmethod
-  def for_model(cls, model, context: int, tokenizer, eos_id: int) -> "Sampler":
-    """A sampler for an `lm.model.Transformer`."""
+  def for_model(cls, model, context: int, tokenizer=None, eos_id: int = EOS_ID) -> "Sampler":
+    """A sampler for an `lm.model.Transformer`; `tokenizer` is needed for text and stop strings."""
     from lm import model as model_lib  # noqa: PLC0415
 
     def apply_fn(params, tokens_BxT, positions_BxT, cache):
       return model.apply({"params": params}, tokens_BxT, None, positions_BxT, cache=cache)
 
-    return cls(apply_fn, lambda b, n: model_lib.init_cache(model.cfg, b, n), context, tokenizer, eos_id)
+    return cls(apply_fn, functools.partial(model_lib.init_cache, model.cfg), context, tokenizer, eos_id)
 
-  def __init__(self, apply_fn: Callable, init_cache: Callable, context: int, tokenizer, eos_id: int):
+  def __init__(self, apply_fn: Callable, init_cache: Callable, context: int, tokenizer=None, eos_id: int = EOS_ID):
     self.apply_fn, self.init_cache, self.context = apply_fn, init_cache, context
     self.tokenizer, self.eos_id = tokenizer, eos_id
-    self._prefill = jax.jit(self._prefill_impl)
-    self._decode = jax.jit(self._decode_impl, static_argnames=("steps",), donate_argnames=("state",))
+    self._prefill = jax.jit(self._prefill_impl, static_argnames=("length",))
+    self._decode = jax.jit(self._decode_impl, donate_argnames=("state",))
 
-  def _prefill_impl(self, params, prompt_BxP, lengths_B, cache):
-    positions_BxP = jnp.broadcast_to(jnp.arange(prompt_BxP.shape[1], dtype=jnp.int32), prompt_BxP.shape)
-    logits_BxPxV, cache = self.apply_fn(params, prompt_BxP, positions_BxP, cache)
-    last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    return last_BxV, cache
+  def _prefill_impl(self, params, prompt_BxP, positions_BxP, length: int):
+    logits_BxPxV, cache = self.apply_fn(params, prompt_BxP, positions_BxP, self.init_cache(prompt_BxP.shape[0], length))
+    return logits_BxPxV[:, -1], cache
 
-  def _decode_impl(self, params, state: dict, controls: dict, steps: int) -> dict:
-    """Runs `steps` decode steps inside one `lax.fori_loop`; finished rows keep emitting EOS."""
+  def _decode_impl(self, params, state: dict, controls: dict, steps: jax.Array) -> dict:
+    """Up to `steps` decode steps, fewer if every row is done; done rows are fed EOS and not counted."""
 
-    def body(i, s):
+    def body(s):
       split_Bx2 = jax.vmap(jax.random.split)(s["key"])
-      key, sub = split_Bx2[:, 0], split_Bx2[:, 1]
-      logits_BxV = s["logits"]
-      logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
-      penalized_BxV = penalize(logits_BxV, s["counts"], controls["repetition"], controls["frequency"])
-      filtered_BxV = filter_logits(
-        penalized_BxV, controls["temperature"], controls["top_k"], controls["top_p"], controls["min_p"]
-      )
-      token_B = choose(sub, penalized_BxV, controls["temperature"], filtered_BxV)
+      token_B = next_tokens(split_Bx2[:, 1], s["logits"], s["counts"], controls)
       token_B = jnp.where(s["done"], self.eos_id, token_B)
-      logprob_B = jnp.take_along_axis(logprobs_BxV, token_B[:, None], axis=-1)[:, 0]
-      stop_B = jnp.any(token_B[:, None] == controls["stop_tokens"], axis=-1)
-      b = jnp.arange(token_B.shape[0])
+      logprob_B = jnp.take_along_axis(jax.nn.log_softmax(s["logits"], axis=-1), token_B[:, None], axis=-1)[:, 0]
+      n_new_B = s["n_new"] + (~s["done"]).astype(jnp.int32)
+      stop_B = jnp.any(token_B[:, None] == controls["stop_tokens"], axis=-1) | (n_new_B >= controls["max_new"])
       logits_Bx1xV, cache = self.apply_fn(params, token_B[:, None], s["position"][:, None], s["cache"])
+      b = jnp.arange(token_B.shape[0])
       return {
-        "key": key,
+        "key": split_Bx2[:, 0],
         "logits": logits_Bx1xV[:, 0],
         "cache": cache,
         "position": s["position"] + 1,
         "counts": s["counts"].at[b, token_B].add(1),
         "done": s["done"] | stop_B,
-        "tokens": s["tokens"].at[:, s["step"] + i].set(token_B),
-        "logprobs": s["logprobs"].at[:, s["step"] + i].set(jnp.where(s["done"], 0.0, logprob_B)),
-        "n_new": s["n_new"] + (~s["done"]).astype(jnp.int32),
-        "step": s["step"],
+        "tokens": jax.lax.dynamic_update_slice(s["tokens"], token_B[:, None], (0, s["step"])),
+        "logprobs": jax.lax.dynamic_update_slice(s["logprobs"], logprob_B[:, None], (0, s["step"])),
+        "n_new": n_new_B,
+        "step": s["step"] + 1,
+        "left": s["left"] - 1,
       }
 
-    state = jax.lax.fori_loop(0, steps, body, state)
-    return dict(state, step=state["step"] + steps)
+    state = jax.lax.while_loop(lambda s: (s["left"] > 0) & ~jnp.all(s["done"]), body, dict(state, left=steps))
+    del state["left"]
+    return state
 
-  def stream(
-    self, params, prompts: list[list[int]], requests: list[SamplingParams], chunk: int = 32
-  ) -> Iterator[tuple[list[list[int]], jax.Array]]:
-    """Yields, after each chunk of decode steps, every row's new tokens so far and the log-probs."""
-    b = len(prompts)
+  def _start(self, params, prompts: list[list[int]], requests: list[SamplingParams]) -> tuple[dict, dict]:
+    """Checks the requests, prefills the left-padded prompts and returns (state, controls)."""
+    assert len(prompts) == len(requests)
+    for r in requests:
+      r.validate(self.context)
+      if r.stop_strings and self.tokenizer is None:
+        raise UserError("stop strings need a sampler with a tokenizer")
+    for p, r in zip(prompts, requests, strict=True):
+      if not p:
+        raise UserError("empty prompt")
+      if len(p) + r.max_new_tokens > self.context:
+        raise UserError(
+          f"prompt ({len(p)} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds the context of {self.context} tokens"
+        )
+    b, longest = len(prompts), max(len(p) for p in prompts)
     max_new = max(r.max_new_tokens for r in requests)
-    longest = max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-      raise UserError("empty prompt")
-    if longest + max_new > self.context:
-      raise UserError(
-        f"prompt ({longest} tokens) + max_new_tokens ({max_new}) exceeds the context of {self.context} tokens"
-      )
-    prompt_BxP = np.zeros((b, longest), np.int32)
+    prompt_BxP = np.full((b, longest), EOS_ID, np.int32)
+    positions_BxP = np.zeros((b, longest), np.int32)
     for i, p in enumerate(prompts):
-      prompt_BxP[i, : len(p)] = p
-    lengths_B = np.array([len(p) for p in prompts], np.int32)
-    cache = self.init_cache(b, longest + max_new)
-    logits_BxV, cache = self._prefill(params, prompt_BxP, lengths_B, cache)
+      prompt_BxP[i, longest - len(p) :] = p
+      positions_BxP[i] = np.arange(longest) - (longest - len(p))  # padding gets negative positions
+    logits_BxV, cache = self._prefill(params, prompt_BxP, positions_BxP, length=longest + max_new)
+    counts_BxV = np.zeros((b, logits_BxV.shape[-1]), np.float32)
+    for i, p in enumerate(prompts):
+      np.add.at(counts_BxV[i], p, 1)
     stops = [stop_ids(r, self.eos_id) for r in requests]
     stop_tokens = np.full((b, max(len(x) for x in stops) + 1), -1, np.int32)
     for i, row in enumerate(stops):
       stop_tokens[i, : len(row)] = row
     controls = {
-      "temperature": jnp.array([r.temperature for r in requests], jnp.float32),
-      "top_k": jnp.array([r.top_k for r in requests], jnp.int32),
-      "top_p": jnp.array([r.top_p for r in requests], jnp.float32),
-      "min_p": jnp.array([r.min_p for r in requests], jnp.float32),
-      "repetition": jnp.array([r.repetition_penalty for r in requests], jnp.float32),
-      "frequency": jnp.array([r.frequency_penalty for r in requests], jnp.float32),
-      "stop_tokens": jnp.asarray(stop_tokens),
+      "temperature": np.array([r.temperature for r in requests], np.float32),
+      "top_k": np.array([r.top_k for r in requests], np.int32),
+      "top_p": np.array([r.top_p for r in requests], np.float32),
+      "min_p": np.array([r.min_p for r in requests], np.float32),
+      "repetition": np.array([r.repetition_penalty for r in requests], np.float32),
+      "frequency": np.array([r.frequency_penalty for r in requests], np.float32),
+      "stop_tokens": stop_tokens,
+      "max_new": np.array([r.max_new_tokens for r in requests], np.int32),
     }
-    counts = np.zeros((b, logits_BxV.shape[-1]), np.float32)
-    for i, p in enumerate(prompts):
-      np.add.at(counts[i], p, 1)
-    limit_B = np.array([r.max_new_tokens for r in requests])
     state = {
-      "key": jax.vmap(jax.random.key)(jnp.array([r.seed for r in requests], jnp.uint32)),
+      "key": jax.vmap(jax.random.key)(np.array([r.seed for r in requests], np.uint32)),
       "logits": logits_BxV,
       "cache": cache,
-      "position": jnp.asarray(lengths_B),
-      "counts": jnp.asarray(counts),
-      "done": jnp.asarray(limit_B <= 0),
-      "tokens": jnp.zeros((b, max_new), jnp.int32),
-      "logprobs": jnp.zeros((b, max_new), jnp.float32),
-      "n_new": jnp.zeros((b,), jnp.int32),
-      "step": jnp.zeros((), jnp.int32),
+      "position": np.array([len(p) for p in prompts], np.int32),
+      "counts": counts_BxV,
+      "done": np.zeros((b,), bool),
+      "tokens": np.zeros((b, max_new), np.int32),
+      "logprobs": np.zeros((b, max_new), np.float32),
+      "n_new": np.zeros((b,), np.int32),
+      "step": np.zeros((), np.int32),
     }
-    done_steps = 0
-    while done_steps < max_new:
-      steps = min(chunk, max_new - done_steps)
-      state = self._decode(params, state, controls, steps=steps)
-      done_steps += steps
-      tokens, n_new = jax.device_get((state["tokens"], state["n_new"]))
-      n_new = np.minimum(n_new, limit_B)
-      yield [list(tokens[i, : n_new[i]]) for i in range(b)], state["logprobs"]
-      finished_B = jax.device_get(state["done"]) | (n_new >= limit_B)
+    return state, controls
+
+  def stream(
+    self, params, prompts: list[list[int]], requests: list[SamplingParams], first_chunk: int = 4, chunk: int = 64
+  ) -> Iterator[Progress]:
+    """Yields every row's progress after each chunk of decode steps: `first_chunk` steps, then
+    twice as many each time up to `chunk`. Ends once every row has stopped."""
+    state, controls = self._start(params, prompts, requests)
+    steps = first_chunk
+    while True:
+      state = self._decode(params, state, controls, np.int32(steps))
+      tokens, logprobs, n_new, done = jax.device_get(
+        (state["tokens"], state["logprobs"], state["n_new"], state["done"])
+      )
+      progress = Progress(
+        [row[:n].tolist() for row, n in zip(tokens, n_new, strict=True)],
+        [row[:n].tolist() for row, n in zip(logprobs, n_new, strict=True)],
+        done.tolist(),
+      )
       for i, r in enumerate(requests):
-        if r.stop_strings and not finished_B[i]:
-          finished_B[i] = any(x in self.tokenizer.decode(tokens[i, : n_new[i]]) for x in r.stop_strings)
-      if finished_B.all():
-        break
+        if r.stop_strings and not done[i]:
+          text = self.tokenizer.decode(progress.tokens[i])
+          progress.finished[i] = any(s in text for s in r.stop_strings)
+      yield progress
+      if all(progress.finished):
+        return
+      state["done"] = np.asarray(progress.finished)
+      steps = min(2 * steps, chunk)
 
   def generate(self, params, prompts: list[list[int]], requests: list[SamplingParams]) -> list[Generation]:
-    """Runs `stream` to the end and returns each row's tokens, log-probs and text."""
-    *_, (tokens, logprobs) = self.stream(params, prompts, requests, chunk=max(r.max_new_tokens for r in requests))
-    rows = zip(requests, tokens, np.asarray(jax.device_get(logprobs)), strict=True)
-    return [finish(self.tokenizer, r, tokens, row_logprobs, self.eos_id) for r, tokens, row_logprobs in rows]
+    """Every row's tokens, log-probs and text (empty without a tokenizer), cut at its stops."""
+    longest = max(r.max_new_tokens for r in requests)
+    *_, last = self.stream(params, prompts, requests, first_chunk=longest, chunk=longest)
+    return [
+      finish(self.tokenizer, r, tokens, logprobs, self.eos_id)
+      for r, tokens, logprobs in zip(requests, last.tokens, last.logprobs, strict=True)
+    ]
 
 
 def stop_ids(request: SamplingParams, eos_id: int) -> tuple[int, ...]:
   return tuple(request.stop_tokens) + (() if request.ignore_eos else (eos_id,))
 
 
-def finish(tokenizer, request: SamplingParams, tokens: list[int], logprobs, eos_id: int) -> Generation:
+def finish(tokenizer, request: SamplingParams, tokens: list[int], logprobs: list[float], eos_id: int) -> Generation:
   """Cuts a row at its first stop token or stop string; the stop itself is not returned."""
   reason, stops = "length", stop_ids(request, eos_id)
   for i, t in enumerate(tokens):
     if t in stops:
       tokens, reason = tokens[:i], "stop"
       break
-  text = tokenizer.decode(tokens)
+  text = tokenizer.decode(tokens) if tokenizer is not None else ""
   for s in request.stop_strings:
     at = text.find(s)
     if at >= 0:
