@@ -12,6 +12,12 @@ from lm import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Most tests compile the same tiny programs; a persistent cache shared by every test process (xdist
+# workers and the scripts they start) compiles each once. Set before JAX initialises its backends.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 def tiny_config(**overrides):
   """A config small enough to train in seconds on one CPU core."""
