@@ -1,9 +1,14 @@
-"""`lm bench train`: steady-state throughput of the real train step, as one JSON line.
+"""`lm bench train` and `lm bench sample`: throughput of training and of sampling, as one JSON line.
 
-The step is the one `lm train` runs (same model, sharding, AdamW with clipping), fed a fixed
+`train` times the step `lm train` runs (same model, sharding, AdamW with clipping), fed a fixed
 random batch so that the data pipeline is not timed. MFU is against a matmul peak measured in
 the same process. With `--peer PYTHON`, PyTorch's version of the same model (`--peer-script`)
 runs in eager and compiled mode in the same invocation, and the JSON gains the ratios.
+
+`sample` times `lm.sampling` on the preset's model with random weights: prefill, greedy cached
+decoding at batch 1 and 8, and the naive loop that reruns the whole forward pass for every new
+token. With `--peer PYTHON`, Hugging Face `generate()` on a Llama of the `ref` shape
+(../shared/peers/hf_generate.py) runs in the same invocation, and the JSON gains the ratios.
 """
 
 import dataclasses
@@ -142,10 +147,17 @@ def run_peer(python: str, script: str, compiled: bool, cfg, steps: int) -> dict:
 
 def main(args, overrides: list[str]) -> None:
   cfg = bench_config(args.preset, overrides, args.config)
+  if args.what == "sample":
+    record = {"preset": args.config or args.preset, **sample_throughput(cfg, new_tokens=args.new_tokens)}
+    if args.peer:
+      record.update(hf_peer(args.peer, args.peer_script or "../shared/peers/hf_generate.py", record))
+    print(json.dumps(record))
+    sys.stdout.flush()
+    return
   record = {"preset": args.config or args.preset, **train_step_throughput(cfg, steps=args.steps)}
   if args.peer:
     for name, compiled in (("torch_eager", False), ("torch_compile", True)):
-      peer = run_peer(args.peer, args.peer_script, compiled, cfg, args.steps)
+      peer = run_peer(args.peer, args.peer_script or "../shared/peers/torch_llama.py", compiled, cfg, args.steps)
       record[f"{name}_tokens_per_s"] = peer.get("tokens_per_s")
       if "tokens_per_s" in peer:
         record[f"ratio_vs_{name}"] = record["tokens_per_s"] / peer["tokens_per_s"]
@@ -155,63 +167,88 @@ def main(args, overrides: list[str]) -> None:
   sys.stdout.flush()
 
 
-def sample_throughput(cfg, new_tokens: int = 512, prompt_len: int = 16, recompute_tokens: int = 64) -> dict:
-  """Tokens/s of prefill, cached decode at batch 1 and 8, and the no-cache recompute loop."""
+def sample_throughput(cfg, new_tokens: int = 512, prompt_len: int = 16, bucket: int = 64) -> dict:
+  """Tokens/s of prefill, of greedy cached decoding at batch 1 and 8, and of the recompute loop.
+
+  Decoding rates time whole `generate` calls (prefill of a `prompt_len`-token prompt included,
+  compilation not) making `new_tokens` per row. Prefill is timed on a `new_tokens`-token prompt.
+  The recompute loop makes the same number of tokens, each from a full forward pass over the
+  sequence so far, padded to a multiple of `bucket` so that only a few shapes are compiled.
+  """
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
+  from lm import config as config_lib  # noqa: PLC0415
   from lm import flops as flops_lib  # noqa: PLC0415
   from lm import sampling  # noqa: PLC0415
   from lm.model import ModelConfig, Transformer  # noqa: PLC0415
-  from lm.tokenizer import EOS_ID, ByteTokenizer  # noqa: PLC0415
 
+  config_lib.validate(cfg)
   vocab = cfg.tokenizer.vocab_size
   model_cfg = ModelConfig.from_config(cfg, vocab)
   model = Transformer(model_cfg)
   context = prompt_len + new_tokens
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  sampler = sampling.Sampler.for_model(model, context, ByteTokenizer(), EOS_ID)
+  sampler = sampling.Sampler.for_model(model, context)
   greedy = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
   rng = np.random.default_rng(0)
 
-  def decode_rate(batch: int) -> float:
-    prompts = [list(rng.integers(7, vocab, prompt_len)) for _ in range(batch)]
-    requests = [dataclasses.replace(greedy, max_new_tokens=8)] * batch
-    sampler.generate(params, prompts, requests)  # compile the short loop
-    sampler.generate(params, prompts, [greedy] * batch)  # and the long one
+  def timed(fn) -> float:
+    fn()  # compiles
     t0 = time.perf_counter()
-    out = sampler.generate(params, prompts, [greedy] * batch)
-    elapsed = time.perf_counter() - t0
-    assert all(len(g.tokens) == new_tokens for g in out)
+    fn()
+    return time.perf_counter() - t0
+
+  def decode_rate(batch: int) -> float:
+    prompts = [rng.integers(7, vocab, prompt_len).tolist() for _ in range(batch)]
+    out = []
+    elapsed = timed(lambda: out.append(sampler.generate(params, prompts, [greedy] * batch)))
+    assert all(len(g.tokens) == new_tokens for g in out[-1])
     return batch * new_tokens / elapsed
 
-  prompt_1xP = jnp.asarray(rng.integers(7, vocab, (1, context)), jnp.int32)
-  prefill = jax.jit(lambda p, x: model.apply({"params": p}, x))
-  jax.block_until_ready(prefill(params, prompt_1xP))
+  long_prompt = [rng.integers(7, vocab, new_tokens).tolist()]
+  prefill_s = timed(lambda: sampler.generate(params, long_prompt, [dataclasses.replace(greedy, max_new_tokens=1)]))
+
+  forward = jax.jit(lambda p, x, n: jnp.argmax(model.apply({"params": p}, x)[0, n - 1]).astype(jnp.int32))
+
+  def recompute() -> None:
+    seq = rng.integers(7, vocab, prompt_len).tolist()
+    for _ in range(new_tokens):
+      padded = np.zeros((1, -(-len(seq) // bucket) * bucket), np.int32)  # causal: the padding is never seen
+      padded[0, : len(seq)] = seq
+      seq.append(int(forward(params, padded, len(seq))))
+
+  for length in range(bucket, -(-context // bucket) * bucket + 1, bucket):  # compile every bucket first
+    forward(params, np.zeros((1, length), np.int32), 1).block_until_ready()
   t0 = time.perf_counter()
-  jax.block_until_ready(prefill(params, prompt_1xP))
-  prefill_s = time.perf_counter() - t0
+  recompute()
+  recompute_rate = new_tokens / (time.perf_counter() - t0)
 
-  # The naive loop: every new token reruns the full forward pass over a fixed-size buffer.
-  def recompute_rate() -> float:
-    buffer_1xS = np.zeros((1, context), np.int32)
-    buffer_1xS[0, :prompt_len] = rng.integers(7, vocab, prompt_len)
-    length = prompt_len
-    step = jax.jit(lambda p, x, n: jnp.argmax(model.apply({"params": p}, x)[0, n - 1]))
-    int(step(params, buffer_1xS, length))
-    t0 = time.perf_counter()
-    for _ in range(recompute_tokens):
-      buffer_1xS[0, length] = int(step(params, buffer_1xS, length))
-      length += 1
-    return recompute_tokens / (time.perf_counter() - t0)
-
-  return {
+  record = {
     "impl": f"lm-jax-{cfg.model.dtype}",
     "new_tokens": new_tokens,
     "prompt_tokens": prompt_len,
-    "prefill_tokens_per_s": context / prefill_s,
+    "prefill_tokens_per_s": new_tokens / prefill_s,
     "decode_tokens_per_s": decode_rate(1),
-    "recompute_tokens_per_s": recompute_rate(),
+    "recompute_tokens_per_s": recompute_rate,
     "batch8_decode_tokens_per_s": decode_rate(8),
     "params": flops_lib.param_counts(model_cfg)["total"],
+    "devices": jax.device_count(),
   }
+  record["cached_vs_recompute"] = record["decode_tokens_per_s"] / record["recompute_tokens_per_s"]
+  record["batch8_vs_batch1"] = record["batch8_decode_tokens_per_s"] / record["decode_tokens_per_s"]
+  return record
+
+
+def hf_peer(python: str, script: str, record: dict) -> dict:
+  """Runs the Hugging Face `generate()` peer (always the `ref` shape, 512 new tokens after a
+  16-token prompt) and returns its numbers, prefixed `hf_`, with our ratios to them."""
+  out = subprocess.run([python, script], capture_output=True, text=True, check=False)
+  if out.returncode:
+    return {"hf_error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+  peer = json.loads(out.stdout.strip().splitlines()[-1])
+  keys = ("decode_tokens_per_s", "batch8_decode_tokens_per_s", "recompute_tokens_per_s")
+  result = {f"hf_{k}": peer[k] for k in keys}
+  result["vs_hf_batch1"] = record["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
+  result["vs_hf_batch8"] = record["batch8_decode_tokens_per_s"] / peer["batch8_decode_tokens_per_s"]
+  return result

@@ -20,6 +20,8 @@ done; `stream` runs it in growing chunks and yields between them, so text shows 
 
 import dataclasses
 import functools
+import json
+import sys
 from collections.abc import Callable, Iterator
 
 import jax
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.errors import UserError
-from lm.tokenizer import EOS_ID
+from lm.tokenizer import BOS_ID, EOS_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,3 +322,156 @@ def finish(tokenizer, request: SamplingParams, tokens: list[int], logprobs: list
     if at >= 0:
       text, reason = text[:at], "stop"
   return Generation([int(t) for t in tokens], [float(x) for x in logprobs[: len(tokens)]], text, reason)
+
+
+def encode_prompt(tokenizer, text: str, context: int, max_new_tokens: int, truncate: str = "none") -> list[int]:
+  """[BOS] + the text's tokens, as documents begin in training. A prompt that leaves too little
+  room for `max_new_tokens` is an error, or keeps its last tokens with `truncate="left"`."""
+  if not text:
+    raise UserError("empty prompt")
+  ids = [BOS_ID] + tokenizer.encode([text])[0]
+  room = context - max_new_tokens
+  if len(ids) > room:
+    if truncate != "left":
+      raise UserError(
+        f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of {context} tokens; "
+        "shorten the prompt, lower --max-new-tokens or pass --truncate left"
+      )
+    ids = ids[-room:]
+  return ids
+
+
+class EvalSamples:
+  """Completions of the fixed prompts `train.sample_prompts` from the params being trained.
+
+  One sampler is built (and compiled) once and reused at every eval. A prompt longer than the
+  context allows keeps its last tokens. Returns {"samples/i": prompt + completion}.
+  """
+
+  def __init__(self, cfg, model, tokenizer):
+    t, context = cfg.train, cfg.data.seq_len
+    self.sampler = Sampler.for_model(model, context, tokenizer)
+    self.requests = [SamplingParams(max_new_tokens=t.sample_tokens, temperature=t.sample_temperature, seed=t.seed)]
+    self.requests *= len(t.sample_prompts)
+    self.prompts = [encode_prompt(tokenizer, p, context, t.sample_tokens, "left") for p in t.sample_prompts]
+
+  def __call__(self, params) -> dict[str, str]:
+    generations = self.sampler.generate(params, self.prompts, self.requests)
+    decode = self.sampler.tokenizer.decode
+    return {f"samples/{i}": decode(p) + g.text for i, (p, g) in enumerate(zip(self.prompts, generations, strict=True))}
+
+
+def load(workdir: str):
+  """(config, tokenizer, train Setup, params) of the newest checkpoint in `workdir` that restores.
+
+  The run's mesh and sharding rules are kept when the devices fit them; otherwise the params are
+  laid out data-parallel over the devices present. Damaged newer checkpoints are skipped, with a warning.
+  """
+  from lm import checkpoint, partitioning, train  # noqa: PLC0415 (train imports this module)
+  from lm import config as config_lib  # noqa: PLC0415
+
+  cfg, tok = train.load_run(workdir)
+  try:
+    config_lib.mesh_shape(cfg, jax.device_count())
+  except UserError:
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  setup = train.build(cfg, tok.vocab_size, partitioning.make_mesh(cfg))
+  with setup.context():
+    restored = checkpoint.restore_latest(
+      workdir, setup.abstract_state, functools.partial(train.check_checkpoint, cfg, tok, workdir)
+    )
+  if restored is None:
+    raise UserError(f"{workdir} has no checkpoint to sample from")
+  for step, reason in restored.damaged:
+    print(f"lm: warning: checkpoint {step} is damaged ({reason}); using {restored.step}", file=sys.stderr)
+  return cfg, tok, setup, restored.state.params
+
+
+def _shown(text: str, request: SamplingParams, final: bool) -> str:
+  """The part of a row's text that is safe to print: not a partial UTF-8 character or stop string."""
+  if final:
+    return text
+  text = text.rstrip("\ufffd")
+  held = max((k for s in request.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+  return text[: len(text) - held]
+
+
+def main(args) -> None:
+  """`lm sample`: completes a prompt from the newest checkpoint of a run, streaming text to stdout."""
+  from lm import train  # noqa: PLC0415
+
+  cfg, tok = train.load_run(args.workdir)
+  context = cfg.data.seq_len
+  if args.prompt_file is not None:
+    try:
+      with open(args.prompt_file, encoding="utf-8") as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"cannot read prompt file {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+  else:
+    text = args.prompt
+  if args.num_samples < 1:
+    raise UserError(f"num_samples must be at least 1, got {args.num_samples}")
+  base = SamplingParams(
+    max_new_tokens=min(128, context // 2) if args.max_new_tokens is None else args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    min_p=args.min_p,
+    repetition_penalty=args.repetition_penalty,
+    frequency_penalty=args.frequency_penalty,
+    stop_strings=tuple(args.stop),
+    seed=args.seed,
+  )
+  requests = [dataclasses.replace(base, seed=args.seed + i) for i in range(args.num_samples)]
+  for r in requests:
+    r.validate(context)
+  ids = encode_prompt(tok, text, context, base.max_new_tokens, args.truncate)
+  _, _, setup, params = load(args.workdir)
+  sampler = Sampler.for_model(setup.model, context, tok)
+  prompts = [ids] * len(requests)
+  with setup.context():
+    if args.json:
+      generations = sampler.generate(params, prompts, requests)
+      samples = [
+        {
+          "text": g.text,
+          "finish_reason": g.finish_reason,
+          "seed": r.seed,
+          "tokens": [
+            {"id": t, "text": tok.decode([t]), "logprob": lp} for t, lp in zip(g.tokens, g.logprobs, strict=True)
+          ],
+        }
+        for r, g in zip(requests, generations, strict=True)
+      ]
+      truncated = ids[0] != BOS_ID  # cutting a prompt drops its BOS
+      record = {"prompt": tok.decode(ids), "prompt_tokens": len(ids), "truncated": truncated, "samples": samples}
+      print(json.dumps(record))
+      return
+    _print_stream(sampler.stream(params, prompts, requests), tok, tok.decode(ids), requests)
+
+
+def _print_stream(progress: Iterator[Progress], tok, prompt: str, requests: list[SamplingParams]) -> None:
+  """Prints each sample (prompt, then completion) as its tokens arrive, one sample after another."""
+  out, current, printed = sys.stdout, 0, ""
+
+  def start(i):
+    if len(requests) > 1:
+      out.write(f"=== sample {i + 1} of {len(requests)} (seed {requests[i].seed}) ===\n")
+    out.write(prompt)
+
+  start(0)
+  for p in progress:
+    while current < len(requests):
+      final = p.finished[current] or all(p.finished)
+      r = requests[current]
+      text = _shown(finish(tok, r, p.tokens[current], p.logprobs[current], EOS_ID).text, r, final)
+      out.write(text[len(printed) :])
+      printed = text
+      if not final:
+        break
+      out.write("\n")
+      current, printed = current + 1, ""
+      if current < len(requests):
+        start(current)
+    out.flush()

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,20 +108,30 @@ def tiny_model(**kw):
   return model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
 
 
+def full_forward(model):
+  """Jitted logits of whole sequences: each new length compiles once."""
+  return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens))
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_logits_match_the_full_forward_pass(scan):
   from lm.model import init_cache
 
   model, params = tiny_model(scan_layers=scan)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(7, 263, (2, 20)), jnp.int32)
-  full = model.apply({"params": params}, tokens)
-  cache = init_cache(model.cfg, 2, 24)
-  positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
-  logits, cache = model.apply({"params": params}, tokens[:, :6], None, positions, cache=cache)
-  np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+  tokens = np.random.default_rng(0).integers(7, 263, (2, 20)).astype(np.int32)
+  full = full_forward(model)(params, tokens)
+  # Row 1 is the same as row 0 but left-padded by 3 slots (negative positions) and 3 tokens shorter.
+  prompt = np.stack([tokens[0, :6], np.concatenate([np.full(3, 99), tokens[0, :3]])]).astype(np.int32)
+  positions = np.stack([np.arange(6), np.arange(6) - 3])
+  step = jax.jit(lambda params, x, pos, cache: model.apply({"params": params}, x, None, pos, cache=cache))
+  logits, cache = step(params, prompt, positions, init_cache(model.cfg, 2, 24))
+  np.testing.assert_allclose(logits[0], full[0, :6], atol=1e-5)
+  np.testing.assert_allclose(logits[1, 3:], full[0, :3], atol=1e-5)
   for t in range(6, 20):
-    logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], None, jnp.full((2, 1), t), cache=cache)
-    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+    x = np.array([[tokens[0, t]], [tokens[0, t - 3]]], np.int32)
+    logits, cache = step(params, x, np.array([[t], [t - 3]]), cache)
+    np.testing.assert_allclose(logits[0, 0], full[0, t], atol=1e-5)
+    np.testing.assert_allclose(logits[1, 0], full[0, t - 3], atol=1e-5)
 
 
 def make_sampler(model):
@@ -128,45 +140,99 @@ def make_sampler(model):
   return sampling.Sampler.for_model(model, 64, ByteTokenizer(), EOS_ID)
 
 
-def test_greedy_batch_of_different_lengths_equals_the_uncached_argmax_chain():
+@pytest.fixture(scope="module")
+def tiny():
+  """A model, its params and one sampler, shared so that tests of the same shapes compile once."""
   model, params = tiny_model()
+  return model, params, make_sampler(model)
+
+
+def test_greedy_batch_of_different_lengths_equals_the_uncached_argmax_chain(tiny):
+  model, params, sampler = tiny
   prompts = [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [30]]
   greedy = sampling.SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
-  out = make_sampler(model).generate(params, prompts, [greedy] * 3)
+  out = sampler.generate(params, prompts, [greedy] * 3)
+  forward = full_forward(model)
   for prompt, gen in zip(prompts, out, strict=True):
-    seq = list(prompt)
-    for _ in range(12):
-      seq.append(int(jnp.argmax(model.apply({"params": params}, jnp.asarray([seq]))[0, -1])))
-    assert gen.tokens == seq[len(prompt) :]
-    full = jax.nn.log_softmax(model.apply({"params": params}, jnp.asarray([seq]))[0], axis=-1)
+    seq = np.zeros((1, 32), np.int32)  # causal: what follows the sequence so far does not matter
+    seq[0, : len(prompt)] = prompt
+    for n in range(len(prompt), len(prompt) + 12):
+      seq[0, n] = int(jnp.argmax(forward(params, seq)[0, n - 1]))
+    assert gen.tokens == seq[0, len(prompt) : len(prompt) + 12].tolist()
+    full = jax.nn.log_softmax(forward(params, seq)[0], axis=-1)
     expected = [float(full[len(prompt) - 1 + i, t]) for i, t in enumerate(gen.tokens)]
     np.testing.assert_allclose(gen.logprobs, expected, atol=1e-4)
 
 
-def test_seed_determinism_and_stops():
-  model, params = tiny_model()
-  sampler = make_sampler(model)
+def test_seed_determinism_and_stops(tiny):
+  _, params, sampler = tiny
   request = sampling.SamplingParams(max_new_tokens=20, temperature=1.0, top_k=50, seed=7, ignore_eos=True)
   a = sampler.generate(params, [[40, 41]], [request])[0]
-  b = sampler.generate(params, [[40, 41], [50]], [request, request])[0]
+  b = sampler.generate(params, [[40, 41], [50, 51]], [request, request])[0]
   assert a.tokens == b.tokens and len(a.tokens) == 20
-  c = sampler.generate(params, [[40, 41]], [sampling.SamplingParams(**{**request.__dict__, "seed": 8})])[0]
+  c = sampler.generate(params, [[40, 41]], [dataclasses.replace(request, seed=8)])[0]
   assert c.tokens != a.tokens
   stop = a.tokens[5]
-  cut = sampler.generate(params, [[40, 41]], [sampling.SamplingParams(**{**request.__dict__, "stop_tokens": (stop,)})])
+  cut = sampler.generate(params, [[40, 41]], [dataclasses.replace(request, stop_tokens=(stop,))])
   assert cut[0].tokens == a.tokens[: a.tokens.index(stop)] and cut[0].finish_reason == "stop"
   text = a.text
-  if len(text) > 4:
-    by_string = sampler.generate(
-      params, [[40, 41]], [sampling.SamplingParams(**{**request.__dict__, "stop_strings": (text[3:5],)})]
-    )[0]
-    assert by_string.text == text[: text.find(text[3:5])]
+  assert len(text) > 4
+  by_string = sampler.generate(params, [[40, 41]], [dataclasses.replace(request, stop_strings=(text[3:5],))])[0]
+  assert by_string.text == text[: text.find(text[3:5])] and by_string.finish_reason == "stop"
 
 
-def test_prompt_too_long_and_empty_prompt():
-  model, params = tiny_model()
-  sampler = make_sampler(model)
+def test_prompt_too_long_and_empty_prompt(tiny):
+  _, params, sampler = tiny
   with pytest.raises(UserError, match="exceeds the context"):
     sampler.generate(params, [list(range(7, 60))], [sampling.SamplingParams(max_new_tokens=20)])
   with pytest.raises(UserError, match="empty prompt"):
     sampler.generate(params, [[]], [sampling.SamplingParams(max_new_tokens=2)])
+
+
+def test_stream_yields_growing_chunks_that_end_in_the_generated_text(tiny):
+  _, params, sampler = tiny
+  prompts = [[10, 11], [20, 21, 22, 23]]
+  requests = [
+    sampling.SamplingParams(max_new_tokens=13, temperature=0.0, ignore_eos=True),
+    sampling.SamplingParams(max_new_tokens=5, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True),
+  ]
+  chunks = list(sampler.stream(params, prompts, requests, first_chunk=2, chunk=4))
+  assert [len(c.tokens[0]) for c in chunks] == [2, 6, 10, 13]  # 2, then doubling up to 4 steps a chunk
+  assert [len(c.tokens[1]) for c in chunks] == [2, 5, 5, 5] and chunks[1].finished[1]
+  assert chunks[-1].finished == [True, True]
+  for earlier, later in zip(chunks, chunks[1:], strict=False):
+    assert later.tokens[0][: len(earlier.tokens[0])] == earlier.tokens[0]
+  final = sampler.generate(params, prompts, requests)
+  assert [g.tokens for g in final] == chunks[-1].tokens
+  assert [g.finish_reason for g in final] == ["length", "length"]
+
+
+def test_frequency_penalty_in_the_decode_loop_forbids_repeats(tiny):
+  _, params, sampler = tiny
+  prompt = [10, 11, 12, 10]
+  request = sampling.SamplingParams(max_new_tokens=13, temperature=0.0, frequency_penalty=1e3, ignore_eos=True)
+  plain = sampling.SamplingParams(max_new_tokens=13, temperature=0.0, ignore_eos=True)
+  penalized, greedy = sampler.generate(params, [prompt, prompt], [request, plain])
+  assert len(set(penalized.tokens)) == 13 and not set(penalized.tokens) & set(prompt)
+  assert len(set(greedy.tokens)) < 13  # the unpenalized chain of this model does repeat
+
+
+def test_printable_text_holds_back_partial_characters_and_stop_strings():
+  request = sampling.SamplingParams(stop_strings=("\n\n", "END"))
+  assert sampling._shown("abc\ufffd", request, final=False) == "abc"
+  assert sampling._shown("abc\n", request, final=False) == "abc"
+  assert sampling._shown("abcEN", request, final=False) == "abc"
+  assert sampling._shown("abcE!", request, final=False) == "abcE!"
+  assert sampling._shown("abc\n", request, final=True) == "abc\n"
+
+
+def test_encode_prompt_checks_and_truncates():
+  from lm.tokenizer import BOS_ID, ByteTokenizer
+
+  tok = ByteTokenizer()
+  assert sampling.encode_prompt(tok, "ab", 16, 4) == [BOS_ID] + tok.encode(["ab"])[0]
+  with pytest.raises(UserError, match="empty prompt"):
+    sampling.encode_prompt(tok, "", 16, 4)
+  with pytest.raises(UserError, match=r"prompt \(22 tokens\) \+ max_new_tokens \(4\) exceeds the context of 16"):
+    sampling.encode_prompt(tok, "x" * 19 + "yz", 16, 4)
+  assert sampling.encode_prompt(tok, "x" * 19 + "yz", 16, 4, "left") == tok.encode(["x" * 10 + "yz"])[0]
