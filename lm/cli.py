@@ -3,6 +3,8 @@
 lm train --config FILE --workdir DIR [--config.KEY=VALUE ...]
 lm plot DIR [DIR ...] [--out DIR]
 lm bench train [--preset ref] [--config.KEY=VALUE ...]
+lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P ...]
+lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON]
 """
 
 import argparse
@@ -51,12 +53,35 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: DIR/plots of the first run)")
 
   p = sub.add_parser("bench", help="benchmarks that print one JSON line")
-  p.add_argument("what", choices=["train"])
+  p.add_argument("what", choices=["train", "sample"])
   p.add_argument("--preset", default="ref", help="model preset (default: ref)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
-  p.add_argument("--peer", default=None, metavar="PYTHON", help="also run the PyTorch peer with this interpreter")
-  p.add_argument("--peer-script", default="../shared/peers/torch_llama.py", help="the PyTorch peer script")
+  p.add_argument("--peer", default=None, metavar="PYTHON", help="also run the peer with this interpreter")
+  p.add_argument(
+    "--peer-script",
+    default=None,
+    help="the peer script (default: ../shared/peers/torch_llama.py for train, hf_generate.py for sample)",
+  )
+  p.add_argument("--new-tokens", type=int, default=512, help="sample: tokens generated per row")
+
+  p = sub.add_parser("sample", help="complete a prompt with a trained run, streaming the text")
+  p.add_argument("--workdir", required=True, help="run directory: its newest checkpoint and its tokenizer")
+  prompt = p.add_mutually_exclusive_group(required=True)
+  prompt.add_argument("--prompt", help="the text to complete")
+  prompt.add_argument("--prompt-file", help="read the prompt from this file")
+  p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128, or half the context if less")
+  p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1)")
+  p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set reaching p; 1 is off")
+  p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+  p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style, on every seen token; 1 is off")
+  p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted once per occurrence; 0 is off")
+  p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop at this string (repeatable)")
+  p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+  p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt, decoded as one batch")
+  p.add_argument("--json", action="store_true", help="print one JSON line: texts and per-token log-probs")
+  p.add_argument("--truncate", choices=["none", "left"], default="none", help="left: keep a long prompt's end")
   return parser
 
 
@@ -87,6 +112,10 @@ def run(argv: list[str]) -> int:
     from lm import bench  # noqa: PLC0415
 
     bench.main(args, overrides)
+  elif args.command == "sample":
+    from lm import sampling  # noqa: PLC0415
+
+    sampling.main(args)
   return 0
 
 

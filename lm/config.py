@@ -64,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.max_bad_steps = 5  # stop after this many consecutive steps with a non-finite loss or gradient
   c.train.min_free_bytes = -1  # refuse to start with less free disk in the workdir; -1: two checkpoints, 0: off
   c.train.debug_nan_steps = ""  # fault injection: comma-separated steps whose batch is poisoned with NaN
+  c.train.sample_prompts = ()  # texts completed at every eval, logged as samples/i; empty: no samples
+  c.train.sample_tokens = 32  # new tokens per sample (a prompt too long for the context keeps its end)
+  c.train.sample_temperature = 0.0  # 0: greedy
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-3
@@ -157,6 +160,10 @@ def set_key(cfg: ml_collections.ConfigDict, key: str, value) -> None:
 def coerce(key: str, value, kind: type):
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if kind is tuple and isinstance(value, list | tuple):  # tuple keys hold strings; JSON gives lists
+    if not all(isinstance(item, str) for item in value):
+      raise UserError(f"{key} must be a list of strings, got {value!r}")
+    return tuple(value)
   if type(value) is not kind:
     raise UserError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
   return value
@@ -191,8 +198,14 @@ def parse_value(key: str, text: str, kind: type):
       return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
     if kind is float:
       return float(text)
+    if kind is tuple:
+      value = json.loads(text)
+      if not isinstance(value, list):
+        raise ValueError
+      return value
   except ValueError:
-    raise UserError(f"{key} must be {kind.__name__}, got {text!r}") from None
+    kind_name = "a JSON list of strings" if kind is tuple else kind.__name__
+    raise UserError(f"{key} must be {kind_name}, got {text!r}") from None
   return text
 
 
@@ -248,6 +261,13 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"tokenizer.kind must be 'sentencepiece' or 'byte', got {cfg.tokenizer.kind!r}")
   if cfg.tokenizer.kind == "sentencepiece" and not 300 <= cfg.tokenizer.vocab_size <= 1_000_000:
     raise UserError(f"tokenizer.vocab_size must be in [300, 1000000], got {cfg.tokenizer.vocab_size}")
+  if t.sample_prompts:
+    if not all(t.sample_prompts):
+      raise UserError("train.sample_prompts must not hold an empty prompt")
+    if not 1 <= t.sample_tokens < d.seq_len:
+      raise UserError(f"train.sample_tokens must be in [1, data.seq_len), got {t.sample_tokens}")
+    if t.sample_temperature < 0:
+      raise UserError(f"train.sample_temperature must be >= 0, got {t.sample_temperature}")
   if t.min_free_bytes < -1:
     raise UserError(f"train.min_free_bytes must be >= -1, got {t.min_free_bytes}")
   debug_nan_steps(cfg)
@@ -338,6 +358,9 @@ RESUMABLE_KEYS = (
   "train.max_bad_steps",
   "train.min_free_bytes",
   "train.debug_nan_steps",
+  "train.sample_prompts",
+  "train.sample_tokens",
+  "train.sample_temperature",
   "data.worker_threads",
   "data.cache_dir",
   "model.remat",

@@ -31,6 +31,8 @@ import numpy as np
 from lm.errors import UserError
 from lm.tokenizer import BOS_ID, EOS_ID
 
+BUCKET = 16  # prompt and generation lengths are padded to multiples of this
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -229,8 +231,9 @@ class Sampler:
         raise UserError(
           f"prompt ({len(p)} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds the context of {self.context} tokens"
         )
-    b, longest = len(prompts), max(len(p) for p in prompts)
-    max_new = max(r.max_new_tokens for r in requests)
+    # Padding both lengths up to a multiple of BUCKET lets requests of similar sizes share compiled programs.
+    b, longest = len(prompts), -(-max(len(p) for p in prompts) // BUCKET) * BUCKET
+    max_new = -(-max(r.max_new_tokens for r in requests) // BUCKET) * BUCKET
     prompt_BxP = np.full((b, longest), EOS_ID, np.int32)
     positions_BxP = np.zeros((b, longest), np.int32)
     for i, p in enumerate(prompts):

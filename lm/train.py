@@ -30,7 +30,7 @@ from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
 from lm import flops as flops_lib
 from lm import metrics as metrics_lib
-from lm import optim, partitioning, plots
+from lm import optim, partitioning, plots, sampling
 from lm import tokenizer as tokenizer_lib
 from lm.data import corpus_builder, pipeline
 from lm.errors import UserError
@@ -457,6 +457,7 @@ def _loop(
   final: dict = {}
   step, streak = start, None
   window_start, window_steps, compile_s = time.perf_counter(), 0, None
+  samples = sampling.EvalSamples(cfg, setup.model, tok) if t.sample_prompts else None
   try:
     while step < last_step:
       local = next(data)
@@ -489,6 +490,12 @@ def _loop(
         row.update(evaluate(eval_step, state.params, eval_batches))
         if baseline is not None:
           row["eval/unigram_loss"], baseline = baseline, None  # logged once, with the first eval
+        if samples is not None:
+          texts = samples(state.params)
+          row.update(texts)
+          if writer.tb is not None:  # TensorBoard shows them as text; a code block keeps the whitespace
+            for tag, text in texts.items():
+              writer.tb.add_text(tag, f"```\n{text}\n```", global_step=step)
       if row:
         writer.write(step, step * tokens_per_step, step * tokens_per_step * flops_per_token, row)
         final.update(row)
