@@ -5,6 +5,7 @@ lm plot DIR [DIR ...] [--out DIR]
 lm bench train [--preset ref] [--config.KEY=VALUE ...]
 lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P ...]
 lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON]
+lm sweep --config FILE --workdir DIR [--print-commands]; lm scaling fit|plot|report ...; lm bench fit [--table CSV]
 """
 
 import argparse
@@ -12,6 +13,7 @@ import logging
 import sys
 
 from lm.errors import UserError
+from lm.scaling import cli as scaling_cli
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -53,7 +55,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: DIR/plots of the first run)")
 
   p = sub.add_parser("bench", help="benchmarks that print one JSON line")
-  p.add_argument("what", choices=["train", "sample"])
+  p.add_argument("what", choices=["train", "sample", "fit"])
   p.add_argument("--preset", default="ref", help="model preset (default: ref)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
@@ -64,6 +66,7 @@ def make_parser() -> argparse.ArgumentParser:
     help="the peer script (default: ../shared/peers/torch_llama.py for train, hf_generate.py for sample)",
   )
   p.add_argument("--new-tokens", type=int, default=512, help="sample: tokens generated per row")
+  p.add_argument("--table", default=None, help=f"fit: the table to fit (default: {scaling_cli.DEFAULT_BENCH_TABLE})")
 
   p = sub.add_parser("sample", help="complete a prompt with a trained run, streaming the text")
   p.add_argument("--workdir", required=True, help="run directory: its newest checkpoint and its tokenizer")
@@ -82,6 +85,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt, decoded as one batch")
   p.add_argument("--json", action="store_true", help="print one JSON line: texts and per-token log-probs")
   p.add_argument("--truncate", choices=["none", "left"], default="none", help="left: keep a long prompt's end")
+  scaling_cli.add_parsers(sub)
   return parser
 
 
@@ -108,6 +112,8 @@ def run(argv: list[str]) -> int:
     out = args.out or f"{args.workdirs[0]}/plots"
     for path in plots.plot_runs(args.workdirs, out):
       print(path)
+  elif args.command in ("sweep", "scaling") or (args.command == "bench" and args.what == "fit"):
+    return scaling_cli.run(args, overrides)
   elif args.command == "bench":
     from lm import bench  # noqa: PLC0415
 

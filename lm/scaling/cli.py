@@ -4,12 +4,17 @@ lm sweep --config FILE --workdir DIR [--print-commands] [--config.KEY=VALUE ...]
 lm scaling fit TABLE.csv [--approach 1|2|3|kaplan|all] [--predict N,D] [--budget C] [--bootstrap N] [--out DIR]
 lm scaling plot TABLE.csv --out DIR [--budget C]
 lm scaling report DIR [--budget C] [--bootstrap N]
-lm bench fit [--table CSV]   (lm.cli parses `--table` and calls `run` with command "bench")
+lm bench fit [--table CSV]   (lm.cli adds `fit` to its `bench` choices and `--table`)
 """
 
+import contextlib
 import json
+import sys
+import warnings
 
 from lm.errors import UserError
+
+DEFAULT_BENCH_TABLE = "../shared/data/scaling/chinchilla_240.csv"
 
 
 def add_parsers(subparsers) -> None:
@@ -17,31 +22,31 @@ def add_parsers(subparsers) -> None:
   p = subparsers.add_parser("sweep", help="run every point of an experiment's get_sweep(), one sub-workdir each")
   p.add_argument("--config", required=True, help="experiment file defining get_config() and get_sweep()")
   p.add_argument("--workdir", required=True, help="sweep directory: one sub-workdir per point, results.csv")
-  p.add_argument("--print-commands", action="store_true", help="print one `lm train` command per point and exit")
+  p.add_argument("--print-commands", action="store_true", help="print one `lm train` command per run and exit")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
   p = subparsers.add_parser("scaling", help="fit scaling laws, plot them, write a report")
   sub = p.add_subparsers(dest="scaling_command", required=True, parser_class=type(p))
-  f = sub.add_parser("fit", help="fit a CSV table with columns N, D, loss (C optional)")
+  f = sub.add_parser("fit", help="fit a CSV table with columns N, D, loss (C optional); JSON on stdout")
   f.add_argument("table")
   _add_fit_options(f)
   f.add_argument("--approach", default="all", choices=["1", "2", "3", "kaplan", "all"])
-  f.add_argument("--predict", default=None, metavar="N,D", help="predicted loss at this (N, D)")
+  f.add_argument("--predict", default=None, metavar="N,D", help="approach 3: the predicted loss at this (N, D)")
   f.add_argument("--out", default=None, help="also write fit.json into this directory")
   g = sub.add_parser("plot", help="the scaling figures of a table, as PNG and SVG")
   g.add_argument("table")
   g.add_argument("--out", required=True, help="output directory")
   _add_fit_options(g)
-  r = sub.add_parser("report", help="fit a sweep's results.csv and write DIR/report/report.md with figures")
+  r = sub.add_parser("report", help="fit a sweep's results.csv; write DIR/report/report.md, fit.json and figures")
   r.add_argument("workdir")
   _add_fit_options(r)
 
 
 def _add_fit_options(p) -> None:
-  p.add_argument("--budget", type=float, default=None, help="compute budget C for the optimal allocation")
-  p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (0: none)")
+  p.add_argument("--budget", type=float, default=None, help="compute budget C (FLOPs) for the optimal allocation")
+  p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
   p.add_argument("--window", type=float, default=0.0, help="approach 2: decades of N around each minimum (0: all)")
-  p.add_argument("--grid-stride", type=int, default=1, help="approach 3: every K-th start of the 4,500 grid")
+  p.add_argument("--grid-stride", type=int, default=1, help="approach 3: every K-th start of the 4,500-start grid")
   p.add_argument("--flops-per-param-token", type=float, default=6.0, help="k in C = k N D when C is absent")
 
 
@@ -52,15 +57,14 @@ def _parse_predict(text: str | None):
     n, d = (float(x) for x in text.split(","))
   except ValueError:
     raise UserError(f"--predict must be N,D (two numbers), got {text!r}") from None
+  if not (n > 0 and d > 0):
+    raise UserError(f"--predict needs positive N and D, got {text!r}")
   return n, d
 
 
 def run(args, overrides: list[str]) -> int:
   """Runs a parsed `sweep`, `scaling` or `bench fit` command; prints its output."""
-  from lm.scaling import fit  # noqa: PLC0415
-
-  command = getattr(args, "command", None) or ("scaling" if hasattr(args, "scaling_command") else "sweep")
-  if command == "sweep":
+  if args.command == "sweep":
     from lm.scaling import sweep  # noqa: PLC0415
 
     if args.print_commands:
@@ -70,25 +74,40 @@ def run(args, overrides: list[str]) -> int:
     path = sweep.run_sweep(args.config, args.workdir, overrides, progress=not args.no_progress)
     print(f"results in {path}")
     return 0
-  if command == "bench":
-    print(json.dumps(fit.bench(args.table)))
+  if overrides:
+    raise UserError("--config.KEY=VALUE overrides apply only to lm train and lm sweep")
+  from lm.scaling import fit  # noqa: PLC0415
+
+  if args.command == "bench":
+    print(json.dumps(fit.bench(args.table or DEFAULT_BENCH_TABLE)))
     return 0
   if args.bootstrap < 0 or args.grid_stride < 1:
     raise UserError("--bootstrap must be >= 0 and --grid-stride >= 1")
+  if args.budget is not None and not args.budget > 0:
+    raise UserError(f"--budget must be a positive number of FLOPs, got {args.budget}")
+  with _warnings_to_stderr():
+    return _run_scaling(args, fit)
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr():
+  """Prints the fits' warnings (e.g. a parabola vertex outside its budget's range) as one line each."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", UserWarning)
+    yield
+  for w in caught:
+    print(f"lm: warning: {w.message}", file=sys.stderr)
+
+
+def _run_scaling(args, fit) -> int:
   grid = fit.init_grid()[:: args.grid_stride]
+  options = {"bootstrap": args.bootstrap, "window": args.window, "grid": grid, "budget": args.budget}
+  options["flops_per_param_token"] = args.flops_per_param_token
   if args.scaling_command == "fit":
-    table = fit.load_table(args.table, args.flops_per_param_token)
+    table, convention = fit.load_table(args.table, args.flops_per_param_token)
     approaches = fit.APPROACHES if args.approach == "all" else (args.approach,)
-    result = fit.fit_table(
-      table,
-      approaches,
-      budget=args.budget,
-      predict=_parse_predict(args.predict),
-      bootstrap=args.bootstrap,
-      window=args.window,
-      flops_per_param_token=args.flops_per_param_token,
-      grid=grid,
-    )
+    predict = _parse_predict(args.predict)
+    result = fit.fit_table(table, approaches, predict=predict, c_convention=convention, **options)
     if args.out:
       fit.write_fit(result, args.out)
     print(json.dumps(result))
@@ -96,12 +115,10 @@ def run(args, overrides: list[str]) -> int:
   from lm.scaling import report  # noqa: PLC0415
 
   if args.scaling_command == "plot":
-    table = fit.load_table(args.table, args.flops_per_param_token)
-    result = fit.fit_table(
-      table, budget=args.budget, bootstrap=args.bootstrap, window=args.window, grid=grid, keep_draws=True
-    )
+    table, convention = fit.load_table(args.table, args.flops_per_param_token)
+    result = fit.fit_table(table, c_convention=convention, keep_draws=True, **options)
     for path in report.figures(table, result, args.out, budget=args.budget):
       print(path)
     return 0
-  print(report.write_report(args.workdir, args.budget, args.bootstrap, args.window, grid))
+  print(report.write_report(args.workdir, **options))
   return 0

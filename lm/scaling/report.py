@@ -30,97 +30,96 @@ def _save(fig, out: epath.Path, name: str) -> list[str]:
   return paths
 
 
-def _budget_colors(n_groups: int):
-  return plt.cm.viridis(np.linspace(0.0, 0.9, max(n_groups, 1)))
-
-
 def isoflop_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
-  """Loss against N per budget, with each budget's parabola and its minimum."""
+  """Loss against N per budget (coloured by C), with each budget's parabola in log N and its minimum."""
   groups = fit_lib.group_budgets(table["C"])
-  colors = _budget_colors(groups.max() + 1)
-  fig, ax = plt.subplots(figsize=(6.4, 4.6))
-  for g in range(groups.max() + 1):
+  budgets = np.array([np.exp(np.mean(np.log(table["C"][groups == g]))) for g in range(groups.max() + 1)])
+  norm = matplotlib.colors.LogNorm(budgets.min(), max(budgets.max(), budgets.min() * 1.01))
+  fig, ax = plt.subplots(figsize=(7, 4.6))
+  for g, budget in enumerate(budgets):
     idx = np.flatnonzero(groups == g)
-    budget = np.exp(np.mean(np.log(table["C"][idx])))
-    ax.scatter(table["N"][idx], table["loss"][idx], color=colors[g], s=18, label=f"C = {budget:.2g} FLOPs")
+    color = plt.cm.viridis(norm(budget))
+    ax.scatter(table["N"][idx], table["loss"][idx], color=color, s=14, label="runs" if g == 0 else None)
     if len(idx) >= 3:
       x = np.log(table["N"][idx])
       coef = np.polyfit(x, table["loss"][idx], 2)
       xs = np.linspace(x.min(), x.max(), 100)
-      ax.plot(np.exp(xs), np.polyval(coef, xs), color=colors[g], lw=1)
+      label = "parabola in log N, per budget" if g == 0 else None
+      ax.plot(np.exp(xs), np.polyval(coef, xs), color=color, lw=1, label=label)
   minima = result.get("approach2", {}).get("minima")
   if minima:
-    ax.scatter(minima["N_opt"], minima["loss"], marker="*", s=120, color="black", zorder=3, label="parabola minima")
+    ax.scatter(minima["N_opt"], minima["loss"], marker="*", s=110, color="red", zorder=3, label="parabola minima")
+  fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="compute budget C (FLOPs)")
   ax.set_xscale("log")
   ax.set_xlabel("parameters N")
-  ax.set_ylabel("final loss (nats/token)")
-  ax.set_title("IsoFLOP curves")
+  ax.set_ylabel("final eval loss (nats/token)")
+  ax.set_title(f"IsoFLOP curves: {len(budgets)} budgets, {len(groups)} runs")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7, ncol=2 if groups.max() > 5 else 1)
+  ax.legend(fontsize=8)
   fig.tight_layout()
   return _save(fig, out, "isoflop")
 
 
+def _allocation(key: str, params: dict, cs, k: float) -> dict:
+  if key == "approach3":
+    return fit_lib.optimal_allocation(params, cs, k)
+  return fit_lib.power_allocation(params, cs)
+
+
 def frontier_figure(table: dict, result: dict, out: epath.Path, budget: float | None) -> list[str]:
-  """N_opt(C) and D_opt(C) of each approach with fitted lines and 95% bands, extrapolated to `budget`."""
-  c_max = max(budget or 0.0, table["C"].max())
-  cs = np.logspace(np.log10(table["C"].min()), np.log10(c_max), 100)
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-  for ax, (name, label) in zip(axes, (("N_opt", "parameters N_opt"), ("D_opt", "tokens D_opt")), strict=True):
+  """N_opt(C) and D_opt(C) of each approach with fitted lines and 95% bootstrap bands, extrapolated to `budget`."""
+  k = result["flops_per_param_token"]
+  cs = np.logspace(np.log10(table["C"].min()), np.log10(max(budget or 0.0, table["C"].max())), 100)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+  for ax, (name, label) in zip(axes, (("N_opt", "parameters N_opt"), ("D_opt", "training tokens D_opt")), strict=True):
     for i, key in enumerate(("approach1", "approach2", "approach3")):
       fit = result.get(key)
       if not fit:
         continue
-      color = f"C{i}"
-      if key == "approach3":
-        line = fit_lib.optimal_allocation(fit, cs, result["flops_per_param_token"])[name]
-        band = _parametric_band(fit, cs, name, result)
-      else:
-        coef, exponent = (fit["N_coef"], fit["a"]) if name == "N_opt" else (fit["D_coef"], fit["b"])
-        line, band = coef * cs**exponent, None
       exponent = fit["a"] if name == "N_opt" else fit["b"]
-      ax.plot(cs, line, color=color, label=f"approach {key[-1]}: exponent {exponent:.3f}")
-      if band is not None:
-        ax.fill_between(cs, band[0], band[1], color=color, alpha=0.2, lw=0)
+      ax.plot(cs, _allocation(key, fit, cs, k)[name], color=f"C{i}", label=f"approach {key[-1]}: C^{exponent:.3f}")
+      draws = fit.get("_draws")
+      if draws:
+        values = _allocation(key, {n: np.asarray(v)[:, None] for n, v in draws.items()}, cs[None], k)[name]
+        band = np.nanpercentile(values, [2.5, 97.5], axis=0)
+        ax.fill_between(cs, band[0], band[1], color=f"C{i}", alpha=0.15, lw=0)
     minima = result.get("approach2", {}).get("minima")
     if minima:
-      ax.scatter(minima["C"], minima[name], color="C1", s=20, zorder=3, label="IsoFLOP minima")
+      ax.scatter(minima["C"], minima[name], color="C1", s=16, zorder=3, label="approach 2 IsoFLOP minima")
     if budget:
-      ax.axvline(budget, color="gray", ls="--", lw=1, label=f"budget {budget:.2g} FLOPs")
+      ax.axvline(budget, color="gray", ls="--", lw=1, label=f"budget C = {budget:.3g} FLOPs")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-  fig.suptitle("compute-optimal allocation (bands: 95% bootstrap)")
+    ax.legend(fontsize=8, loc="upper left")
+  fig.suptitle("compute-optimal allocation; bands: 95% bootstrap intervals")
   fig.tight_layout()
   return _save(fig, out, "frontier")
 
 
-def _parametric_band(fit: dict, cs, name: str, result: dict):
-  draws = fit.get("_draws")
-  if not draws:
-    return None
-  values = fit_lib.optimal_allocation({k: np.asarray(draws[k])[:, None] for k in fit_lib.PARAMETRIC}, cs[None])[name]
-  return np.nanpercentile(values, [2.5, 97.5], axis=0)
-
-
 def contour_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
-  """Approach 3 loss over (N, D) as contours, with IsoFLOP lines, the runs and the optimal frontier."""
+  """Approach 3 loss over (N, D) as filled contours, with IsoFLOP lines, the runs and the optimal frontier."""
   fit = result["approach3"]
   k = result["flops_per_param_token"]
   ns = np.logspace(np.log10(table["N"].min()) - 0.5, np.log10(table["N"].max()) + 0.5, 200)
   ds = np.logspace(np.log10(table["D"].min()) - 0.5, np.log10(table["D"].max()) + 0.5, 200)
   nn, dd = np.meshgrid(ns, ds)
-  fig, ax = plt.subplots(figsize=(6.4, 5))
-  cs = ax.contourf(nn, dd, np.log(fit_lib.predict_loss(fit, nn, dd)), levels=20, cmap="viridis")
-  fig.colorbar(cs, ax=ax, label="log predicted loss")
-  budgets = np.unique(np.round(np.log10(table["C"]) * 2) / 2)
-  for c in budgets[:: max(1, len(budgets) // 6)]:
-    ax.plot(ns, 10**c / (k * ns), color="white", lw=0.8, ls="--")
-    ax.annotate(f"{10**c:.0e}", (ns[-1], 10**c / (k * ns[-1])), color="white", fontsize=7, ha="right", va="bottom")
-  frontier = fit_lib.optimal_allocation(fit, k * nn.min() * dd.max() * np.logspace(-2, 2, 50), k)
+  loss = fit_lib.predict_loss(fit, nn, dd)
+  fig, ax = plt.subplots(figsize=(7, 5.2))
+  levels = np.geomspace(loss.min(), loss.max(), 21)
+  filled = ax.contourf(nn, dd, loss, levels=levels, cmap="viridis", norm=matplotlib.colors.LogNorm())
+  fig.colorbar(filled, ax=ax, label="predicted loss (nats/token)", format="%.2f")
+  exponents = np.arange(np.ceil(np.log10(k * ns[0] * ds[0])), np.log10(k * ns[-1] * ds[-1]) + 1e-9)
+  for c in exponents[:: max(1, len(exponents) // 6)]:
+    ds_c = 10**c / (k * ns)
+    ax.plot(ns, ds_c, color="white", lw=0.7, ls="--")
+    inside = np.flatnonzero((ds_c > ds[0] * 1.5) & (ds_c < ds[-1] / 1.5))
+    if len(inside):
+      j = inside[len(inside) // 2]
+      ax.annotate(f"1e{c:.0f}", (ns[j], ds_c[j]), color="white", fontsize=7, ha="left", va="bottom")
+  frontier = fit_lib.optimal_allocation(fit, np.geomspace(k * ns[0] * ds[0], k * ns[-1] * ds[-1], 100), k)
   ax.plot(frontier["N_opt"], frontier["D_opt"], color="red", lw=1.5, label="compute-optimal frontier")
   ax.scatter(table["N"], table["D"], s=6, color="black", label="runs")
   ax.set_xscale("log")
@@ -129,8 +128,8 @@ def contour_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
   ax.set_ylim(ds[0], ds[-1])
   ax.set_xlabel("parameters N")
   ax.set_ylabel("training tokens D")
-  ax.set_title("Approach 3 fit: dashed lines are IsoFLOP slices (FLOPs)")
-  ax.legend(fontsize=7, loc="lower left")
+  ax.set_title(f"Approach 3 fit; dashed: IsoFLOP lines C = {k:g} N D (FLOPs)")
+  ax.legend(fontsize=8, loc="lower left")
   fig.tight_layout()
   return _save(fig, out, "contours")
 
@@ -182,16 +181,30 @@ def figures(table: dict, result: dict, out_dir: str, budget: float | None = None
 
 
 def write_report(
-  workdir: str, budget: float | None = None, bootstrap: int = 1000, window: float = 0.0, grid=None
+  workdir: str,
+  budget: float | None = None,
+  bootstrap: int = 1000,
+  window: float = 0.0,
+  grid=None,
+  flops_per_param_token: float = 6.0,
 ) -> str:
   """Fits `workdir/results.csv`, writes `workdir/report/` (report.md, fit.json, figures); returns report.md."""
   root = epath.Path(workdir)
   if not (root / "results.csv").exists():
     raise UserError(f"{workdir} has no results.csv; run `lm sweep` first")
-  table = fit_lib.load_table(str(root / "results.csv"))
+  table, convention = fit_lib.load_table(str(root / "results.csv"), flops_per_param_token)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    result = fit_lib.fit_table(table, budget=budget, bootstrap=bootstrap, window=window, grid=grid, keep_draws=True)
+    result = fit_lib.fit_table(
+      table,
+      budget=budget,
+      bootstrap=bootstrap,
+      window=window,
+      flops_per_param_token=flops_per_param_token,
+      c_convention=convention,
+      grid=grid,
+      keep_draws=True,
+    )
   curves = fit_lib.read_curves(str(root / "curves.csv")) if (root / "curves.csv").exists() else None
   out = root / "report"
   paths = figures(table, result, str(out), budget, curves)
@@ -199,20 +212,54 @@ def write_report(
     if isinstance(fit, dict):
       fit.pop("_draws", None)
   (out / "fit.json").write_text(json.dumps(result, indent=2))
-  lines = [f"# Scaling-law report: {root.name}", "", f"{result['runs']} runs from `results.csv`; C as logged."]
-  lines += [f"- warning: {w.message}" for w in caught]
-  for key, fit in result.items():
-    if not isinstance(fit, dict):
-      continue
-    lines += ["", f"## {key}", "", "| name | value | 95% interval |", "|---|---|---|"]
-    for name, value in fit.items():
-      if isinstance(value, float | int) and not isinstance(value, bool):
-        lines.append(f"| {name} | {value!r} | {fit.get('ci95', {}).get(name, '')} |")
-    if "at_budget" in fit:
-      at = fit["at_budget"]
-      for name in ("N_opt", "D_opt", "tokens_per_param"):
-        lines.append(f"| {name} at C={at['C']!r} | {at[name]!r} | {at['ci95'].get(name, '')} |")
-  lines += ["", "## Figures", ""]
-  lines += [f"![{epath.Path(p).stem}]({epath.Path(p).name})" for p in paths if p.endswith(".png")]
-  (out / "report.md").write_text("\n".join(lines) + "\n")
+  (out / "report.md").write_text(markdown(root.name, result, [str(w.message) for w in caught], paths))
   return str(out / "report.md")
+
+
+_TITLES = {
+  "approach1": "Approach 1: lower envelope of loss against compute",
+  "approach2": "Approach 2: IsoFLOP parabolas",
+  "approach3": "Approach 3: L(N, D) = E + A / N^alpha + B / D^beta",
+  "kaplan": "Kaplan et al.: L = (X_c / X)^alpha_X",
+}
+
+
+def _cell(value) -> str:
+  if isinstance(value, list):
+    return "[" + ", ".join(repr(float(v)) for v in value) + "]"
+  return repr(value)
+
+
+def markdown(name: str, result: dict, caught: list[str], paths: list[str]) -> str:
+  """The report page: every fitted number unrounded, with its 95% bootstrap interval, then the figures."""
+  lines = [
+    f"# Scaling-law report: {name}",
+    "",
+    f"{result['runs']} runs from `results.csv`. C is counted as `{result['C_convention']}`; the Approach 3 "
+    f"allocation assumes {result['allocation_assumes']}. Intervals: 2.5 and 97.5 percentiles over "
+    f"{result['bootstrap']} bootstrap resamples of the runs.",
+  ]
+  lines += [f"- warning: {message}" for message in caught]
+  for key, title in _TITLES.items():
+    fit = result.get(key)
+    if not fit:
+      continue
+    lines += ["", f"## {title}", "", "| name | value | 95% interval |", "|---|---|---|"]
+    for field, value in fit.items():
+      if isinstance(value, float | int) and not isinstance(value, bool):
+        interval = fit["ci95"].get(field)
+        lines.append(f"| {field} | {_cell(value)} | {_cell(interval) if interval else ''} |")
+    at = fit.get("at_budget")
+    if at:
+      for field in ("N_opt", "D_opt", "tokens_per_param", "loss"):
+        if field in at:
+          interval = at["ci95"].get(field)
+          lines.append(f"| {field} at C = {at['C']!r} | {_cell(at[field])} | {_cell(interval) if interval else ''} |")
+    if key == "approach2" and fit["vertex_outside_range"]:
+      lines.append(f"\nBudgets whose parabola vertex lies outside the sampled N: {fit['vertex_outside_range']}")
+  lines += ["", "## Figures", ""]
+  for path in paths:
+    if path.endswith(".png"):
+      stem = epath.Path(path).stem
+      lines += [f"![{stem}]({stem}.png)", f"({stem}.svg: vector version)", ""]
+  return "\n".join(lines) + "\n"
