@@ -36,3 +36,33 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
     assert record[key] > 0, key
   assert record["tokens_per_s"] == pytest.approx(16 * 256 / record["step_s"])
   assert record["mfu"] < 1.0
+
+
+def test_bench_sample_prints_one_json_line_with_the_rates_and_ratios(tmp_path, capfd):
+  from lm import cli
+
+  peer = tmp_path / "peer.py"  # stands in for the Hugging Face peer: its output format, fixed numbers
+  rates = {"decode_tokens_per_s": 10.0, "batch8_decode_tokens_per_s": 40.0, "recompute_tokens_per_s": 2.0}
+  peer.write_text(f"print({json.dumps(json.dumps(rates))})\n")
+  small = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.tokenizer.vocab_size=512"]
+  small.append("--config.model.n_layers=1")  # compiling the sampler dominates; one layer halves it
+  argv = ["bench", "sample", "--preset", "ref", "--new-tokens", "8", "--peer", sys.executable]
+  argv += ["--peer-script", str(peer)]
+  capfd.readouterr()
+  assert cli.main(argv + small) == 0
+  lines = capfd.readouterr().out.strip().splitlines()
+  assert len(lines) == 1
+  record = json.loads(lines[0])
+  rates = ("prefill_tokens_per_s", "decode_tokens_per_s", "recompute_tokens_per_s", "batch8_decode_tokens_per_s")
+  for key in rates:
+    assert record[key] > 0, key
+  assert record["new_tokens"] == 8 and record["params"] > 0
+  assert record["cached_vs_recompute"] == pytest.approx(
+    record["decode_tokens_per_s"] / record["recompute_tokens_per_s"]
+  )
+  assert record["batch8_vs_batch1"] == pytest.approx(
+    record["batch8_decode_tokens_per_s"] / record["decode_tokens_per_s"]
+  )
+  assert record["hf_decode_tokens_per_s"] == 10.0 and record["hf_batch8_decode_tokens_per_s"] == 40.0
+  assert record["vs_hf_batch1"] == pytest.approx(record["decode_tokens_per_s"] / 10.0)
+  assert record["vs_hf_batch8"] == pytest.approx(record["batch8_decode_tokens_per_s"] / 40.0)
