@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 
 import ml_collections
@@ -64,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.max_bad_steps = 5  # stop after this many consecutive steps with a non-finite loss or gradient
   c.train.min_free_bytes = -1  # refuse to start with less free disk in the workdir; -1: two checkpoints, 0: off
   c.train.debug_nan_steps = ""  # fault injection: comma-separated steps whose batch is poisoned with NaN
+  c.train.init_from = ""  # WORKDIR/checkpoints/STEP: a new run starts from this state (a cooldown branch)
   c.train.sample_prompts = ()  # texts completed at every eval, logged as samples/i; empty: no samples
   c.train.sample_tokens = 32  # new tokens per sample (a prompt too long for the context keeps its end)
   c.train.sample_temperature = 0.0  # 0: greedy
@@ -271,6 +273,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if t.min_free_bytes < -1:
     raise UserError(f"train.min_free_bytes must be >= -1, got {t.min_free_bytes}")
   debug_nan_steps(cfg)
+  if t.init_from and not re.fullmatch(r".+/checkpoints/\d+/?", t.init_from):
+    raise UserError(f"train.init_from must name a checkpoint as WORKDIR/checkpoints/STEP, got {t.init_from!r}")
   if t.max_tokens < 0 or t.max_flops < 0:
     raise UserError("train.max_tokens and train.max_flops must be >= 0")
   if o.schedule not in SCHEDULES:
@@ -358,6 +362,7 @@ RESUMABLE_KEYS = (
   "train.max_bad_steps",
   "train.min_free_bytes",
   "train.debug_nan_steps",
+  "train.init_from",
   "train.sample_prompts",
   "train.sample_tokens",
   "train.sample_temperature",

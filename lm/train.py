@@ -332,6 +332,26 @@ def check_checkpoint(cfg, tok: tokenizer_lib.Tokenizer, directory: str, step: in
     raise UserError(f"{where} was trained with a different tokenizer than the one in {directory}")
 
 
+def restore_branch_source(cfg, tok: tokenizer_lib.Tokenizer, setup: Setup) -> checkpoint_lib.Restored:
+  """The state and data position saved in `train.init_from` (WORKDIR/checkpoints/STEP), for a run that branches there.
+
+  The checkpoint must be the newest of its run, and its config one that this config could resume: typically
+  the branch differs in `train.steps` only, so that a WSD schedule cools down from STEP (Hägele et al. 2024).
+  """
+  source = epath.Path(cfg.train.init_from.rstrip("/"))
+  workdir, step = str(source.parent.parent), int(source.name)
+
+  def check(found: int, meta: dict) -> None:
+    if found != step:
+      raise UserError(f"train.init_from names checkpoint {step}, but the newest checkpoint of {workdir} is {found}")
+    check_checkpoint(cfg, tok, workdir, found, meta)
+
+  restored = checkpoint_lib.restore_latest(workdir, setup.abstract_state, check)
+  if restored is None:
+    raise UserError(f"train.init_from: {workdir} has no checkpoints")
+  return dataclasses.replace(restored, damaged=[])  # damage in the source run is not this run's to clean up
+
+
 def check_free_space(cfg, path: epath.Path, abstract_state) -> None:
   """Refuses to start when the workdir's filesystem has less than `train.min_free_bytes` free.
 
@@ -385,6 +405,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
     restored = checkpoint_lib.restore_latest(
       str(path), setup.abstract_state, functools.partial(check_checkpoint, cfg, tok, workdir)
     )
+    if restored is None and cfg.train.init_from:
+      restored = restore_branch_source(cfg, tok, setup)
   check_free_space(cfg, path, setup.abstract_state)
   write_workdir(cfg, path, tok)
   if restored and restored.damaged:

@@ -39,12 +39,19 @@ def test_default_convention_matches_xla_cost_analysis(cfg, length):
   assert abs(counted / measured - 1) < 0.10, (counted, measured)
 
 
-def test_conventions_order_and_values():
+def test_conventions_with_and_without_head_and_causal_half():
   cfg = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=128)
-  n = flops.param_counts(cfg)["flop_params"]
-  assert flops.flops_per_token(cfg, 100, "6N") == 6 * n
-  assert flops.flops_per_token(cfg, 100, "6N+attn") == 6 * n + 12 * 2 * 100 * 64
-  assert flops.flops_per_token(cfg, 100, "6N+attn_causal") == 6 * n + 6 * 2 * 100 * 64
+  counts = flops.param_counts(cfg)
+  attn = 12 * 2 * 100 * 64  # 2 layers, 100 keys, d_model 64
+  expected = {
+    "6N": 6 * counts["flop_params"],
+    "6N+attn": 6 * counts["flop_params"] + attn,
+    "6N+attn_causal": 6 * counts["flop_params"] + attn / 2,
+    "6N_nohead": 6 * counts["non_embedding"],
+    "6N_nohead+attn": 6 * counts["non_embedding"] + attn,
+    "6N_nohead+attn_causal": 6 * counts["non_embedding"] + attn / 2,
+  }
+  assert {c: flops.flops_per_token(cfg, 100, c) for c in flops.CONVENTIONS} == expected
   with pytest.raises(ValueError, match="unknown FLOP convention"):
     flops.flops_per_token(cfg, 100, "5N")
 

@@ -1,19 +1,18 @@
-import argparse
 import csv
 import os
 
 import pytest
 
+from lm import cli, optim, train
 from lm import config as config_lib
-from lm import train
+from lm import metrics as metrics_lib
 from lm.errors import UserError
-from lm.scaling import accounting, cli, sweep
+from lm.scaling import accounting, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXPERIMENT = """
 from lm.config import default_config
-from lm.scaling import sweep
 
 
 def get_config():
@@ -23,20 +22,28 @@ def get_config():
   c.tokenizer.kind = "byte"
   c.model.d_model = 32
   c.model.n_layers = 1
+  c.model.n_heads = 2
   c.model.d_ff = 64
   c.model.n_kv_heads = 1
   c.train.batch_size = 8
-  c.train.eval_every = 2
+  c.train.eval_every = 4
   c.train.eval_batches = 1
   c.train.log_every = 1
-  c.train.checkpoint_every = 2
+  c.train.checkpoint_every = 4
   c.optim.warmup_steps = 1
+  c.optim.schedule = "wsd"
+  c.optim.cooldown_fraction = 0.25
   c.mesh.data = 1
   return c
 
 
 def get_sweep():
-  return sweep.grid({{"model.n_heads": [2, 4], "train.steps": [2, 4]}})
+  # `short` cools down from `long`'s checkpoint at step 3; `alone` is the same 4-step WSD run from scratch.
+  return [
+    {{"id": "long", "train.steps": 8}},
+    {{"id": "short", "train.steps": 4, "branch_of": "long"}},
+    {{"id": "alone", "train.steps": 4}},
+  ]
 """
 
 
@@ -46,40 +53,100 @@ def write_experiment(tmp_path, source):
   return str(path)
 
 
-def test_tiny_sweep_runs_skips_finished_points_and_aggregates(tmp_path, text_corpus, monkeypatch):
-  exp, workdir = write_experiment(tmp_path, text_corpus), str(tmp_path / "sweep")
-  results = sweep.run_sweep(exp, workdir, progress=False)
-  with open(results) as f:
-    rows = list(csv.DictReader(f))
-  assert [r["id"] for r in rows] == ["p000", "p001", "p002", "p003"]
-  assert set(sweep.RESULT_COLUMNS) <= set(rows[0])
-  for row in rows:
-    cfg = config_lib.from_json(open(os.path.join(workdir, row["id"], "config.json")).read())
-    assert int(row["D"]) == cfg.train.steps * 8 * 32
-    assert float(row["C"]) == pytest.approx(accounting.training_flops(cfg, int(row["D"])))
-    assert float(row["best_eval_loss"]) <= float(row["loss"]) and int(row["N_total"]) > int(row["N"]) > 0
-  assert os.path.exists(os.path.join(workdir, "curves.csv"))
+def read_rows(path):
+  with open(path) as f:
+    return {row["id"]: row for row in csv.DictReader(f)}
 
+
+def test_sweep_branches_cooldowns_skips_finished_points_and_resumes(tmp_path, text_corpus, monkeypatch):
+  exp, workdir = write_experiment(tmp_path, text_corpus), str(tmp_path / "sweep")
   calls = []
   real_train = train.train
-  monkeypatch.setattr(train, "train", lambda cfg, wd, progress=True: calls.append(wd) or real_train(cfg, wd, progress))
-  os.remove(os.path.join(workdir, "p003", "result.json"))  # an unfinished point: it resumes, the rest skip
+  monkeypatch.setattr(train, "train", lambda cfg, wd, progress: calls.append(wd) or real_train(cfg, wd, progress))
+  rows = read_rows(sweep.run_sweep(exp, workdir, progress=False))
+  sub = {name: os.path.join(workdir, name) for name in ("long", "short", "alone")}
+  assert calls == [sub["long"], sub["short"], sub["long"], sub["alone"]]
+  assert set(rows) == {"long", "short", "alone"} and set(sweep.RESULT_COLUMNS) <= set(rows["long"])
+  for name, row in rows.items():
+    cfg = config_lib.from_json(open(os.path.join(sub[name], "config.json")).read())
+    assert int(row["D"]) == cfg.train.steps * 8 * 32 and row["flops_convention"] == "6N+attn"
+    assert float(row["C"]) == pytest.approx(accounting.training_flops(cfg, int(row["D"])))  # the loop's FLOPs
+    assert float(row["best_eval_loss"]) <= float(row["loss"]) and int(row["N_total"]) > int(row["N"]) > 0
+  # The branch restarts from the long run's step 3 and reproduces the 4-step run trained from scratch.
+  assert [r["step"] for r in metrics_lib.read_metrics(sub["short"])] == [4]
+  assert float(rows["short"]["loss"]) == pytest.approx(float(rows["alone"]["loss"]), rel=1e-5)
+  assert rows["short"]["flags"] == "wsd;branch:long@3"
+  assert float(rows["short"]["C_spent"]) == pytest.approx(float(rows["short"]["C"]) / 4)
+  assert float(rows["long"]["C_spent"]) == float(rows["long"]["C"])
+  assert os.path.exists(os.path.join(workdir, "curves.csv"))
+
+  calls.clear()
   sweep.run_sweep(exp, workdir, progress=False)
-  assert calls == [os.path.join(workdir, "p003")]
-  with open(results) as f:
-    assert len(list(csv.DictReader(f))) == 4
+  assert calls == []
+  os.remove(os.path.join(sub["alone"], "result.json"))  # an unfinished point resumes; the rest are skipped
+  rows = read_rows(sweep.run_sweep(exp, workdir, progress=False))
+  assert calls == [sub["alone"]] and len(rows) == 3 and "resumed" in rows["alone"]["flags"]
 
 
-def test_print_commands_one_per_point(tmp_path, text_corpus, capsys):
+def test_print_commands_one_per_invocation_in_order(tmp_path, text_corpus, capsys):
   exp = write_experiment(tmp_path, text_corpus)
-  p = argparse.ArgumentParser()
-  cli.add_parsers(p.add_subparsers(dest="command"))
-  args = p.parse_args(["sweep", "--config", exp, "--workdir", "runs/s", "--print-commands"])
-  assert cli.run(args, ["train.seed=3"]) == 0
+  assert cli.main(["sweep", "--config", exp, "--workdir", "runs/s", "--print-commands", "--config.train.seed=3"]) == 0
   lines = capsys.readouterr().out.splitlines()
-  assert len(lines) == 4
-  assert lines[3].startswith(f"lm train --config {exp} --workdir runs/s/p003")
-  assert "--config.model.n_heads=4" in lines[3] and lines[3].endswith("--config.train.seed=3")
+  assert [line.split("--workdir ")[1].split()[0] for line in lines] == [
+    f"runs/s/{n}" for n in ("long", "short", "long", "alone")
+  ]
+  assert all(line.startswith(f"lm train --config {exp} ") and line.endswith("--config.train.seed=3") for line in lines)
+  assert "--config.train.max_tokens=768" in lines[0] and "max_tokens" not in lines[2]
+  assert "--config.train.init_from=runs/s/long/checkpoints/3" in lines[1]
+
+
+def test_cooldown_start_is_where_the_wsd_schedule_leaves_its_peak():
+  cfg = config_lib.default_config()
+  for key, value in {"optim.schedule": "wsd", "train.steps": 50, "optim.cooldown_fraction": 0.2}.items():
+    config_lib.set_key(cfg, key, value)
+  schedule, start = optim.make_schedule(cfg), sweep.cooldown_start(cfg)
+  assert (
+    start == 40 and float(schedule(start)) == pytest.approx(cfg.optim.lr) and float(schedule(start + 1)) < cfg.optim.lr
+  )
+
+
+def test_cooldown_branches_of_an_isoflop_grid_form_a_valid_plan(tmp_path):
+  base = config_lib.default_config()
+  config_lib.set_key(base, "tokenizer.kind", "byte")
+  vocab = accounting.vocab_size(base)
+  shapes = sweep.size_ladder([2e5, 6e5], vocab, aspect=32, head_dim=32)
+  points = sweep.cooldown_branches(sweep.isoflop_grid(base, [1e13, 2e13, 4e13], shapes, vocab))
+  exp = tmp_path / "grid.py"
+  exp.write_text(
+    "from lm.config import default_config\n\n\ndef get_config():\n  c = default_config()\n"
+    "  c.tokenizer.kind = 'byte'\n  return c\n\n\n"
+    f"def get_sweep():\n  return {points!r}\n"
+  )
+  loaded = sweep.load_sweep(str(exp), workdir="W")
+  sources = [p for _, _, p in loaded if "branch_of" not in p]
+  assert len(sources) == 2 and all(p["id"].startswith("C4e13") for p in sources)
+  for _, cfg, point in loaded:
+    if "branch_of" in point:
+      assert cfg.train.init_from == f"W/{point['branch_of']}/checkpoints/{sweep.cooldown_start(cfg)}"
+  runs = sweep.plan(loaded)
+  assert len(runs) == 2 * (1 + 2 * 2)  # per source: two (segment, branch) pairs, then the rest of the source
+  assert [r.stop_step is not None for r in runs[:2]] == [True, False]
+
+
+def test_branch_errors_are_user_errors(tmp_path):
+  path = tmp_path / "bad.py"
+  for point, message in (
+    ({"branch_of": "missing"}, "the source must be a point"),
+    ({"branch_of": "a", "model.n_layers": 3}, "may differ from its source in train.steps only"),
+    ({"branch_of": "a", "train.steps": 4}, "outside the source's constant-lr phase"),
+  ):
+    path.write_text(
+      "from lm.config import default_config\n\n\ndef get_config():\n  c = default_config()\n"
+      "  c.optim.schedule = 'wsd'\n  c.optim.warmup_steps = 4\n  return c\n\n\n"
+      f"def get_sweep():\n  return [{{'id': 'a', 'train.steps': 20}}, {{'id': 'b', **{point!r}}}]\n"
+    )
+    with pytest.raises(UserError, match=message):
+      sweep.load_sweep(str(path))
 
 
 def test_sweep_without_get_sweep_is_a_user_error(tmp_path):
@@ -97,8 +164,9 @@ def test_model_shape_follows_ladder_rules():
     assert 0.5 < n / target < 2.0
 
 
-def test_isoflop_tpu_plan_is_valid_and_spends_each_budget():
-  points = sweep.load_sweep(os.path.join(REPO, "experiments", "isoflop_tpu.py"))
+def test_isoflop_tpu_plan_is_valid_and_spends_each_budget(capsys):
+  path = os.path.join(REPO, "experiments", "isoflop_tpu.py")
+  points = sweep.load_sweep(path)
   budgets = {}
   for point_id, cfg, _ in points:
     config_lib.validate(cfg, num_devices=256)
@@ -109,3 +177,5 @@ def test_isoflop_tpu_plan_is_valid_and_spends_each_budget():
     assert cfg.optim.warmup_steps < cfg.train.steps
     budgets.setdefault(budget, []).append(point_id)
   assert sorted(budgets) == [1e17, 1e18, 1e19, 1e20] and all(len(v) >= 3 for v in budgets.values())
+  assert cli.main(["sweep", "--config", path, "--workdir", "gs://b/iso", "--print-commands"]) == 0
+  assert len(capsys.readouterr().out.splitlines()) == len(points)

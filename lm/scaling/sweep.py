@@ -8,15 +8,20 @@ values, with an optional `"id"` naming the point's sub-workdir. Helpers build th
 - `isoflop_grid`: for each budget C and shape, train.steps = C / (FLOPs per token x tokens per step) under
   the config's convention; lr scales as 1 / d_model from the base config's (lr, d_model), and warmup
   lasts N tokens (Porian et al. 2024), at most a fifth of the run;
-- `grid`: the Cartesian product of value lists, e.g. lr x batch size.
+- `grid`: the Cartesian product of value lists, e.g. lr x batch size;
+- `cooldown_branches` (Hägele et al. 2024): per model size one WSD run, and each shorter budget a branch
+  (`"branch_of": id`) that starts its cooldown from the long run's checkpoint, so that one run per size
+  yields every token budget for the compute of the longest run plus the cooldowns.
 `run_sweep` trains each point in turn in `DIR/<id>` with `lm.train.train`; a point with `result.json`
-is finished and skipped, a point without it resumes from its checkpoint. Points sharing a tokenizer
-config reuse the first point's tokenizer, so every run sees the same tokens. `aggregate` writes
-`DIR/results.csv` (one row per run) and `DIR/curves.csv` (every eval of every run, for Approach 1).
+is finished and skipped, a point without it resumes from its checkpoint. A branch source is trained up to
+each branch's step just before that branch starts (see `plan`). Points sharing a tokenizer config reuse
+the first point's tokenizer, so every run sees the same tokens. `aggregate` writes `DIR/results.csv` (one
+row per run) and `DIR/curves.csv` (every eval of every run, for Approach 1).
 """
 
 import copy
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -38,6 +43,7 @@ RESULT_COLUMNS = (
   "N_total",
   "D",
   "C",
+  "C_spent",
   "flops_convention",
   "loss",
   "best_eval_loss",
@@ -106,17 +112,59 @@ def grid(axes: dict[str, list]) -> list[dict]:
   return [dict(zip(keys, values, strict=True)) for values in itertools.product(*axes.values())]
 
 
+def cooldown_branches(points: list[dict], cooldown_fraction: float = 0.2) -> list[dict]:
+  """Hägele et al. (2024): per model shape, the longest point becomes a WSD run and every shorter one a branch
+  of it (`"branch_of": its id`) that starts its own cooldown from the long run's checkpoint.
+
+  Points share a shape when all their keys but id, train.steps and optim.warmup_steps agree. All get
+  `optim.schedule = "wsd"` with `cooldown_fraction`, and the shortest warmup of their shape, so that a branch
+  differs from its source in train.steps only and the source is still at its peak lr where each branch starts.
+  """
+  groups: dict[str, list[dict]] = {}
+  for point in points:
+    if "id" not in point:
+      raise UserError("cooldown_branches needs points with an id (isoflop_grid gives them one)")
+    shape = repr(sorted((k, v) for k, v in point.items() if k not in ("id", "train.steps", "optim.warmup_steps")))
+    groups.setdefault(shape, []).append(point)
+  out = []
+  for point in points:
+    members = next(g for g in groups.values() if any(p is point for p in g))
+    source = max(members, key=lambda p: p["train.steps"])
+    branched = {**point, "optim.schedule": "wsd", "optim.cooldown_fraction": cooldown_fraction}
+    warmups = [p["optim.warmup_steps"] for p in members if "optim.warmup_steps" in p]
+    if warmups:
+      branched["optim.warmup_steps"] = min(warmups)
+    if point is not source:
+      branched["branch_of"] = source["id"]
+    out.append(branched)
+  return out
+
+
+def cooldown_start(cfg: ml_collections.ConfigDict) -> int:
+  """The last step at peak lr of a WSD run, where `lm.optim.make_schedule` starts its cooldown."""
+  return cfg.train.steps - max(int(round(cfg.optim.cooldown_fraction * cfg.train.steps)), 1)
+
+
+SPECIAL_KEYS = ("id", "branch_of")
+
+
 def apply_point(base: ml_collections.ConfigDict, point: dict) -> ml_collections.ConfigDict:
-  """A copy of `base` with the point's overrides (its `id` aside)."""
+  """A copy of `base` with the point's overrides (`id` and `branch_of` aside)."""
   cfg = copy.deepcopy(base)
   for key, value in point.items():
-    if key != "id":
+    if key not in SPECIAL_KEYS:
       config_lib.set_key(cfg, key, value)
   return cfg
 
 
-def load_sweep(path: str, overrides: list[str] = ()) -> list[tuple[str, ml_collections.ConfigDict, dict]]:
-  """(id, config, point) of each point of the experiment file's `get_sweep()`; overrides apply to all."""
+Point = tuple[str, ml_collections.ConfigDict, dict]  # (id, config, the point's overrides)
+
+
+def load_sweep(path: str, overrides: list[str] = (), workdir: str = ".") -> list[Point]:
+  """(id, config, point) of each point of the experiment file's `get_sweep()`; overrides apply to all.
+
+  A branch's config gets `train.init_from = workdir/<source id>/checkpoints/<cooldown_start>`.
+  """
   base = config_lib.load_config(path, overrides)
   module = config_lib.load_module(path)
   if not hasattr(module, "get_sweep"):
@@ -138,37 +186,133 @@ def load_sweep(path: str, overrides: list[str] = ()) -> list[tuple[str, ml_colle
     cfg = apply_point(base, point)
     for item in overrides:  # command-line overrides win over the sweep's values
       config_lib.apply_override(cfg, item)
-    config_lib.validate(cfg)
     out.append((point_id, cfg, point))
+  by_id = {point_id: (cfg, point) for point_id, cfg, point in out}
+  for point_id, cfg, point in out:
+    if "branch_of" in point:
+      source = point["branch_of"]
+      _check_branch(path, point_id, cfg, source, by_id)
+      config_lib.set_key(cfg, "train.init_from", f"{workdir.rstrip('/')}/{source}/checkpoints/{cooldown_start(cfg)}")
+    config_lib.validate(cfg)
   return out
 
 
+def _check_branch(path: str, point_id: str, cfg, source: str, by_id: dict) -> None:
+  """Raises UserError unless `point_id` can branch from point `source` at its own cooldown start."""
+  where = f"{path}: sweep point {point_id!r} (branch_of {source!r})"
+  if source not in by_id or "branch_of" in by_id[source][1]:
+    raise UserError(f"{where}: the source must be a point of the sweep that is not itself a branch")
+  source_cfg = by_id[source][0]
+  changed = config_lib.incompatible_changes(source_cfg, cfg)
+  if changed:
+    raise UserError(f"{where} may differ from its source in train.steps only, not {', '.join(changed)}")
+  if cfg.optim.schedule != "wsd" or source_cfg.train.max_tokens or source_cfg.train.max_flops:
+    raise UserError(f"{where}: branching needs optim.schedule 'wsd' and a source without train.max_tokens/max_flops")
+  step = cooldown_start(cfg)
+  if not cfg.optim.warmup_steps <= step <= cooldown_start(source_cfg):
+    raise UserError(
+      f"{where}: its cooldown would start at step {step}, outside the source's constant-lr phase "
+      f"(steps {cfg.optim.warmup_steps} to {cooldown_start(source_cfg)})"
+    )
+
+
+@dataclasses.dataclass
+class Run:
+  """One `lm train` invocation of a sweep: a point, or a branch source trained up to a branch's step."""
+
+  point_id: str
+  cfg: ml_collections.ConfigDict
+  point: dict
+  stop_for: str | None = None  # the branch this segment of its source is for
+  stop_step: int | None = None
+
+
+def plan(points: list[Point]) -> list[Run]:
+  """The order of invocations: each branch source trains up to every branch's step just before that branch
+  starts from it (so its newest checkpoint is the one the branch names), then on to its own end."""
+  branches: dict[str, list[tuple[int, str, ml_collections.ConfigDict, dict]]] = {}
+  for point_id, cfg, point in points:
+    if "branch_of" in point:
+      branches.setdefault(point["branch_of"], []).append((cooldown_start(cfg), point_id, cfg, point))
+  by_id = {point_id: (cfg, point) for point_id, cfg, point in points}
+  runs, planned = [], set()
+  for point_id, _, point in points:
+    source = point.get("branch_of", point_id)
+    if source in planned:
+      continue
+    planned.add(source)
+    source_cfg, source_point = by_id[source]
+    for step, branch_id, branch_cfg, branch_point in sorted(branches.get(source, []), key=lambda b: b[:2]):
+      segment = copy.deepcopy(source_cfg)
+      segment.train.max_tokens = step * segment.train.batch_size * segment.data.seq_len
+      runs += [Run(source, segment, source_point, branch_id, step), Run(branch_id, branch_cfg, branch_point)]
+    runs.append(Run(source, source_cfg, source_point))
+  return runs
+
+
 def commands(path: str, workdir: str, overrides: list[str] = ()) -> list[str]:
-  """One `lm train` command line per point, for any cluster launcher."""
+  """One `lm train` command line per invocation, in order, for any cluster launcher.
+
+  A branch source appears once per branch, stopped by train.max_tokens at the branch's step, and then in full.
+  """
   lines = []
-  for point_id, _, point in load_sweep(path, overrides):
-    items = [f"--config.{k}={v}" for k, v in point.items() if k != "id"] + [f"--config.{o}" for o in overrides]
-    lines.append(" ".join(["lm train", f"--config {path}", f"--workdir {workdir}/{point_id}", *items]))
+  for run in plan(load_sweep(path, overrides, workdir)):
+    items = {k: v for k, v in run.point.items() if k not in SPECIAL_KEYS}
+    if run.cfg.train.init_from:
+      items["train.init_from"] = run.cfg.train.init_from
+    if run.stop_step is not None:
+      items["train.max_tokens"] = run.cfg.train.max_tokens
+    args = [f"--config.{k}={v}" for k, v in items.items()] + [f"--config.{o}" for o in overrides]
+    lines.append(" ".join(["lm train", f"--config {path}", f"--workdir {workdir}/{run.point_id}", *args]))
   return lines
 
 
+def _newest_checkpoint(sub: epath.Path) -> int | None:
+  steps = [int(p.name) for p in (sub / "checkpoints").glob("*") if p.name.isdigit()]
+  return max(steps) if steps else None
+
+
 def run_sweep(path: str, workdir: str, overrides: list[str] = (), progress: bool = True) -> str:
-  """Trains every unfinished point in turn; returns the path of the aggregated `results.csv`."""
+  """Trains every unfinished point in turn; returns the path of the aggregated `results.csv`.
+
+  A point with `result.json` is finished and skipped; one with checkpoints resumes from them. A signal that
+  stops a run (SIGTERM, Ctrl-C) stops the sweep after that run's checkpoint: run the command again to resume.
+  """
   from lm import train  # noqa: PLC0415
 
   root = epath.Path(workdir)
-  for point_id, cfg, _ in load_sweep(path, overrides):
-    sub = root / point_id
+  started_here = set()
+  for run in plan(load_sweep(path, overrides, workdir)):
+    sub = root / run.point_id
     if (sub / "result.json").exists():
-      print(f"sweep: {point_id} finished, skipped")
+      if run.stop_step is None:
+        print(f"sweep: {run.point_id} finished, skipped")
       continue
-    resumed = (sub / "checkpoints").exists()
-    _share_tokenizer(root, sub, cfg)
-    print(f"sweep: {'resuming' if resumed else 'training'} {point_id}")
+    if run.stop_for is not None:
+      branch = root / run.stop_for
+      if (branch / "result.json").exists() or _newest_checkpoint(branch) is not None:
+        continue  # the branch has started: it needs no more of its source
+      if _newest_checkpoint(sub) == run.stop_step:
+        continue
+      print(f"sweep: training {run.point_id} to step {run.stop_step}, where {run.stop_for} branches off")
+    elif run.cfg.train.init_from and _newest_checkpoint(sub) is None:
+      print(f"sweep: branching {run.point_id} from {run.cfg.train.init_from}")
+    else:
+      print(f"sweep: training {run.point_id}")
+    progress_path = sub / "sweep.json"
+    record = json.loads(progress_path.read_text()) if progress_path.exists() else {"wall_s": 0.0, "resumed": False}
+    record["resumed"] |= run.point_id not in started_here and _newest_checkpoint(sub) is not None
+    started_here.add(run.point_id)
+    _share_tokenizer(root, sub, run.cfg)
     start = time.perf_counter()
-    final = train.train(cfg, str(sub), progress=progress)
-    record = {"id": point_id, "final": final, "wall_s": time.perf_counter() - start, "resumed": resumed}
-    (sub / "result.json").write_text(json.dumps(record, indent=2))
+    final = train.train(run.cfg, str(sub), progress=progress)
+    record["wall_s"] += time.perf_counter() - start
+    progress_path.write_text(json.dumps(record))
+    if "stopped_by" in final:
+      print(f"sweep: stopped by {final['stopped_by']} in {run.point_id}; run the same command again to resume")
+      break
+    if run.stop_step is None:
+      (sub / "result.json").write_text(json.dumps({"id": run.point_id, "final": final, **record}, indent=2))
   return aggregate(workdir)
 
 
@@ -188,7 +332,11 @@ def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.Conf
 
 
 def aggregate(workdir: str) -> str:
-  """Writes `results.csv` and `curves.csv` from every finished sub-workdir; returns the results path."""
+  """Writes `results.csv` and `curves.csv` from every finished sub-workdir; returns the results path.
+
+  C is the compute the run's result stands for; C_spent what its own invocations trained (for a branch,
+  only its cooldown: the steps before it were its source's).
+  """
   root = epath.Path(workdir)
   results, curves = [], []
   for result_path in sorted(root.glob("*/result.json")):
@@ -200,19 +348,24 @@ def aggregate(workdir: str) -> str:
     rows = [r for r in metrics_lib.read_metrics(str(sub)) if r.get("eval/loss") is not None]
     if not rows:
       continue
+    last = rows[-1]
     flags = [f for f, on in (("resumed", record["resumed"]), ("wsd", cfg.optim.schedule == "wsd")) if on]
+    branch_step = int(epath.Path(cfg.train.init_from).name) if cfg.train.init_from else 0
+    if branch_step:
+      flags.append(f"branch:{epath.Path(cfg.train.init_from).parent.parent.name}@{branch_step}")
     results.append(
       {
         "id": record["id"],
         "N": params["flop_params"],
         "N_non_embedding": params["non_embedding"],
         "N_total": params["total"],
-        "D": rows[-1]["tokens"],
-        "C": rows[-1]["flops"],
+        "D": last["tokens"],
+        "C": last["flops"],
+        "C_spent": last["flops"] * (1 - branch_step * cfg.train.batch_size * cfg.data.seq_len / last["tokens"]),
         "flops_convention": cfg.train.flops_convention,
-        "loss": rows[-1]["eval/loss"],
+        "loss": last["eval/loss"],
         "best_eval_loss": min(r["eval/loss"] for r in rows),
-        "steps": rows[-1]["step"],
+        "steps": last["step"],
         "wall_s": round(record["wall_s"], 2),
         "flags": ";".join(flags),
       }
