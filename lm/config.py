@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # prepared TFDS datasets; empty = $LM_DATA_DIR or ~/.cache/lm/tfds
   c.data.max_bytes = 0  # read at most this many bytes of the source; 0 = all of it
   c.data.worker_threads = 2  # grain read/tokenize threads
+  c.data.shuffle_window = 1024  # packed train rows shuffled together, so a batch mixes documents; 0: off
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # sentencepiece | byte
@@ -259,6 +260,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
   if d.max_bytes < 0:
     raise UserError(f"data.max_bytes must be >= 0, got {d.max_bytes}")
+  if d.shuffle_window < 0:
+    raise UserError(f"data.shuffle_window must be >= 0, got {d.shuffle_window}")
   if cfg.tokenizer.kind not in ("sentencepiece", "byte"):
     raise UserError(f"tokenizer.kind must be 'sentencepiece' or 'byte', got {cfg.tokenizer.kind!r}")
   if cfg.tokenizer.kind == "sentencepiece" and not 300 <= cfg.tokenizer.vocab_size <= 1_000_000:

@@ -259,9 +259,11 @@ def test_train_iterator_is_deterministic_and_seeded(letters_cfg):
   assert any((a["inputs"] != b["inputs"]).any() for a, b in zip(first, reseeded, strict=True))
 
 
+@pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize("steps", [0, 1, 5, 17])
-def test_resume_from_json_state_is_exact(letters_cfg, steps):
+def test_resume_from_json_state_is_exact(letters_cfg, steps, window):
   letters_cfg.data.seq_len = 8  # many rows per document, so states fall mid-document
+  letters_cfg.data.shuffle_window = window  # 7 rows: states fall mid-window too
   reference = pipeline.make_train_iterator(letters_cfg, BYTES)
   take(reference, steps)
   state = json.loads(json.dumps(reference.get_state()))
@@ -271,6 +273,18 @@ def test_resume_from_json_state_is_exact(letters_cfg, steps):
   for want, got in zip(expected, take(resumed, 25), strict=True):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_row_shuffle_spreads_a_document_over_batches(letters_cfg):
+  letters_cfg.data.seq_len = 8
+
+  def documents_per_batch(window: int) -> float:
+    letters_cfg.data.shuffle_window = window
+    batches = take(pipeline.make_train_iterator(letters_cfg, BYTES), 40)
+    return np.mean([len({t for t in b["inputs"].ravel() if t > EOS_ID}) for b in batches])
+
+  # Unshuffled, a batch's 4 consecutive rows mostly come from one or two long documents.
+  assert documents_per_batch(0) < 2.2 < 3.0 < documents_per_batch(256)
 
 
 def test_processes_read_disjoint_records(letters_cfg):

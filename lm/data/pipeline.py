@@ -29,7 +29,8 @@ def make_train_iterator(cfg, tokenizer: Tokenizer, process_index: int = 0, proce
     raise UserError(f"the train split has {len(records)} documents, fewer than the processes")
   assert cfg.train.batch_size % process_count == 0, (cfg.train.batch_size, process_count)
   records = records[process_index::process_count].shuffle(seed=cfg.train.seed).repeat()
-  return iter(batches(cfg, tokenizer, records, cfg.train.batch_size // process_count))
+  window = cfg.data.shuffle_window
+  return iter(batches(cfg, tokenizer, records, cfg.train.batch_size // process_count, window, cfg.train.seed))
 
 
 def make_eval_batches(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
@@ -46,8 +47,14 @@ def make_eval_batches(cfg, tokenizer: Tokenizer, process_index: int = 0, process
   return [{k: v[block] for k, v in next(it).items()} for _ in range(cfg.train.eval_batches)]
 
 
-def batches(cfg, tokenizer: Tokenizer, records: grain.MapDataset, rows: int) -> grain.IterDataset:
-  """Tokenizes text records (in the read threads), packs them into rows and batches them."""
+def batches(
+  cfg, tokenizer: Tokenizer, records: grain.MapDataset, rows: int, shuffle_window: int = 0, seed: int = 0
+) -> grain.IterDataset:
+  """Tokenizes text records (in the read threads), packs them into rows and batches them.
+
+  Packing puts a long document into many consecutive rows; shuffling rows within windows of
+  `shuffle_window` rows spreads it over many batches. grain's window shuffle restores exactly.
+  """
 
   def tokenize(text: str) -> np.ndarray:
     ids = tokenizer.encode([text])[0]
@@ -58,6 +65,8 @@ def batches(cfg, tokenizer: Tokenizer, records: grain.MapDataset, rows: int) -> 
   options = grain.ReadOptions(num_threads=cfg.data.worker_threads, prefetch_buffer_size=64)
   tokens = records.map(tokenize).to_iter_dataset(options)
   packed = PackIterDataset(tokens, cfg.data.seq_len + 1)
+  if shuffle_window > 1:
+    packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=shuffle_window, seed=seed)
   return packed.batch(rows, drop_remainder=True).map(to_batch)
 
 
