@@ -129,8 +129,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_bench_fit_prints_json_comparing_with_scipy(tmp_path, capsys, monkeypatch):
   path = write_table(tmp_path / "t.csv", *synthetic())
-  small = fit.init_grid()[::900]
-  monkeypatch.setattr(fit, "init_grid", lambda: small)
+  near = np.log([TRUE["A"], TRUE["B"], TRUE["E"]]).tolist() + [TRUE["alpha"], TRUE["beta"]]
+  small = np.array(near) + np.array([[0.5, -0.5, 0.1, 0.05, -0.05], [-1.0, 1.0, -0.1, -0.05, 0.05]])
+  monkeypatch.setattr(fit, "init_grid", lambda: small)  # two starts that scipy finishes quickly
   assert cli.main(["bench", "fit", "--table", path]) == 0
   result = json.loads(capsys.readouterr().out)
   assert result["starts"] == len(small) and result["scipy_starts_timed"] == len(small)

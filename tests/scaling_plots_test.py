@@ -1,21 +1,46 @@
-import os
+import csv
+import json
 
 import numpy as np
 from scaling_fit_test import isoflop_table
 
-from lm.scaling import fit, report
+from lm import cli
+
+STEMS = ("isoflop", "frontier", "contours", "residuals", "loss_vs_flops")
 
 
-def test_figures_are_written_and_non_empty(tmp_path):
-  t = isoflop_table()
-  result = fit.fit_table(t, budget=1e21, bootstrap=20, grid=fit.init_grid()[::150], keep_draws=True)
-  curves = [
-    {"id": f"r{i}", "N": 1e6, "D": d, "C": c, "loss": 3 - np.log10(c) / 10}
-    for i in range(3)
-    for d, c in ((1e6, 1e13), (2e6, 2e13))
+def fake_curves(t):
+  """Eval curves ending at each run's final loss, as a sweep's curves.csv holds them."""
+  return [
+    {"id": f"r{i}", "N": float(n), "D": float(d) * f, "C": float(c) * f, "loss": float(loss) + 1.0 - f}
+    for i, (n, d, c, loss) in enumerate(zip(t["N"], t["D"], t["C"], t["loss"], strict=True))
+    for f in (0.25, 0.5, 1.0)
   ]
-  paths = report.figures(t, result, str(tmp_path), budget=1e21, curves=curves)
-  names = {os.path.basename(p) for p in paths}
-  for stem in ("isoflop", "frontier", "contours", "residuals", "loss_vs_flops"):
-    assert {f"{stem}.png", f"{stem}.svg"} <= names
-  assert all(os.path.getsize(p) > 5000 for p in paths)
+
+
+def test_report_of_a_sweep_directory(tmp_path, capsys):
+  t = isoflop_table()
+  with open(tmp_path / "results.csv", "w") as f:
+    writer = csv.writer(f)
+    writer.writerow(["id", "N", "D", "C", "C_spent", "flops_convention", "loss", "flags"])
+    for i, (n, d, c, loss) in enumerate(zip(t["N"], t["D"], t["C"], t["loss"], strict=True)):
+      flags = "wsd;branch:x@1" if i % 7 else "wsd"
+      writer.writerow([f"r{i}", n, d, c, c / 5 if i % 7 else c, "6N+attn", repr(float(loss)), flags])
+  with open(tmp_path / "curves.csv", "w") as f:
+    writer = csv.DictWriter(f, fieldnames=["id", "N", "D", "C", "loss"])
+    writer.writeheader()
+    writer.writerows(fake_curves(t))
+  argv = ["scaling", "report", str(tmp_path), "--bootstrap", "20", "--grid-stride", "150", "--budget", "1e21"]
+  assert cli.main(argv) == 0
+  out, err = capsys.readouterr()
+  assert all(line.startswith("lm: warning: approach 2") for line in err.splitlines())  # no numpy warnings
+  text = open(out.strip()).read()
+  result = json.loads((tmp_path / "report" / "fit.json").read_text())
+  assert result["C_convention"] == "6N+attn" and "`6N+attn`" in text
+  assert f"| a | {result['approach2']['a']!r} |" in text  # unrounded
+  assert "18 cooldown branches" in text
+  for stem in STEMS:
+    assert f"![{stem}]({stem}.png)" in text
+    for ext in ("png", "svg"):
+      assert (tmp_path / "report" / f"{stem}.{ext}").stat().st_size > 5000
+  assert not np.isnan(result["approach3"]["at_budget"]["N_opt"])

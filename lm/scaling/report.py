@@ -5,6 +5,7 @@ D_opt(C) with fitted lines and bootstrap bands, extrapolated to a budget; Approa
 IsoFLOP slices; residuals of the Approach 3 fit against compute; loss against FLOPs of every run.
 """
 
+import csv
 import json
 import warnings
 
@@ -24,7 +25,7 @@ def _save(fig, out: epath.Path, name: str) -> list[str]:
   for ext in ("png", "svg"):
     path = out / f"{name}.{ext}"
     with path.open("wb") as f:
-      fig.savefig(f, dpi=150, format=ext)
+      fig.savefig(f, dpi=150, format=ext, bbox_inches="tight")  # keeps legends placed outside the axes
     paths.append(str(path))
   plt.close(fig)
   return paths
@@ -55,7 +56,7 @@ def isoflop_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
   ax.set_ylabel("final eval loss (nats/token)")
   ax.set_title(f"IsoFLOP curves: {len(budgets)} budgets, {len(groups)} runs")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.13), ncol=3, frameon=False)
   fig.tight_layout()
   return _save(fig, out, "isoflop")
 
@@ -93,9 +94,10 @@ def frontier_figure(table: dict, result: dict, out: epath.Path, budget: float | 
     ax.set_xlabel("training compute C (FLOPs)")
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+  handles, labels = axes[0].get_legend_handles_labels()
   fig.suptitle("compute-optimal allocation; bands: 95% bootstrap intervals")
   fig.tight_layout()
+  fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
   return _save(fig, out, "frontier")
 
 
@@ -110,7 +112,7 @@ def contour_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
   fig, ax = plt.subplots(figsize=(7, 5.2))
   levels = np.geomspace(loss.min(), loss.max(), 21)
   filled = ax.contourf(nn, dd, loss, levels=levels, cmap="viridis", norm=matplotlib.colors.LogNorm())
-  fig.colorbar(filled, ax=ax, label="predicted loss (nats/token)", format="%.2f")
+  fig.colorbar(filled, ax=ax, label="predicted loss (nats/token)", format="%.3g")
   exponents = np.arange(np.ceil(np.log10(k * ns[0] * ds[0])), np.log10(k * ns[-1] * ds[-1]) + 1e-9)
   for c in exponents[:: max(1, len(exponents) // 6)]:
     ds_c = 10**c / (k * ns)
@@ -151,19 +153,22 @@ def residual_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
 
 
 def loss_flops_figure(curves: list[dict], out: epath.Path) -> list[str]:
-  """Eval loss against training FLOPs for every run of a sweep (`curves.csv` rows)."""
+  """Eval loss against training FLOPs for every run of a sweep (`curves.csv` rows), coloured by model size."""
   ids = sorted({r["id"] for r in curves})
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
-  for i, run_id in enumerate(ids):
+  sizes = np.array([r["N"] for r in curves])
+  norm = matplotlib.colors.LogNorm(sizes.min(), max(sizes.max(), sizes.min() * 1.01))
+  fig, ax = plt.subplots(figsize=(7, 4.4))
+  for run_id in ids:
     rows = [r for r in curves if r["id"] == run_id]
-    ax.plot([r["C"] for r in rows], [r["loss"] for r in rows], color=plt.cm.viridis(i / max(len(ids) - 1, 1)), lw=1)
+    color = plt.cm.viridis(norm(rows[0]["N"]))
+    ax.plot([r["C"] for r in rows], [r["loss"] for r in rows], color=color, lw=1, marker="o", ms=2)
+    ax.scatter(rows[-1]["C"], rows[-1]["loss"], color=color, s=16, zorder=3)
+  fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="parameters N")
   ax.set_xscale("log")
-  ax.set_xlabel("training compute (FLOPs)")
+  ax.set_xlabel("training compute C (FLOPs)")
   ax.set_ylabel("eval loss (nats/token)")
-  ax.set_title(f"eval loss of {len(ids)} runs")
+  ax.set_title(f"eval loss of {len(ids)} runs (large dot: final)")
   ax.grid(True, which="both", alpha=0.3)
-  sm = plt.cm.ScalarMappable(cmap="viridis")
-  fig.colorbar(sm, ax=ax, label="run (in id order)", ticks=[])
   fig.tight_layout()
   return _save(fig, out, "loss_vs_flops")
 
@@ -212,8 +217,23 @@ def write_report(
     if isinstance(fit, dict):
       fit.pop("_draws", None)
   (out / "fit.json").write_text(json.dumps(result, indent=2))
-  (out / "report.md").write_text(markdown(root.name, result, [str(w.message) for w in caught], paths))
+  notes = [str(w.message) for w in caught]
+  (out / "report.md").write_text(markdown(root.name, result, notes, paths, _compute_note(root / "results.csv")))
   return str(out / "report.md")
+
+
+def _compute_note(results_csv: epath.Path) -> str:
+  """What the runs stand for against what the sweep spent (they differ by what cooldown branches shared)."""
+  with results_csv.open() as f:
+    rows = list(csv.DictReader(f))
+  if not rows or "C_spent" not in rows[0]:
+    return ""
+  stands_for, spent = sum(float(r["C"]) for r in rows), sum(float(r["C_spent"]) for r in rows)
+  branches = sum("branch:" in r["flags"] for r in rows)
+  return (
+    f"Compute: the {len(rows)} runs stand for {stands_for!r} FLOPs; the sweep spent {spent!r} "
+    f"({100 * (1 - spent / stands_for):.1f}% saved by {branches} cooldown branches)."
+  )
 
 
 _TITLES = {
@@ -230,7 +250,7 @@ def _cell(value) -> str:
   return repr(value)
 
 
-def markdown(name: str, result: dict, caught: list[str], paths: list[str]) -> str:
+def markdown(name: str, result: dict, caught: list[str], paths: list[str], compute_note: str = "") -> str:
   """The report page: every fitted number unrounded, with its 95% bootstrap interval, then the figures."""
   lines = [
     f"# Scaling-law report: {name}",
@@ -239,6 +259,8 @@ def markdown(name: str, result: dict, caught: list[str], paths: list[str]) -> st
     f"allocation assumes {result['allocation_assumes']}. Intervals: 2.5 and 97.5 percentiles over "
     f"{result['bootstrap']} bootstrap resamples of the runs.",
   ]
+  if compute_note:
+    lines += ["", compute_note]
   lines += [f"- warning: {message}" for message in caught]
   for key, title in _TITLES.items():
     fit = result.get(key)

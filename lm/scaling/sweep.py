@@ -99,7 +99,7 @@ def isoflop_grid(base: ml_collections.ConfigDict, budgets: list[float], shapes: 
           "id": f"C{budget:.2g}_N{n:.2e}".replace("+", ""),
           **shape,
           "train.steps": steps,
-          "optim.lr": base.optim.lr * base.model.d_model / shape["model.d_model"],
+          "optim.lr": float(f"{base.optim.lr * base.model.d_model / shape['model.d_model']:.4g}"),
           "optim.warmup_steps": max(1, min(round(n / tokens_per_step), steps // 5)),
         }
       )
