@@ -278,9 +278,14 @@ def run_sweep(path: str, workdir: str, overrides: list[str] = (), progress: bool
   A point with `result.json` is finished and skipped; one with checkpoints resumes from them. A signal that
   stops a run (SIGTERM, Ctrl-C) stops the sweep after that run's checkpoint: run the command again to resume.
   """
+  import jax  # noqa: PLC0415
+
   from lm import train  # noqa: PLC0415
 
   root = epath.Path(workdir)
+  if "://" not in workdir and not jax.config.jax_compilation_cache_dir:
+    # Runs of one size, and a source's segments and branches, compile the same programs: compile them once.
+    jax.config.update("jax_compilation_cache_dir", str(root.absolute() / "jax_cache"))
   started_here = set()
   for run in plan(load_sweep(path, overrides, workdir)):
     sub = root / run.point_id
