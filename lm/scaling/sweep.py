@@ -120,15 +120,18 @@ def cooldown_branches(points: list[dict], cooldown_fraction: float = 0.2) -> lis
   `optim.schedule = "wsd"` with `cooldown_fraction`, and the shortest warmup of their shape, so that a branch
   differs from its source in train.steps only and the source is still at its peak lr where each branch starts.
   """
+
+  def shape_of(point: dict) -> str:
+    return repr(sorted((k, v) for k, v in point.items() if k not in ("id", "train.steps", "optim.warmup_steps")))
+
   groups: dict[str, list[dict]] = {}
   for point in points:
     if "id" not in point:
       raise UserError("cooldown_branches needs points with an id (isoflop_grid gives them one)")
-    shape = repr(sorted((k, v) for k, v in point.items() if k not in ("id", "train.steps", "optim.warmup_steps")))
-    groups.setdefault(shape, []).append(point)
+    groups.setdefault(shape_of(point), []).append(point)
   out = []
   for point in points:
-    members = next(g for g in groups.values() if any(p is point for p in g))
+    members = groups[shape_of(point)]
     source = max(members, key=lambda p: p["train.steps"])
     branched = {**point, "optim.schedule": "wsd", "optim.cooldown_fraction": cooldown_fraction}
     warmups = [p["optim.warmup_steps"] for p in members if "optim.warmup_steps" in p]
