@@ -3,15 +3,16 @@
   lm sweep --config experiments/isoflop_cpu.py --workdir runs/isoflop_cpu --no-progress
   lm scaling report runs/isoflop_cpu --budget 1e14
 
-Budgets 1e12, 2e12 and 4e12 training FLOPs (`6N+attn`, the training loop's convention) x 4 models of 1 to
-4 layers of width 32 x n_layers (2.2e4 to 8.4e5 parameters, N = blocks + head), batch 32 x 128 bytes,
-lr 3e-3 at d_model 128 scaled as 1/d_model, warmup N tokens (at most a fifth of the shortest run of a size).
+Budgets 1e12, 2e12 and 4e12 training FLOPs (`6N+attn`, the training loop's convention) x 4 models of 2 to
+5 layers of width 16 x n_layers with 16-wide heads (3.5e4 to 4.2e5 parameters, N = blocks + head), batch
+32 x 128 bytes, lr 2e-3 at d_model 128 scaled as 1/d_model, warmup N tokens (at most a fifth of the
+shortest run of a size). A first version with sizes 2.2e4 to 8.4e5 found the optimum at or below its
+smallest model at 1e12 and 2e12 FLOPs, hence these smaller sizes.
 Cooldown branching (Hägele et al. 2024): per size, one WSD run for the largest budget; the two smaller
 budgets branch off it for their last 20% of steps, so the 12 results cost 4 x (4 + 0.2 x (1 + 2)) = 18.4e12
 FLOPs instead of 28e12.
-Time: estimated at about 25 minutes from 150-step runs of single points on 2 busy cores (22k to 54k
-tokens/s for the 1- and 2-layer models at batch 32, 4.1k for the 4-layer one at batch 16); not yet measured
-end to end.
+Time: the first version took 27.7 minutes end to end on 2 cores shared with other jobs (load 5-6); this
+one trains a similar number of tokens.
 Fitted a and b with their intervals: not run yet (fill in from `runs/isoflop_cpu/report/report.md`).
 """
 
@@ -19,7 +20,7 @@ from lm.config import default_config
 from lm.scaling import accounting, sweep
 
 BUDGETS = (1e12, 2e12, 4e12)
-SIZES = (2.2e4, 1.24e5, 3.6e5, 8.4e5)
+SIZES = (3.5e4, 9.6e4, 2.3e5, 4.2e5)
 
 
 def get_config():
@@ -33,7 +34,7 @@ def get_config():
   c.train.eval_batches = 16
   c.train.log_every = 50
   c.train.checkpoint_every = 500
-  c.optim.lr = 3e-3
+  c.optim.lr = 2e-3
   c.optim.final_lr_fraction = 0.0
   return c
 
@@ -41,5 +42,5 @@ def get_config():
 def get_sweep():
   base = get_config()
   vocab = accounting.vocab_size(base)
-  shapes = sweep.size_ladder(list(SIZES), vocab, aspect=32, head_dim=32)
+  shapes = sweep.size_ladder(list(SIZES), vocab, aspect=16, head_dim=16)
   return sweep.cooldown_branches(sweep.isoflop_grid(base, list(BUDGETS), shapes, vocab), cooldown_fraction=0.2)

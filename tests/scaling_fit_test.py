@@ -75,12 +75,16 @@ def test_approach2_recovers_exponents_and_warns_when_vertex_outside():
   with pytest.warns(UserWarning, match="vertex outside the sampled N range.*1e\\+19"):
     result = fit.approach2(t["N"], t["D"], t["C"], t["loss"])
   assert result["vertex_outside_range"] == [pytest.approx(1e19)]
+  two_budgets = {k: v[t["C"] < 5e19] for k, v in t.items()}  # one of them with its vertex outside: no fit
+  with pytest.warns(UserWarning, match="approach2 not fitted"):
+    both = fit.fit_table(two_budgets, ("1", "2"), bootstrap=0)
+  assert "error" in both["approach2"] and "a" in both["approach1"]
 
 
 def test_approach1_and_kaplan():
   t = isoflop_table()
   a1 = fit.approach1(t["N"], t["D"], t["C"], t["loss"])
-  assert 0.3 < a1["a"] < 0.7 and a1["a"] + a1["b"] == pytest.approx(1.0)
+  assert 0.3 < a1["a"] < 0.7 and a1["a"] + a1["b"] == pytest.approx(1.0) and len(a1["frontier"]) == 3
   k = fit.kaplan(t["N"], t["D"], t["C"], t["loss"])
   assert k["alpha_C"] > 0
 

@@ -357,7 +357,8 @@ def optimal_allocation(params: dict, budget, flops_per_param_token: float = 6.0)
 def power_law(x, y) -> tuple[float, float]:
   """(exponent, coefficient) of the least-squares line log y = exponent log x + log coefficient."""
   slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
-  return float(slope), float(math.exp(intercept))
+  with np.errstate(over="ignore"):  # a degenerate resample's line can be near vertical; its draw is dropped
+    return float(slope), float(np.exp(intercept))
 
 
 def group_budgets(c, tolerance: float = 0.2) -> np.ndarray:
@@ -371,17 +372,23 @@ def group_budgets(c, tolerance: float = 0.2) -> np.ndarray:
   return groups
 
 
-def approach1(n, d, c, loss) -> dict:
-  """Lower envelope of loss against compute (the runs no cheaper run beats), then N_opt, D_opt power laws."""
-  order = np.argsort(c)
-  best, frontier = np.inf, []
-  for i in order:
-    if loss[i] < best:
-      best = loss[i]
+def approach1(n, d, c, loss, budget_tolerance: float = 0.2) -> dict:
+  """Lower envelope of loss against compute, then N_opt, D_opt power laws through it.
+
+  Runs are binned by compute (within a factor 1 + `budget_tolerance`, as Approach 2 groups budgets); the
+  envelope holds each bin's best run if it beats every cheaper bin's. Binning keeps runs of one budget, whose
+  C differ by rounding, from forming a near-vertical line.
+  """
+  groups = group_budgets(c, budget_tolerance)
+  best_per_bin = [idx[np.argmin(loss[idx])] for idx in (np.flatnonzero(groups == g) for g in range(groups.max() + 1))]
+  lowest, frontier = np.inf, []
+  for i in best_per_bin:
+    if loss[i] < lowest:
+      lowest = loss[i]
       frontier.append(i)
   frontier = np.array(frontier)
   if len(frontier) < 2:
-    raise UserError("approach 1 needs at least two runs on the loss-compute frontier")
+    raise UserError("approach 1 needs at least two compute budgets on the loss-compute frontier")
   a, g_n = power_law(c[frontier], n[frontier])
   b, g_d = power_law(c[frontier], d[frontier])
   return {"a": a, "b": b, "N_coef": g_n, "D_coef": g_d, "frontier": frontier.tolist()}
@@ -504,6 +511,8 @@ def fit_table(
   compute-optimal allocation at `budget` with intervals (`at_budget`), and Approach 3 the predicted loss
   at `predict` = (N, D). `c_convention` names how the table's C was counted; the Approach 3 allocation
   assumes C = k N D. With `keep_draws`, each approach keeps its bootstrap draws under `_draws`, for bands.
+  When several approaches are requested, one that cannot be fitted (Approach 2 with fewer than two budgets
+  whose minimum lies inside the sampled sizes, say) is reported as `{"error": ...}` with a warning.
   """
   out = {
     "runs": len(table["N"]),
@@ -516,11 +525,19 @@ def fit_table(
   for approach in approaches:
     if approach not in APPROACHES:
       raise UserError(f"unknown approach {approach!r}; known: {', '.join(APPROACHES)}")
+    key = f"approach{approach}" if approach != "kaplan" else "kaplan"
     if approach == "3":
       fit = fit_parametric(table["N"], table["D"], table["loss"], grid=grid, bootstrap=bootstrap, seed=seed)
       draws = fit.pop("bootstrap", {})
     else:
-      fit = _POWER_FITS[approach](table, window)
+      try:
+        fit = _POWER_FITS[approach](table, window)
+      except UserError as e:
+        if len(approaches) == 1:
+          raise
+        warnings.warn(f"{key} not fitted: {e}", stacklevel=2)  # the other approaches still are
+        out[key] = {"error": str(e)}
+        continue
       draws = _bootstrap_power_fit(approach, table, window, bootstrap, rng) if bootstrap else {}
     fit["ci95"] = {k: _interval(v) for k, v in draws.items() if len(v)}
     if budget and approach != "kaplan":
@@ -538,7 +555,7 @@ def fit_table(
         fit["predicted_loss"]["ci95"] = _interval(predict_loss(draws, *predict))
     if keep_draws:
       fit["_draws"] = draws
-    out[f"approach{approach}" if approach != "kaplan" else "kaplan"] = fit
+    out[key] = fit
   return out
 
 

@@ -75,7 +75,7 @@ def frontier_figure(table: dict, result: dict, out: epath.Path, budget: float | 
   for ax, (name, label) in zip(axes, (("N_opt", "parameters N_opt"), ("D_opt", "training tokens D_opt")), strict=True):
     for i, key in enumerate(("approach1", "approach2", "approach3")):
       fit = result.get(key)
-      if not fit:
+      if not fit or "error" in fit:
         continue
       exponent = fit["a"] if name == "N_opt" else fit["b"]
       ax.plot(cs, _allocation(key, fit, cs, k)[name], color=f"C{i}", label=f"approach {key[-1]}: C^{exponent:.3f}")
@@ -265,6 +265,9 @@ def markdown(name: str, result: dict, caught: list[str], paths: list[str], compu
   for key, title in _TITLES.items():
     fit = result.get(key)
     if not fit:
+      continue
+    if "error" in fit:
+      lines += ["", f"## {title}", "", f"Not fitted: {fit['error']}."]
       continue
     lines += ["", f"## {title}", "", "| name | value | 95% interval |", "|---|---|---|"]
     for field, value in fit.items():
