@@ -238,52 +238,55 @@ def test_encode_prompt_checks_and_truncates():
   assert sampling.encode_prompt(tok, "x" * 19 + "yz", 16, 4, "left") == tok.encode(["x" * 10 + "yz"])[0]
 
 
-# Runs in a fresh process with 8 simulated CPU devices: the same params and requests on one device
-# and on a (data 2, fsdp 2, tensor 2) mesh with the training sharding rules, then one row alone there.
+# Runs in a fresh process with 8 simulated CPU devices: `tiny_model()`'s params laid out on a
+# (data 2, fsdp 2, tensor 2) mesh by the training sharding rules, sampled under that mesh.
 SHARDED_SCRIPT = """
 import json, sys
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 sys.path.insert(0, "tests")
 from conftest import tiny_config
-from lm import partitioning, sampling, train
+from lm import partitioning, sampling
+from sampling_test import SHARDED_REQUESTS, tiny_model
 
-prompts = [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26], [30], [40, 41]]
-requests = [
-  sampling.SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
-  sampling.SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, seed=1, ignore_eos=True),
-  sampling.SamplingParams(max_new_tokens=12, top_p=0.9, seed=2, ignore_eos=True),
-  sampling.SamplingParams(max_new_tokens=9, temperature=0.7, min_p=0.1, repetition_penalty=1.3, seed=3),
-]
-out, params = {}, None
-for name, shape, n_devices in (("single", (1, 1, 1), 1), ("mixed", (2, 2, 2), 8)):
-  cfg = tiny_config(**dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), shape)), **{"model.n_layers": 1})
-  setup = train.build(cfg, 128, partitioning.make_mesh(cfg, jax.devices()[:n_devices]))
-  sampler = sampling.Sampler.for_model(setup.model, 32)
-  with setup.context():
-    if params is None:
-      params = nn.unbox(jax.jit(setup.model.init)(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"])
-    placed = jax.device_put(params, setup.state_shardings.params)
-    rows = [sampler.generate(placed, prompts, requests)]
-    if n_devices > 1:
-      rows.append(sampler.generate(placed, prompts[:1], requests[:1]))
-  out[name] = {
-    "tokens": [[g.tokens for g in gens] for gens in rows],
-    "logprobs": [[g.logprobs for g in gens] for gens in rows],
-    "wq": str(placed["layer_0"]["attn"]["wq"].sharding.spec),
-  }
-print(json.dumps(out))
+model, params = tiny_model()
+mesh = partitioning.make_mesh(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}))
+rules = partitioning.rules_for(model.cfg, mesh)
+boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+params = jax.device_put(nn.unbox(params), partitioning.logical_shardings(boxed, mesh, rules))
+with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  out = sampling.Sampler.for_model(model, 64).generate(params, *SHARDED_REQUESTS)
+wq = str(params["layer_0"]["attn"]["wq"].sharding.spec)
+print(json.dumps({"tokens": [g.tokens for g in out], "logprobs": [g.logprobs for g in out], "wq": wq}))
 """
+# Two rows (fewer than the 4 data-parallel devices) with the shapes of the streaming test above.
+SHARDED_REQUESTS = (
+  [[10, 11, 12], [20, 21, 22, 23, 24, 25, 26]],
+  [
+    sampling.SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
+    sampling.SamplingParams(
+      max_new_tokens=9,
+      temperature=0.9,
+      top_k=30,
+      top_p=0.95,
+      min_p=0.05,
+      repetition_penalty=1.3,
+      seed=3,
+      frequency_penalty=0.2,
+      ignore_eos=True,
+    ),
+  ],
+)
 
 
-def test_sharded_params_on_the_training_mesh_give_the_single_device_samples():
+def test_sharded_params_on_the_training_mesh_give_the_single_device_samples(tiny):
   from conftest import run_devices_script
 
-  result = run_devices_script(SHARDED_SCRIPT, devices=8)
-  single, mixed = result["single"], result["mixed"]
+  _, params, sampler = tiny
+  single = sampler.generate(params, *SHARDED_REQUESTS)
+  mixed = run_devices_script(SHARDED_SCRIPT, devices=8)
   assert "tensor" in mixed["wq"] and "fsdp" in mixed["wq"]
-  assert mixed["tokens"][0] == single["tokens"][0]
-  assert mixed["tokens"][1] == single["tokens"][0][:1]  # one row alone: a batch the data axes do not divide
-  for got, want in ((mixed["logprobs"][0], single["logprobs"][0]), (mixed["logprobs"][1], single["logprobs"][0][:1])):
-    for row_got, row_want in zip(got, want, strict=True):
-      np.testing.assert_allclose(row_got, row_want, atol=1e-4)
+  assert mixed["tokens"] == [g.tokens for g in single] and [len(t) for t in mixed["tokens"]] == [12, 9]
+  for got, want in zip(mixed["logprobs"], single, strict=True):
+    np.testing.assert_allclose(got, want.logprobs, atol=1e-4)
