@@ -10,6 +10,7 @@ lm sweep --config FILE --workdir DIR [--print-commands]; lm scaling fit|plot|rep
 
 import argparse
 import logging
+import os
 import sys
 
 from lm.errors import UserError
@@ -135,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"lm: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # training takes the first Ctrl-C itself; this is a second one, or another command
+    if "--debug" in argv:
+      raise
+    print("lm: interrupted", file=sys.stderr)
+    return 130
+  except BrokenPipeError:  # `lm sample ... | head`: the reader has gone
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+    return 141
 
 
 if __name__ == "__main__":
