@@ -1,12 +1,13 @@
-"""Quickstart: a 3.6M-parameter model trained on the Python standard library in about 4 minutes.
+"""Quickstart: a 3.6M-parameter model trained on the Python standard library.
 
   lm train --config experiments/quickstart.py --workdir runs/quickstart
 
 A sentencepiece BPE tokenizer (4,096 tokens) is trained on the `stdlib` corpus, then a 4-layer
 decoder (d_model 192, grouped-query attention with 6 query and 2 kv heads) trains for 600 steps of
 16 x 256 tokens (2.5M tokens) with AdamW and a cosine schedule.
-Expected on 2 CPU cores: eval loss about 2.9 nats/token (bits per byte about 1.3), against
-a unigram baseline of about 6.2 nats/token, in about 4 minutes end to end.
+Measured: eval loss 3.856 nats/token (1.746 bits per byte) at step 600, against a unigram
+baseline of 6.59 nats/token. The run used 1,066 CPU-seconds; its wall time on 2 idle cores is in
+README ("What it reaches").
 """
 
 from lm.config import default_config
