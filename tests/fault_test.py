@@ -108,7 +108,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(finished_run, 
   before = snapshot(workdir)
   restored = restore_latest(finished_run, workdir)
   assert restored.step == 5 and [step for step, _ in restored.damaged] == [6], restored.damaged
-  assert int(restored.state.step) + int(restored.state.skipped_steps) == 5 and restored.data_state["parent"]
+  assert int(restored.state.step) + int(restored.state.skipped_steps) == 5 and restored.data_state
   assert snapshot(workdir) == before  # restoring writes nothing, and leaves the damaged one in place
 
 
