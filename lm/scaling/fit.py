@@ -439,18 +439,22 @@ def approach2(n, d, c, loss, window: float = 0.0, budget_tolerance: float = 0.2)
 
 
 def kaplan(n, d, c, loss) -> dict:
-  """Kaplan et al. power laws L = (X_c / X)^alpha_X through the best loss at each N, each D and the compute frontier."""
-  out = {}
+  """Kaplan et al. power laws L = (X_c / X)^alpha_X through the best loss at each N, each D and the compute frontier.
+
+  A flat or degenerate fit (alpha_X near 0, as a bootstrap resample can give) has an infinite X_c, not an error.
+  """
+  series = {}
   for name, x in (("N", n), ("D", d)):
     values = np.unique(x)
-    if len(values) < 2:
-      continue
-    best = np.array([loss[x == v].min() for v in values])
-    slope, coef = power_law(values, best)
-    out[f"alpha_{name}"], out[f"{name}_c"] = -slope, coef ** (-1 / slope)
+    if len(values) >= 2:
+      series[name] = (values, np.array([loss[x == v].min() for v in values]))
   frontier = approach1(n, d, c, loss)["frontier"]
-  slope, coef = power_law(c[frontier], loss[frontier])
-  out["alpha_C"], out["C_c"] = -slope, coef ** (-1 / slope)
+  series["C"] = (c[frontier], loss[frontier])
+  out = {}
+  for name, (x, best) in series.items():
+    slope, coef = power_law(x, best)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+      out[f"alpha_{name}"], out[f"{name}_c"] = -slope, float(np.power(coef, -1.0 / slope))
   return out
 
 
