@@ -11,9 +11,16 @@ smallest model at 1e12 and 2e12 FLOPs, hence these smaller sizes.
 Cooldown branching (Hägele et al. 2024): per size, one WSD run for the largest budget; the two smaller
 budgets branch off it for their last 20% of steps, so the 12 results cost 4 x (4 + 0.2 x (1 + 2)) = 18.4e12
 FLOPs instead of 28e12.
-Time: the first version took 27.7 minutes end to end on 2 cores shared with other jobs (load 5-6); this
-one trains a similar number of tokens.
-Fitted a and b with their intervals: not run yet (fill in from `runs/isoflop_cpu/report/report.md`).
+Measured (2026-11-22, 2 CPU cores shared with other jobs, load 4-6): the sweep took 1748 s (29.1 min) and
+`lm scaling report` 19 s; the first version took 1661 s. Compute: the 12 runs stand for 2.80e13 FLOPs, the
+sweep spent 1.84e13 (34.3% saved by the 8 cooldown branches).
+Fitted (runs/isoflop_cpu/report/report.md, 1,000 bootstrap resamples, 95% intervals): this study does not
+pin the allocation down. The smallest model is the best one at 1e12 and 2e12 FLOPs, so Approach 2 has one
+budget with its parabola's vertex inside the sizes and is not fitted; Approach 1 gives a = 0.723
+[-1.44, 1.06], b = 0.318 [0.014, 2.36]; Approach 3 degenerates (alpha = 30.7: loss flat in N above 3.5e4)
+with a = 0.011 [0.0045, 0.053], b = 0.989 [0.947, 0.995]. The runs are noisy: at constant lr the smallest
+model's eval loss went 1.709 -> 1.945 -> 1.838 at steps 1500, 2000, 2500, and its 4e12 run ended at 1.730,
+above its 2e12 branch (1.676). Smaller models or larger budgets, and a larger eval set, are the next step.
 """
 
 from lm.config import default_config

@@ -110,8 +110,9 @@ def contour_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
   nn, dd = np.meshgrid(ns, ds)
   loss = fit_lib.predict_loss(fit, nn, dd)
   fig, ax = plt.subplots(figsize=(7, 5.2))
-  levels = np.geomspace(loss.min(), loss.max(), 21)
-  filled = ax.contourf(nn, dd, loss, levels=levels, cmap="viridis", norm=matplotlib.colors.LogNorm())
+  top = min(loss.max(), 1.5 * table["loss"].max())  # a degenerate fit can explode off the runs' region
+  levels = np.geomspace(loss.min(), top, 21)
+  filled = ax.contourf(nn, dd, loss, levels=levels, cmap="viridis", norm=matplotlib.colors.LogNorm(), extend="max")
   fig.colorbar(filled, ax=ax, label="predicted loss (nats/token)", format="%.3g")
   exponents = np.arange(np.ceil(np.log10(k * ns[0] * ds[0])), np.log10(k * ns[-1] * ds[-1]) + 1e-9)
   for c in exponents[:: max(1, len(exponents) // 6)]:
