@@ -32,7 +32,8 @@ from lm.errors import UserError
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir).absolute() / "checkpoints" if "://" not in workdir else epath.Path(workdir)
+  root = epath.Path(workdir) if "://" in workdir else epath.Path(workdir).absolute()  # orbax wants absolute paths
+  return root / "checkpoints"
 
 
 class Checkpointer:

@@ -12,7 +12,9 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
+from lm import distributed
 from lm.errors import UserError
 from lm.scaling import cli as scaling_cli
 
@@ -50,6 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True, help="experiment file defining get_config()")
   p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, plots")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  distributed.add_flags(p)
 
   p = sub.add_parser("plot", help="overlay the loss curves of runs")
   p.add_argument("workdirs", nargs="+")
@@ -95,10 +98,14 @@ def run(argv: list[str]) -> int:
   args = make_parser().parse_args(argv)
   if args.command == "train":
     from lm import config as config_lib  # noqa: PLC0415 (keeps `lm --help` fast)
+
+    cfg = config_lib.load_config(args.config, overrides)  # config errors before any process waits for another
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.dist_timeout)
     from lm import train  # noqa: PLC0415
 
-    cfg = config_lib.load_config(args.config, overrides)
     final = train.train(cfg, args.workdir, progress=not args.no_progress)
+    if not train.is_lead():
+      return 0
     if "stopped_by" in final:
       print(
         f"stopped by {final['stopped_by']} after step {final['step']}: its checkpoint is saved and committed; "
@@ -126,11 +133,24 @@ def run(argv: list[str]) -> int:
   return 0
 
 
+def _run_multiprocess_aware(argv: list[str]) -> int:
+  try:
+    return run(argv)
+  except BaseException as e:
+    if not distributed.active() or isinstance(e, SystemExit):
+      raise
+    # One process of several: a normal exit would wait for peers stuck in a collective with this one.
+    if not isinstance(e, UserError | KeyboardInterrupt):
+      traceback.print_exc()
+    status = 2 if isinstance(e, UserError) else 130 if isinstance(e, KeyboardInterrupt) else 1
+    distributed.fail(str(e) or type(e).__name__, status)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   logging.getLogger("absl").setLevel(logging.ERROR)  # tfds and orbax are chatty at WARNING
   try:
-    return run(argv)
+    return _run_multiprocess_aware(argv)
   except UserError as e:
     if "--debug" in argv:
       raise

@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_bytes = 0  # read at most this many bytes of the source; 0 = all of it
   c.data.worker_threads = 2  # grain read/tokenize threads
   c.data.shuffle_window = 1024  # packed train rows shuffled together, so a batch mixes documents; 0: off
+  c.data.shards = 0  # train-data shards, fixed for a run's life; 0: its first start's process count
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # sentencepiece | byte
@@ -262,6 +263,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"data.max_bytes must be >= 0, got {d.max_bytes}")
   if d.shuffle_window < 0:
     raise UserError(f"data.shuffle_window must be >= 0, got {d.shuffle_window}")
+  if d.shards < 0:
+    raise UserError(f"data.shards must be >= 0, got {d.shards}")
+  if d.shards and t.batch_size % d.shards:
+    raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by data.shards ({d.shards})")
   if cfg.tokenizer.kind not in ("sentencepiece", "byte"):
     raise UserError(f"tokenizer.kind must be 'sentencepiece' or 'byte', got {cfg.tokenizer.kind!r}")
   if cfg.tokenizer.kind == "sentencepiece" and not 300 <= cfg.tokenizer.vocab_size <= 1_000_000:
@@ -381,6 +386,8 @@ RESUMABLE_KEYS = (
 def incompatible_changes(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> list[str]:
   """Keys, as `key: old -> new`, whose change makes `new` unable to resume a run of `saved`."""
   old, cur = flatten(saved.to_dict()), flatten(new.to_dict())
+  for flat in (old, cur):  # 0 (unresolved, or a run from before sharded reading) reads one shard in one process
+    flat["data.shards"] = flat.get("data.shards") or 1
   return [
     f"{k}: {old.get(k)!r} -> {cur.get(k)!r}"
     for k in sorted(set(old) | set(cur))

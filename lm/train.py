@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -28,9 +29,9 @@ from jax.sharding import Mesh
 
 from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
+from lm import distributed, optim, partitioning, plots, sampling
 from lm import flops as flops_lib
 from lm import metrics as metrics_lib
-from lm import optim, partitioning, plots, sampling
 from lm import tokenizer as tokenizer_lib
 from lm.data import corpus_builder, pipeline
 from lm.errors import UserError
@@ -299,6 +300,34 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   return path
 
 
+def resolve_shards(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`cfg` with `data.shards` fixed: the run's own if it has started before, else the process count.
+
+  A run keeps its shard count for life, so its batches do not depend on how many processes
+  resume it; runs from before sharded reading read one shard.
+  """
+  if cfg.data.shards:
+    return cfg
+  cfg = config_lib.from_json(config_lib.to_json(cfg))  # a copy
+  saved = epath.Path(workdir) / "config.json"
+  if not saved.exists() and cfg.train.init_from:  # a branch reads its data as its source run did
+    saved = epath.Path(cfg.train.init_from.rstrip("/")).parent.parent / "config.json"
+  try:
+    previous = json.loads(saved.read_text()) if saved.exists() else None
+  except (OSError, ValueError):
+    previous = None  # check_workdir reports an unreadable config
+  if previous is None:
+    cfg.data.shards = jax.process_count()
+  else:
+    cfg.data.shards = previous.get("data", {}).get("shards") or 1
+  return cfg
+
+
+def is_lead() -> bool:
+  """Whether this process writes the run's files and console output (process 0 of a multi-process run)."""
+  return jax.process_index() == 0
+
+
 def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer:
   """The workdir's tokenizer, checked against the config, or else a new one (saved by `write_workdir`)."""
   if (workdir / "tokenizer.json").exists():
@@ -395,6 +424,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
   restores, setting damaged newer ones aside. `final["stopped_by"]` names the signal that ended
   the run early, after a committed checkpoint.
   """
+  cfg = resolve_shards(cfg, workdir)
   config_lib.validate(cfg, jax.device_count())
   corpus_builder.prepare(cfg)  # data errors surface before the workdir is touched
   path = check_workdir(cfg, workdir)
@@ -418,7 +448,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
           f"from checkpoint {restored.step}",
           file=sys.stderr,
         )
-    multihost_utils.sync_global_devices("lm: damaged checkpoints set aside")  # before any process lists checkpoints
+  # Every process has looked for checkpoints (and set damaged ones aside) before any creates the directory.
+  multihost_utils.sync_global_devices("lm: checkpoints read")
   train_step = make_train_step(setup)
   eval_step = make_eval_step(setup, tok.token_bytes)
   ckpt = checkpoint_lib.Checkpointer(str(path), keep=cfg.train.keep_checkpoints)
@@ -475,6 +506,8 @@ def _loop(
   batch_sharding = partitioning.batch_sharding(setup.mesh)
   stop = _StopFlag()
   stop.install()
+  agree = _StopAgreement(setup.mesh) if jax.process_count() > 1 else None
+  fail_at = int(os.environ.get("LM_DEBUG_FAIL_STEP", 0))  # fault injection for multi-process tests
   bar = tqdm(total=last_step, initial=start, disable=not (lead and progress), unit="step", dynamic_ncols=True)
   final: dict = {}
   step, streak = start, None
@@ -490,6 +523,9 @@ def _loop(
       state, step_metrics = train_step(state, batch)
       step += 1
       window_steps += 1
+      if step == fail_at:
+        raise RuntimeError(f"injected failure at step {step} (LM_DEBUG_FAIL_STEP)")
+      stopping = stop.signal if agree is None else agree.after_step(stop.signal)
       if streak is not None:  # the previous step's, read while this one runs
         _check_streak(streak, step - 1, t.max_bad_steps, ckpt)
       streak = step_metrics.pop("nonfinite_streak")
@@ -522,14 +558,14 @@ def _loop(
         writer.write(step, step * tokens_per_step, step * tokens_per_step * flops_per_token, row)
         final.update(row)
         window_start, window_steps = time.perf_counter(), 0
-      if step % t.checkpoint_every == 0 or step == last_step or stop.signal:
+      if step % t.checkpoint_every == 0 or step == last_step or stopping:
         _check_streak(streak, step, t.max_bad_steps, ckpt)
-        ckpt.save(step, state, data.get_state(), meta, force=True)
+        ckpt.save(step, state, _all_data_states(data, step), meta, force=True)
       if lead and "eval/loss" in row:
         plots.plot_runs([str(path)], str(path / "plots"))
       bar.update(1)
-      if stop.signal:
-        final["stopped_by"] = stop.signal
+      if stopping:
+        final["stopped_by"] = stopping
         break
   finally:
     bar.close()
@@ -539,6 +575,37 @@ def _loop(
     stop.restore()
   final["step"] = step
   return final
+
+
+class _StopAgreement:
+  """Makes the processes of a run stop at the same step when any of them gets a signal.
+
+  After each step every process contributes its flag to a tiny all-reduce (queued behind the step,
+  never waited for at once); the result is read one step later, when the loop already waits for
+  that step's metrics. All processes read the same value after the same step, so they checkpoint
+  the same step and exit together.
+  """
+
+  def __init__(self, mesh: Mesh):
+    self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+    self.reduce = jax.jit(jnp.max, out_shardings=partitioning.replicated(mesh))
+    self.pending = None
+
+  def after_step(self, signal_name: str | None) -> str | None:
+    local = np.full(jax.local_device_count(), signal_name is not None, np.int32)
+    flags = jax.make_array_from_process_local_data(self.sharding, local, (jax.device_count(),))
+    previous, self.pending = self.pending, self.reduce(flags)
+    if previous is not None and int(previous):
+      return signal_name or "a signal to another process"
+    return None
+
+
+def _all_data_states(data, step: int) -> dict:
+  """Every shard's data position (process 0 gathers them; orbax writes JSON items from process 0)."""
+  gathered = distributed.gather_json(f"data_state/{step}", data.get_state())
+  if gathered is None:
+    return data.get_state()
+  return {"shards": {s: st for g in gathered for s, st in g["shards"].items()}}
 
 
 def _peak_flops(dtype: str) -> float:

@@ -19,30 +19,39 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+TINY = {
+  "model.d_model": 32,
+  "model.n_layers": 2,
+  "model.n_heads": 4,
+  "model.n_kv_heads": 2,
+  "model.d_ff": 64,
+  "data.seq_len": 32,
+  "tokenizer.kind": "byte",
+  "train.batch_size": 8,
+  "train.steps": 10,
+  "train.eval_every": 5,
+  "train.eval_batches": 2,
+  "train.log_every": 1,
+  "train.checkpoint_every": 5,
+  "optim.warmup_steps": 2,
+  "mesh.data": 1,
+}
+
+
 def tiny_config(**overrides):
   """A config small enough to train in seconds on one CPU core."""
   cfg = config_lib.default_config()
-  values = {
-    "model.d_model": 32,
-    "model.n_layers": 2,
-    "model.n_heads": 4,
-    "model.n_kv_heads": 2,
-    "model.d_ff": 64,
-    "data.seq_len": 32,
-    "tokenizer.kind": "byte",
-    "train.batch_size": 8,
-    "train.steps": 10,
-    "train.eval_every": 5,
-    "train.eval_batches": 2,
-    "train.log_every": 1,
-    "train.checkpoint_every": 5,
-    "optim.warmup_steps": 2,
-    "mesh.data": 1,
-  }
-  values.update(overrides)
-  for key, value in values.items():
+  for key, value in {**TINY, **overrides}.items():
     config_lib.set_key(cfg, key, value)
   return cfg
+
+
+def write_experiment(path, **values) -> str:
+  """Writes an experiment file whose get_config() is the defaults with `values` ({"model.d_model": 32, ...})."""
+  lines = ["from lm.config import default_config", "", "", "def get_config():", "  c = default_config()"]
+  lines += [f"  c.{key} = {value!r}" for key, value in values.items()]
+  path.write_text("\n".join([*lines, "  return c", ""]))
+  return str(path)
 
 
 def random_batch(batch: int, length: int, vocab: int, seed: int = 0, split: int | None = None) -> dict:

@@ -297,8 +297,31 @@ def test_processes_read_disjoint_records(letters_cfg):
     seen.append(letters)
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == {d[0] for d in letter_docs(16)}
-  with pytest.raises(UserError, match="16 documents, fewer than the processes"):
+  with pytest.raises(UserError, match=r"16 documents, fewer than data.shards \(17\)"):
     pipeline.make_train_iterator(letters_cfg, BYTES, 0, 17)
+
+
+def test_global_batch_and_positions_do_not_depend_on_the_process_count(letters_cfg):
+  letters_cfg.data.shards = 4
+  one = pipeline.make_train_iterator(letters_cfg, BYTES, 0, 1)
+  two = [pipeline.make_train_iterator(letters_cfg, BYTES, p, 2) for p in range(2)]
+  for _ in range(3):
+    whole, halves = next(one), [next(it) for it in two]
+    for key in whole:
+      np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
+  # The positions of both processes together resume one process, and the other way round.
+  merged = {"shards": {**two[0].get_state()["shards"], **two[1].get_state()["shards"]}}
+  assert merged == one.get_state() and sorted(merged["shards"]) == ["0", "1", "2", "3"]
+  resumed_one = pipeline.make_train_iterator(letters_cfg, BYTES, 0, 1)
+  resumed_one.set_state(merged)
+  resumed_two = pipeline.make_train_iterator(letters_cfg, BYTES, 1, 2)
+  resumed_two.set_state(one.get_state())
+  expected = next(one)
+  np.testing.assert_array_equal(next(resumed_one)["inputs"], expected["inputs"])
+  half = expected["inputs"].shape[0] // 2
+  np.testing.assert_array_equal(next(resumed_two)["inputs"], expected["inputs"][half:])
+  with pytest.raises(UserError, match="3 processes cannot split"):
+    pipeline.make_train_iterator(letters_cfg, BYTES, 0, 3)
 
 
 def test_global_batch_makes_jax_arrays(letters_cfg):

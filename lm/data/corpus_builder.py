@@ -8,6 +8,7 @@ same files are reused without rereading and a changed file is prepared anew.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import itertools
@@ -95,22 +96,45 @@ def prepare(cfg) -> dict[str, sources.TextSource]:
     return tfds_splits(cfg)
   builder = CorpusBuilder(cfg)
   if not builder.is_prepared():
-    start = time.time()
-    tfds.display_progress_bar(False)  # the line logged below replaces TFDS's bars and banners
-    with contextlib.redirect_stdout(io.StringIO()):
-      builder.download_and_prepare()
-    splits = builder.info.splits
-    logging.info(
-      "prepared %s: %d train + %d validation docs, %.1f MB in %.1f s, in %s",
-      cfg.data.source,
-      splits["train"].num_examples,
-      splits["validation"].num_examples,
-      sum(splits[s].num_bytes for s in SPLITS) / 1e6,
-      time.time() - start,
-      builder.data_dir,
-    )
+    with _prepare_lock(sources.data_dir(cfg)):  # processes sharing a machine prepare it once
+      builder = CorpusBuilder(cfg)
+      if not builder.is_prepared():
+        _prepare(cfg, builder)
   records = builder.as_data_source()
   return {split: sources.TextSource(records[split], "text") for split in SPLITS}
+
+
+@contextlib.contextmanager
+def _prepare_lock(data_dir: str):
+  """An exclusive lock on a file in a local `data_dir`; remote directories (gs://) go unlocked."""
+  if "://" in data_dir:
+    yield
+    return
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".prepare.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(cfg, builder: "CorpusBuilder") -> None:
+  """Writes the TFDS dataset of a local source, logging one line instead of TFDS's banners."""
+  start = time.time()
+  tfds.display_progress_bar(False)  # the line logged below replaces TFDS's bars and banners
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare()
+  splits = builder.info.splits
+  logging.info(
+    "prepared %s: %d train + %d validation docs, %.1f MB in %.1f s, in %s",
+    cfg.data.source,
+    splits["train"].num_examples,
+    splits["validation"].num_examples,
+    sum(splits[s].num_bytes for s in SPLITS) / 1e6,
+    time.time() - start,
+    builder.data_dir,
+  )
 
 
 def tfds_splits(cfg) -> dict[str, sources.TextSource]:

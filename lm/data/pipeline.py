@@ -18,19 +18,60 @@ from lm.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 
 def make_train_iterator(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
-  """An endless, resumable grain iterator of this process's training batches.
+  """An endless, resumable iterator of this process's training batches.
 
-  Yields `train.batch_size // process_count` rows per batch. The process reads records
-  process_index::process_count of the train split, reshuffled every epoch from `train.seed`.
-  `get_state()` is JSON-serializable; `set_state` on a fresh iterator resumes exactly.
+  The train split is read as `data.shards` shards (fixed for the life of a run): shard s holds
+  records s::shards, reshuffled every epoch from `train.seed`, and fills rows
+  [s * B / shards, (s + 1) * B / shards) of every global batch of B rows. A process reads only
+  its own contiguous block of shards, so the global batch is the same for any process count that
+  divides `data.shards`, and a checkpoint moves between such counts.
+  `get_state()` is JSON-serializable: {"shards": {"s": state}} for this process's shards;
+  `set_state` takes any dict holding them (for instance every shard's, from a checkpoint).
   """
   records = grain.MapDataset.source(corpus_builder.prepare(cfg)["train"])
-  if len(records) < process_count:
-    raise UserError(f"the train split has {len(records)} documents, fewer than the processes")
-  assert cfg.train.batch_size % process_count == 0, (cfg.train.batch_size, process_count)
-  records = records[process_index::process_count].shuffle(seed=cfg.train.seed).repeat()
-  window = cfg.data.shuffle_window
-  return iter(batches(cfg, tokenizer, records, cfg.train.batch_size // process_count, window, cfg.train.seed))
+  shards = cfg.data.shards or process_count
+  if len(records) < shards:
+    raise UserError(
+      f"the train split has {len(records)} documents, fewer than data.shards ({shards}), so some shards would be "
+      "empty; split the source into more files or use fewer shards"
+    )
+  if shards % process_count:
+    raise UserError(
+      f"this run reads its data as data.shards={shards} shards, which {process_count} processes cannot split "
+      "evenly; use a process count that divides it"
+    )
+  mine = range(process_index * shards // process_count, (process_index + 1) * shards // process_count)
+  rows, window = cfg.train.batch_size // shards, cfg.data.shuffle_window
+  iterators = {}
+  for s in mine:
+    shard = records[s::shards].shuffle(seed=cfg.train.seed).repeat()
+    iterators[str(s)] = iter(batches(cfg, tokenizer, shard, rows, window, cfg.train.seed))
+  return ShardsIterator(iterators)
+
+
+class ShardsIterator:
+  """The batches of several shard iterators, their rows stacked in shard order."""
+
+  def __init__(self, iterators: dict):
+    self.iterators = iterators
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    parts = [next(it) for it in self.iterators.values()]
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return {"shards": {s: it.get_state() for s, it in self.iterators.items()}}
+
+  def set_state(self, state: dict) -> None:
+    saved = state["shards"] if "shards" in state else {"0": state}  # checkpoints from before sharded reading
+    missing = [s for s in self.iterators if s not in saved]
+    if missing:
+      raise UserError(f"the checkpoint holds no data position for shard(s) {', '.join(missing)}")
+    for s, it in self.iterators.items():
+      it.set_state(saved[s])
 
 
 def make_eval_batches(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):

@@ -1,0 +1,207 @@
+"""Multi-process runs on one machine: `lm train` processes with gloo collectives over simulated CPU devices.
+
+Every run here is the real command line, the same code path a TPU pod or GPU cluster runs.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lm import distributed
+from lm.errors import UserError
+
+from conftest import REPO, TINY, write_experiment
+
+STEPS = 6
+CONFIG = {
+  **TINY,
+  "train.steps": STEPS,
+  "train.eval_every": 3,
+  "train.checkpoint_every": 3,
+  "mesh.data": -1,
+  "mesh.fsdp": 2,
+  "data.shards": 2,
+}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start(experiment, workdir, *args, processes: int = 1, devices: int = 4, env=None) -> list[subprocess.Popen]:
+  """Starts `lm train` as `processes` processes of `devices` simulated CPU devices each."""
+  base = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  command = [
+    sys.executable,
+    "-m",
+    "lm.cli",
+    "train",
+    "--config",
+    experiment,
+    "--workdir",
+    str(workdir),
+    "--no-progress",
+  ]
+  if processes == 1:
+    return [subprocess.Popen([*command, *args], env=base, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+  port, procs = free_port(), []
+  for i in range(processes):
+    flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i)]
+    procs.append(
+      subprocess.Popen(
+        [*command, *flags, *args],
+        env={**base, **((env or {}).get(i, {}))},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
+  return procs
+
+
+def finish(procs, timeout: float = 300) -> list[tuple[int, str, str]]:
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=timeout)
+    results.append(
+      (p.returncode, out if isinstance(out, str) else out.decode(), err if isinstance(err, str) else err.decode())
+    )
+  return results
+
+
+def train(experiment, workdir, *args, processes: int = 1, devices: int = 4) -> None:
+  for status, _, err in finish(start(experiment, workdir, *args, processes=processes, devices=devices)):
+    assert status == 0, err[-3000:]
+
+
+def losses(workdir) -> dict[int, float]:
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def close(a: dict, b: dict, rtol: float) -> bool:
+  return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= rtol * abs(b[k]) for k in a)
+
+
+@pytest.fixture
+def experiment(tmp_path):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for d in range(16):
+    (corpus / f"{d:02d}.txt").write_text("".join(f"def f{i}(x):\n    return x * {i} + {d}\n\n" for i in range(40)))
+  return write_experiment(tmp_path / "tiny.py", **CONFIG, **{"data.source": f"text:{corpus}/*.txt"})
+
+
+def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path, experiment):
+  one = tmp_path / "one"  # reference: 1 process x 4 devices, the whole run
+  train(experiment, one)
+  reference = losses(one)
+  assert sorted(reference) == list(range(1, STEPS + 1))
+
+  two = tmp_path / "two"  # 2 processes x 2 devices to step 3, then resumed by 1 process x 4 devices
+  train(experiment, two, "--config.train.steps=3", processes=2, devices=2)
+  first = losses(two)
+  assert close(first, {s: reference[s] for s in (1, 2, 3)}, 1e-6), (first, reference)
+  assert len((two / "metrics.jsonl").read_text().splitlines()) == len(
+    [line for line in (one / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
+  ), "only process 0 writes metrics"
+  train(experiment, two)
+  assert close(losses(two), reference, 1e-6), (losses(two), reference)
+
+  back = tmp_path / "back"  # 1 process to step 3, then resumed by 2 processes
+  train(experiment, back, "--config.train.steps=3")
+  train(experiment, back, processes=2, devices=2)
+  assert close(losses(back), reference, 1e-6), (losses(back), reference)
+  assert (back / "plots").is_dir() and any((back / "tb").iterdir())
+
+
+def wait_for_step(workdir, step: int, procs, timeout: float = 240) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if any(p.poll() is not None for p in procs):
+      for p in procs:
+        p.kill()
+      raise AssertionError([(status, err[-3000:]) for status, _, err in finish(procs)])
+    if (workdir / "metrics.jsonl").exists() and any(s >= step for s in losses(workdir)):
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_checkpoint(tmp_path, experiment):
+  workdir = tmp_path / "run"
+  procs = start(
+    experiment, workdir, "--config.train.steps=100000", "--config.train.checkpoint_every=100000", processes=2, devices=2
+  )
+  wait_for_step(workdir, 2, procs)
+  procs[1].send_signal(signal.SIGTERM)
+  (s0, out0, err0), (s1, out1, err1) = finish(procs, timeout=120)
+  assert (s0, s1) == (0, 0), (err0[-2000:], err1[-2000:])
+  assert "stopped by a signal to another process after step" in out0, out0
+  assert "stopped by" not in out1 and "lm:" not in err1, "only process 0 reports (gloo's own lines aside)"
+  stopped_at = int(out0.split("after step ")[1].split(":")[0])
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [stopped_at]
+  assert max(losses(workdir)) == stopped_at
+
+
+def test_an_error_in_one_process_stops_the_others_promptly(tmp_path, experiment):
+  procs = start(experiment, tmp_path / "run", processes=2, devices=2, env={1: {"LM_DEBUG_FAIL_STEP": "2"}})
+  t0 = time.monotonic()
+  (s0, _, err0), (s1, _, err1) = finish(procs, timeout=240)
+  assert s1 == 1 and "lm: error: process 1: injected failure at step 2" in err1, err1[-2000:]
+  assert s0 == 1 and "lm: error: process 0: stopping because process 1 failed: injected failure" in err0, err0[-2000:]
+  assert time.monotonic() - t0 < 180
+
+
+@pytest.mark.parametrize(
+  "process_id, expected",
+  [
+    (1, "process 1 of 2: cannot reach the coordinator at 127.0.0.1:"),
+    (0, "process 0 of 2: not all 2 processes joined the run at 127.0.0.1:"),
+  ],
+)
+def test_a_missing_peer_is_a_one_line_error_within_the_timeout(tmp_path, experiment, process_id, expected):
+  port = free_port()
+  flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process_id)]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+  command = [sys.executable, "-m", "lm.cli", "train", "--config", experiment, "--workdir", str(tmp_path / "run")]
+  t0 = time.monotonic()
+  out = subprocess.run([*command, *flags, "--dist-timeout", "4"], env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [line for line in out.stderr.splitlines() if line.startswith("lm: ")]
+  assert len(lines) == 1 and lines[0].startswith(f"lm: error: {expected}"), out.stderr[-2000:]
+  assert time.monotonic() - t0 < 60
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    ({"coordinator": "127.0.0.1:1234", "num_processes": 2}, "needs --process-id too"),
+    ({"coordinator": "localhost", "num_processes": 2, "process_id": 0}, "must be HOST:PORT"),
+    ({"coordinator": "h:1", "num_processes": 2, "process_id": 2}, r"--process-id must be in \[0, 1\]"),
+    ({"coordinator": "h:1", "num_processes": 0, "process_id": 0}, "at least 1"),
+  ],
+)
+def test_bad_distributed_settings_are_user_errors(kwargs, message):
+  with pytest.raises(UserError, match=message):
+    distributed.initialize(**kwargs)
+
+
+def test_settings_come_from_the_environment_too(monkeypatch):
+  monkeypatch.setenv("LM_NUM_PROCESSES", "two")
+  with pytest.raises(UserError, match=r"\$LM_NUM_PROCESSES must be int"):
+    distributed.initialize()
+  monkeypatch.setenv("LM_NUM_PROCESSES", "1")
+  distributed.initialize()  # one process: nothing to start
+  assert not distributed.active()
