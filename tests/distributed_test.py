@@ -102,26 +102,20 @@ def experiment(tmp_path):
 
 
 def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path, experiment):
-  one = tmp_path / "one"  # reference: 1 process x 4 devices, the whole run
-  train(experiment, one)
-  reference = losses(one)
-  assert sorted(reference) == list(range(1, STEPS + 1))
-
-  two = tmp_path / "two"  # 2 processes x 2 devices to step 3, then resumed by 1 process x 4 devices
-  train(experiment, two, "--config.train.steps=3", processes=2, devices=2)
-  first = losses(two)
-  assert close(first, {s: reference[s] for s in (1, 2, 3)}, 1e-6), (first, reference)
-  assert len((two / "metrics.jsonl").read_text().splitlines()) == len(
-    [line for line in (one / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
-  ), "only process 0 writes metrics"
+  one, two = tmp_path / "one", tmp_path / "two"
+  train(experiment, one, "--config.train.steps=3")  # 1 process x 4 devices
+  train(experiment, two, "--config.train.steps=3", processes=2, devices=2)  # 2 processes x 2 devices
+  assert sorted(losses(one)) == [1, 2, 3]
+  assert close(losses(two), losses(one), 1e-6), (losses(two), losses(one))
+  assert (two / "metrics.jsonl").read_text().count("\n") == (one / "metrics.jsonl").read_text().count("\n"), (
+    "only process 0 writes metrics"
+  )
+  # Each run's checkpoint resumes under the other process count; both continue identically.
+  train(experiment, one, processes=2, devices=2)
   train(experiment, two)
-  assert close(losses(two), reference, 1e-6), (losses(two), reference)
-
-  back = tmp_path / "back"  # 1 process to step 3, then resumed by 2 processes
-  train(experiment, back, "--config.train.steps=3")
-  train(experiment, back, processes=2, devices=2)
-  assert close(losses(back), reference, 1e-6), (losses(back), reference)
-  assert (back / "plots").is_dir() and any((back / "tb").iterdir())
+  assert sorted(losses(one)) == list(range(1, STEPS + 1))
+  assert close(losses(two), losses(one), 1e-6), (losses(two), losses(one))
+  assert (two / "plots").is_dir() and any((two / "tb").iterdir())
 
 
 def wait_for_step(workdir, step: int, procs, timeout: float = 240) -> None:
