@@ -24,6 +24,7 @@ import time
 import warnings
 
 import numpy as np
+from etils import epath
 
 from lm.errors import UserError
 
@@ -38,7 +39,7 @@ def load_table(path: str, flops_per_param_token: float = 6.0) -> tuple[dict[str,
   `lm sweep` writes it), "as given" for a C column without one, or "C = k N D".
   """
   try:
-    with open(path, newline="") as f:
+    with epath.Path(path).open() as f:  # a local path or gs://
       rows = list(csv.DictReader(f))
   except OSError as e:
     raise UserError(f"cannot read table {path}: {e.strerror or e}") from e
@@ -67,7 +68,7 @@ def load_table(path: str, flops_per_param_token: float = 6.0) -> tuple[dict[str,
 
 def read_curves(path: str) -> list[dict]:
   """Rows of a sweep's `curves.csv` (id, N, D, C, loss), numbers as floats."""
-  with open(path, newline="") as f:
+  with epath.Path(path).open() as f:
     return [{k: v if k == "id" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
@@ -565,7 +566,6 @@ def fit_table(
 
 def write_fit(result: dict, out_dir: str) -> str:
   """Writes `fit.json` into `out_dir`; returns its path."""
-  from etils import epath  # noqa: PLC0415
 
   path = epath.Path(out_dir)
   path.mkdir(parents=True, exist_ok=True)
