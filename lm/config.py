@@ -44,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ""  # prepared TFDS datasets; empty = $LM_DATA_DIR or ~/.cache/lm/tfds
   c.data.max_bytes = 0  # read at most this many bytes of the source; 0 = all of it
   c.data.worker_threads = 2  # grain read/tokenize threads
-  c.data.shuffle_window = 1024  # packed train rows shuffled together, so a batch mixes documents; 0: off
+  c.data.shuffle_window = 1024  # packed train rows shuffled together (over all shards), so a batch mixes documents
   c.data.shards = 0  # train-data shards, fixed for a run's life; 0: its first start's process count
 
   c.tokenizer = ml_collections.ConfigDict()

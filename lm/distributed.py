@@ -177,7 +177,7 @@ def _client():
 def _watch_for_failures() -> None:
   me = _state["process_id"]
   while True:
-    time.sleep(1.0)
+    time.sleep(0.5)
     try:
       entries = _client().key_value_dir_get(_FAILED)
     except Exception:  # noqa: BLE001 (the runtime is shutting down)
@@ -185,26 +185,30 @@ def _watch_for_failures() -> None:
     others = [(key, value) for key, value in entries if key.rsplit("/", 1)[-1] != str(me)]
     if others:
       key, message = sorted(others)[0]
-      _exit_with(1, f"process {me}: stopping because process {key.rsplit('/', 1)[-1]} failed: {message}")
+      _shutdown_and_exit(1, f"process {me}: stopping because process {key.rsplit('/', 1)[-1]} failed: {message}")
 
 
 def fail(message: str, status: int) -> None:
-  """Tells the other processes this one failed with `message`, prints it and exits with `status` at once.
+  """Tells the other processes this one failed with `message`, and exits with `status` once they stop too.
 
-  `os._exit`, because a normal exit waits at the runtime's shutdown barrier for peers that are
-  stuck in a collective with this process.
+  Every process leaves through the runtime's shutdown barrier, reached from the watcher thread in the
+  others (their main threads may be stuck in a collective with this one); a process that simply
+  exited would make the runtime abort the rest.
   """
   try:
     _client().key_value_set(_FAILED + str(_state["process_id"]), message, allow_overwrite=True)
   except Exception:  # noqa: BLE001 (the coordinator itself may be gone; exiting is all that is left)
     pass
-  _exit_with(status, f"process {_state['process_id']}: {message}")
+  _shutdown_and_exit(status, f"process {_state['process_id']}: {message}")
 
 
-def _exit_with(status: int, message: str) -> None:
+def _shutdown_and_exit(status: int, message: str) -> None:
   print(f"lm: error: {message}", file=sys.stderr, flush=True)
-  sys.stdout.flush()
-  os._exit(status)
+  try:
+    _client().shutdown()
+  except Exception:  # noqa: BLE001 (a peer died without a word: nothing to wait for)
+    pass
+  _exit_with(status, None)
 
 
 def gather_json(name: str, value) -> list | None:
@@ -230,3 +234,11 @@ def gather_json(name: str, value) -> list | None:
 
 def _timeout() -> float:
   return float(os.environ.get("LM_DIST_TIMEOUT", DEFAULT_TIMEOUT))
+
+
+def _exit_with(status: int, message: str | None) -> None:
+  if message:
+    print(f"lm: error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)

@@ -37,6 +37,8 @@ from lm.data import corpus_builder, pipeline
 from lm.errors import UserError
 from lm.model import ModelConfig, Transformer, cross_entropy
 
+PLOT_INTERVAL_S = 60.0
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -513,6 +515,7 @@ def _loop(
   step, streak = start, None
   window_start, window_steps, compile_s = time.perf_counter(), 0, None
   samples = sampling.EvalSamples(cfg, setup.model, tok) if t.sample_prompts else None
+  next_plot = time.monotonic() + PLOT_INTERVAL_S
   try:
     while step < last_step:
       local = next(data)
@@ -561,8 +564,9 @@ def _loop(
       if step % t.checkpoint_every == 0 or step == last_step or stopping:
         _check_streak(streak, step, t.max_bad_steps, ckpt)
         ckpt.save(step, state, _all_data_states(data, step), meta, force=True)
-      if lead and "eval/loss" in row:
-        plots.plot_runs([str(path)], str(path / "plots"))
+      if lead and "eval/loss" in row and (step == last_step or stopping or time.monotonic() > next_plot):
+        plots.plot_runs([str(path)], str(path / "plots"))  # a second or two: at most once a minute, and at the end
+        next_plot = time.monotonic() + PLOT_INTERVAL_S
       bar.update(1)
       if stopping:
         final["stopped_by"] = stopping

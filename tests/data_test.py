@@ -288,7 +288,7 @@ def test_row_shuffle_spreads_a_document_over_batches(letters_cfg):
 
 
 def test_processes_read_disjoint_records(letters_cfg):
-  letters_cfg.data.seq_len = 256
+  letters_cfg.data.seq_len, letters_cfg.data.shuffle_window = 256, 8
   seen = []
   for index in range(2):
     batches = take(pipeline.make_train_iterator(letters_cfg, BYTES, index, 2), 4)
@@ -302,7 +302,7 @@ def test_processes_read_disjoint_records(letters_cfg):
 
 
 def test_global_batch_and_positions_do_not_depend_on_the_process_count(letters_cfg):
-  letters_cfg.data.shards = 4
+  letters_cfg.data.shards, letters_cfg.data.shuffle_window = 4, 16
   one = pipeline.make_train_iterator(letters_cfg, BYTES, 0, 1)
   two = [pipeline.make_train_iterator(letters_cfg, BYTES, p, 2) for p in range(2)]
   for _ in range(3):

@@ -41,7 +41,7 @@ def make_train_iterator(cfg, tokenizer: Tokenizer, process_index: int = 0, proce
       "evenly; use a process count that divides it"
     )
   mine = range(process_index * shards // process_count, (process_index + 1) * shards // process_count)
-  rows, window = cfg.train.batch_size // shards, cfg.data.shuffle_window
+  rows, window = cfg.train.batch_size // shards, cfg.data.shuffle_window // shards  # as many rows held in all
   iterators = {}
   for s in mine:
     shard = records[s::shards].shuffle(seed=cfg.train.seed).repeat()
