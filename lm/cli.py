@@ -6,6 +6,7 @@ lm bench train [--preset ref] [--config.KEY=VALUE ...]
 lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P ...]
 lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON]
 lm sweep --config FILE --workdir DIR [--print-commands]; lm scaling fit|plot|report ...; lm bench fit [--table CSV]
+lm plan --config FILE --topology v5p:2x2x4 [--json]   (ahead-of-time compile for a TPU slice: memory, time, cost)
 """
 
 import argparse
@@ -14,7 +15,7 @@ import os
 import sys
 import traceback
 
-from lm import distributed
+from lm import distributed, plan
 from lm.errors import UserError
 from lm.scaling import cli as scaling_cli
 
@@ -90,6 +91,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="print one JSON line: texts and per-token log-probs")
   p.add_argument("--truncate", choices=["none", "left"], default="none", help="left: keep a long prompt's end")
   scaling_cli.add_parsers(sub)
+  plan.add_parser(sub)
   return parser
 
 
@@ -120,6 +122,8 @@ def run(argv: list[str]) -> int:
     out = args.out or f"{args.workdirs[0]}/plots"
     for path in plots.plot_runs(args.workdirs, out):
       print(path)
+  elif args.command == "plan":
+    return plan.run(args, overrides)
   elif args.command in ("sweep", "scaling") or (args.command == "bench" and args.what == "fit"):
     return scaling_cli.run(args, overrides)
   elif args.command == "bench":

@@ -163,6 +163,10 @@ def _start(process_id: int) -> None:
   threading.Thread(target=_watch_for_failures, name="lm-failure-watch", daemon=True).start()
 
 
+def process_id() -> int:
+  return _state["process_id"]
+
+
 def active() -> bool:
   """Whether this process is one of several in a run."""
   return _state["active"]

@@ -1,6 +1,7 @@
 """Subcommands `lm sweep`, `lm scaling fit|plot|report` and `lm bench fit`, for `lm.cli` to mount.
 
 lm sweep --config FILE --workdir DIR [--print-commands] [--config.KEY=VALUE ...]
+lm sweep --config FILE --plan --topology NAME [--config.KEY=VALUE ...]   (compiles each point for a TPU slice)
 lm scaling fit TABLE.csv [--approach 1|2|3|kaplan|all] [--predict N,D] [--budget C] [--bootstrap N] [--out DIR]
 lm scaling plot TABLE.csv --out DIR [--budget C]
 lm scaling report DIR [--budget C] [--bootstrap N]
@@ -12,6 +13,7 @@ import json
 import sys
 import warnings
 
+from lm import distributed
 from lm.errors import UserError
 
 DEFAULT_BENCH_TABLE = "../shared/data/scaling/chinchilla_240.csv"
@@ -21,9 +23,14 @@ def add_parsers(subparsers) -> None:
   """Adds the `sweep` and `scaling` subcommands to an argparse subparsers object."""
   p = subparsers.add_parser("sweep", help="run every point of an experiment's get_sweep(), one sub-workdir each")
   p.add_argument("--config", required=True, help="experiment file defining get_config() and get_sweep()")
-  p.add_argument("--workdir", required=True, help="sweep directory: one sub-workdir per point, results.csv")
+  p.add_argument("--workdir", default=None, help="sweep directory: one sub-workdir per point, results.csv")
   p.add_argument("--print-commands", action="store_true", help="print one `lm train` command per run and exit")
+  p.add_argument(
+    "--plan", action="store_true", help="train nothing: per point, memory, step time, MFU and chip-hours (lm plan)"
+  )
+  p.add_argument("--topology", default=None, help="with --plan: the TPU slice, e.g. v5p:2x2x4")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  distributed.add_flags(p)
 
   p = subparsers.add_parser("scaling", help="fit scaling laws, plot them, write a report")
   sub = p.add_subparsers(dest="scaling_command", required=True, parser_class=type(p))
@@ -67,12 +74,18 @@ def run(args, overrides: list[str]) -> int:
   if args.command == "sweep":
     from lm.scaling import sweep  # noqa: PLC0415
 
+    if args.plan or args.topology:
+      return _plan_sweep(args, overrides, sweep)
+    if args.workdir is None:
+      raise UserError("lm sweep: the following arguments are required: --workdir (unless --plan)")
     if args.print_commands:
       for line in sweep.commands(args.config, args.workdir, overrides):
         print(line)
       return 0
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.dist_timeout)
     path = sweep.run_sweep(args.config, args.workdir, overrides, progress=not args.no_progress)
-    print(f"results in {path}")
+    if not distributed.active() or distributed.process_id() == 0:
+      print(f"results in {path}")
     return 0
   if overrides:
     raise UserError("--config.KEY=VALUE overrides apply only to lm train and lm sweep")
@@ -87,6 +100,20 @@ def run(args, overrides: list[str]) -> int:
     raise UserError(f"--budget must be a positive number of FLOPs, got {args.budget}")
   with _warnings_to_stderr():
     return _run_scaling(args, fit)
+
+
+def _plan_sweep(args, overrides: list[str], sweep) -> int:
+  """Prints the `lm plan` table of every sweep point; raises UserError after it if any point does not fit."""
+  from lm import plan  # noqa: PLC0415
+
+  if not (args.plan and args.topology):
+    raise UserError("lm sweep: --plan needs --topology, and --topology goes with --plan")
+  rows, compiles = sweep.plan_points(args.config, args.topology, overrides, progress=not args.no_progress)
+  print(plan.sweep_table(rows, args.topology, compiles))
+  too_big = [point_id for point_id, report in rows if not report["fits"]]
+  if too_big:
+    raise UserError(f"{len(too_big)} of {len(rows)} sweep points do not fit {args.topology}: {', '.join(too_big)}")
+  return 0
 
 
 @contextlib.contextmanager

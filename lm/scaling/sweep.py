@@ -16,7 +16,8 @@ values, with an optional `"id"` naming the point's sub-workdir. Helpers build th
 is finished and skipped, a point without it resumes from its checkpoint. A branch source is trained up to
 each branch's step just before that branch starts (see `plan`). Points sharing a tokenizer config reuse
 the first point's tokenizer, so every run sees the same tokens. `aggregate` writes `DIR/results.csv` (one
-row per run) and `DIR/curves.csv` (every eval of every run, for Approach 1).
+row per run) and `DIR/curves.csv` (every eval of every run, for Approach 1). `plan_points` trains nothing:
+it compiles every point for a TPU topology with `lm.plan` (`lm sweep --plan`).
 """
 
 import copy
@@ -25,7 +26,6 @@ import dataclasses
 import itertools
 import json
 import math
-import shutil
 import time
 
 import ml_collections
@@ -275,6 +275,27 @@ def _newest_checkpoint(sub: epath.Path) -> int | None:
   return max(steps) if steps else None
 
 
+def plan_points(path: str, topology: str, overrides: list[str] = (), progress: bool = True) -> tuple[list, int]:
+  """`lm.plan` reports of every point for a TPU topology, as ([(id, report)], programs compiled).
+
+  Points that differ only in steps, budget or lr schedule share one compile (see `lm.plan.program_key`).
+  """
+  import sys  # noqa: PLC0415
+
+  from tqdm import tqdm  # noqa: PLC0415
+
+  from lm import plan as plan_lib  # noqa: PLC0415
+
+  points = load_sweep(path, overrides)
+  planner = plan_lib.Planner(topology)
+  rows = []
+  bar = tqdm(points, desc=f"planning on {topology}", unit="point", file=sys.stderr, disable=not progress)
+  for point_id, cfg, _ in bar:
+    bar.set_postfix_str(point_id, refresh=True)
+    rows.append((point_id, planner.plan(cfg)))
+  return rows, planner.compiles
+
+
 def run_sweep(path: str, workdir: str, overrides: list[str] = (), progress: bool = True) -> str:
   """Trains every unfinished point in turn; returns the path of the aggregated `results.csv`.
 
@@ -282,9 +303,12 @@ def run_sweep(path: str, workdir: str, overrides: list[str] = (), progress: bool
   stops a run (SIGTERM, Ctrl-C) stops the sweep after that run's checkpoint: run the command again to resume.
   """
   import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
 
   from lm import train  # noqa: PLC0415
 
+  lead = jax.process_index() == 0  # in a multi-process sweep, process 0 alone prints and writes sweep files
+  say = print if lead else (lambda *_: None)
   root = epath.Path(workdir)
   if "://" not in workdir and not jax.config.jax_compilation_cache_dir:
     # Runs of one size, and a source's segments and branches, compile the same programs: compile them once.
@@ -294,7 +318,7 @@ def run_sweep(path: str, workdir: str, overrides: list[str] = (), progress: bool
     sub = root / run.point_id
     if (sub / "result.json").exists():
       if run.stop_step is None:
-        print(f"sweep: {run.point_id} finished, skipped")
+        say(f"sweep: {run.point_id} finished, skipped")
       continue
     if run.stop_for is not None:
       branch = root / run.stop_for
@@ -302,26 +326,31 @@ def run_sweep(path: str, workdir: str, overrides: list[str] = (), progress: bool
         continue  # the branch has started: it needs no more of its source
       if _newest_checkpoint(sub) == run.stop_step:
         continue
-      print(f"sweep: training {run.point_id} to step {run.stop_step}, where {run.stop_for} branches off")
+      say(f"sweep: training {run.point_id} to step {run.stop_step}, where {run.stop_for} branches off")
     elif run.cfg.train.init_from and _newest_checkpoint(sub) is None:
-      print(f"sweep: branching {run.point_id} from {run.cfg.train.init_from}")
+      say(f"sweep: branching {run.point_id} from {run.cfg.train.init_from}")
     else:
-      print(f"sweep: training {run.point_id}")
+      say(f"sweep: training {run.point_id}")
     progress_path = sub / "sweep.json"
     record = json.loads(progress_path.read_text()) if progress_path.exists() else {"wall_s": 0.0, "resumed": False}
     record["resumed"] |= run.point_id not in started_here and _newest_checkpoint(sub) is not None
     started_here.add(run.point_id)
-    _share_tokenizer(root, sub, run.cfg)
+    if lead:
+      _share_tokenizer(root, sub, run.cfg)
+    multihost_utils.sync_global_devices(f"lm sweep: {run.point_id} set up")  # every process sees the shared tokenizer
     start = time.perf_counter()
     final = train.train(run.cfg, str(sub), progress=progress)
     record["wall_s"] += time.perf_counter() - start
-    progress_path.write_text(json.dumps(record))
+    if lead:
+      progress_path.write_text(json.dumps(record))
     if "stopped_by" in final:
-      print(f"sweep: stopped by {final['stopped_by']} in {run.point_id}; run the same command again to resume")
+      say(f"sweep: stopped by {final['stopped_by']} in {run.point_id}; run the same command again to resume")
       break
-    if run.stop_step is None:
+    if run.stop_step is None and lead:
       (sub / "result.json").write_text(json.dumps({"id": run.point_id, "final": final, **record}, indent=2))
-  return aggregate(workdir)
+  path = aggregate(workdir) if lead else str(root / "results.csv")
+  multihost_utils.sync_global_devices("lm sweep: done")  # no process looks at the results before they exist
+  return path
 
 
 def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.ConfigDict) -> None:
@@ -335,7 +364,7 @@ def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.Conf
       sub.mkdir(parents=True, exist_ok=True)
       for name in ("tokenizer.json", "tokenizer.model"):
         if (other.parent / name).exists():
-          shutil.copy(str(other.parent / name), str(sub / name))
+          (sub / name).write_bytes((other.parent / name).read_bytes())  # epath: local or gs://
       return
 
 

@@ -1,0 +1,164 @@
+"""`lm plan` and `lm sweep --plan`: libtpu compiles the real train step for TPU topologies on this machine."""
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lm import cli, flops, plan
+from lm.errors import UserError
+from lm.model import ModelConfig
+from lm.scaling import accounting
+
+from conftest import REPO, tiny_config
+
+pytestmark = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None, reason="lm plan compiles with libtpu, which is not installed"
+)
+
+SLICE = "v5e:2x4"  # 8 chips, one device each
+EXPERIMENT = """
+from lm.config import default_config
+
+
+def get_config():
+  c = default_config()
+  c.tokenizer.kind = "byte"
+  c.data.seq_len = 32
+  c.model.d_model = 32
+  c.model.n_layers = 2
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 2
+  c.model.d_ff = 64
+  c.train.batch_size = 8
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  return c
+
+
+def get_sweep():
+  return [
+    {"id": "short", "train.steps": 10},
+    {"id": "long", "train.steps": 40, "optim.lr": 1e-3},  # the same program as `short`
+    {"id": "huge", "model.d_model": 16384, "model.n_layers": 8, "model.n_heads": 128, "model.d_ff": 65536},
+  ]
+"""
+
+
+@pytest.fixture(scope="module")
+def planner():
+  return plan.Planner(SLICE)
+
+
+@pytest.fixture(scope="module")
+def fsdp_plan(planner):
+  cfg = tiny_config(**{"mesh.fsdp": -1, "train.steps": 1000})
+  return cfg, planner.plan(cfg)
+
+
+def write_experiment(tmp_path) -> str:
+  path = tmp_path / "exp.py"
+  path.write_text(EXPERIMENT)
+  return str(path)
+
+
+def plan_command(*argv: str) -> argparse.Namespace:
+  """`lm plan ARGV` parsed by the parser `lm.plan.add_parser` adds."""
+  parser = argparse.ArgumentParser()
+  plan.add_parser(parser.add_subparsers(dest="command"))
+  return parser.parse_args(["plan", *argv])
+
+
+def test_reports_sharded_memory_compiled_flops_mfu_and_chip_hours(fsdp_plan):
+  cfg, r = fsdp_plan
+  counts = flops.param_counts(ModelConfig.from_config(cfg, accounting.vocab_size(cfg)))
+  assert (r["chips"], r["devices"], r["mesh"]) == (8, 8, {"data": 1, "fsdp": 8, "tensor": 1})
+  memory = r["memory_per_device"]
+  assert memory["params"] == counts["total"] * 4 / 8  # f32, every parameter split 8 ways over fsdp
+  assert memory["optimizer"] == pytest.approx(2 * memory["params"], rel=0.01)  # AdamW's mu and nu, f32
+  parts = memory["params"] + memory["optimizer"] + memory["temporaries"] + memory["other"]
+  assert memory["total"] == parts and memory["other"] > 0 and memory["temporaries"] >= 0
+  assert r["fits"] and memory["total"] <= memory["hbm"] == 16 * 2**30
+  assert r["flops_per_device"] > 0 and r["flops_per_step"] == 8 * r["flops_per_device"]
+  assert r["flops_per_step"] == pytest.approx(r["model_flops_per_step"], rel=0.25)  # the whole train step
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  assert r["model_flops_per_step"] == flops.flops_per_token(ModelConfig.from_config(cfg, 263), 32) * tokens
+  assert r["step_s"] > 0 and 0 < r["mfu"] <= 1
+  assert r["mfu"] == pytest.approx(r["model_flops_per_step"] / (r["step_s"] * 8 * 197e12))
+  assert r["tokens_per_s"] == pytest.approx(tokens / r["step_s"])
+  assert r["steps"] == 1000 and r["chip_hours"] == pytest.approx(1000 * r["step_s"] * 8 / 3600)
+  text = plan.format_report(r)
+  assert "fits" in text and "MFU" in text and "chip-hours" in text
+
+
+def test_scanned_layers_and_accumulation_count_every_iteration(planner, fsdp_plan):
+  # XLA counts a loop body once: 4 scanned layers x 2 microbatches must cost what 4 x 2 unrolled ones do.
+  _, unrolled = fsdp_plan
+  overrides = {"mesh.fsdp": -1, "model.scan_layers": True, "model.n_layers": 4}
+  r = planner.plan(tiny_config(**overrides, **{"train.batch_size": 16, "optim.grad_accum_steps": 2}))
+  assert "extrapolated" in r["cost_from"]
+  ratio = r["flops_per_step"] / r["model_flops_per_step"]
+  assert ratio == pytest.approx(unrolled["flops_per_step"] / unrolled["model_flops_per_step"], rel=0.05)
+  assert r["step_s"] > 2 * unrolled["step_s"]
+
+
+def test_planned_steps_honour_max_tokens_and_max_flops():
+  cfg = tiny_config(**{"train.steps": 1000, "train.max_tokens": 10 * 8 * 32 + 1})
+  assert plan.planned_steps(cfg, 100.0) == 11
+  config = tiny_config(**{"train.steps": 1000, "train.max_flops": 5 * 256 * 100.0})
+  assert plan.planned_steps(config, 100.0) == 5
+
+
+def test_a_config_that_does_not_fit_prints_its_report_then_names_its_largest_buffers(tmp_path, capsys):
+  big = ["model.d_model=2048", "model.n_heads=16", "model.n_kv_heads=16", "model.d_ff=8192", "model.n_layers=1"]
+  args = plan_command("--config", write_experiment(tmp_path), "--topology", "v5e:1x1", "--json")
+  with pytest.raises(UserError) as caught:  # lm.cli prints it as one line and exits with status 2
+    plan.run(args, [*big, "train.batch_size=64", "data.seq_len=2048"])
+  message = str(caught.value)
+  assert "does not fit v5e:1x1" in message and "\n" not in message
+  assert "params/layer_0/mlp/w_" in message and "needs 36.08 GiB per chip" in message  # libtpu: 36.08G of 15.75G
+  report = json.loads(capsys.readouterr().out)
+  assert not report["fits"] and "ran out of HBM" in report["does_not_fit"]
+  assert report["largest_buffers"][0]["bytes"] == 2048 * 8192 * 4
+
+
+def test_unknown_topologies_are_one_line_errors_with_examples(tmp_path):
+  exp = write_experiment(tmp_path)
+  for name in ("v5p-32", "v9x:2x2", "v5p:2x2", "v6e:2x3"):  # a Cloud type, a generation, a shape, libtpu's no
+    with pytest.raises(UserError, match="v5p:2x2x4") as caught:
+      plan.run(plan_command("--config", exp, "--topology", name), [])
+    assert "\n" not in str(caught.value)
+
+
+def test_chip_table_agrees_with_the_mfu_peaks_of_lm_flops():
+  for generation, chip in plan.CHIPS.items():
+    if generation in flops.TPU_PEAK_FLOPS:
+      assert chip.peak_flops == flops.TPU_PEAK_FLOPS[generation]
+
+
+def test_libtpu_starts_quietly_without_taking_its_lock_file():
+  code = "from lm import plan; print(len(plan.topology_devices('v5e:2x4')))"
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "ALLOW_MULTIPLE"))}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, check=False)
+  assert (out.returncode, out.stdout, out.stderr) == (0, "8\n", "")
+
+
+def test_sweep_plan_tables_every_point_shares_compiles_and_exits_2_if_one_does_not_fit(tmp_path, capsys):
+  argv = ["sweep", "--config", write_experiment(tmp_path), "--plan", "--topology", SLICE, "--no-progress"]
+  assert cli.main(argv) == 2
+  out, err = capsys.readouterr()
+  lines = out.splitlines()
+  rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+  assert list(rows) == ["short", "long", "huge"]
+  assert (rows["short"][2], rows["long"][2], rows["huge"][2]) == ("10", "40", "200")
+  assert "NO" in rows["huge"] and rows["huge"][-1] == "-"  # too big to compile: no step time or chip-hours
+  hours = float(rows["short"][-1]), float(rows["long"][-1])
+  assert hours[1] == pytest.approx(4 * hours[0], rel=0.01) and 0 < float(rows["short"][-2].rstrip("%")) <= 100
+  total = lines[-1]
+  assert "for the 2 of 3 points that fit" in total and "(programs compiled: 1)" in total  # short and long share
+  assert float(total.split()[1]) == pytest.approx(sum(hours), rel=0.01)
+  assert "1 of 3 sweep points do not fit v5e:2x4: huge" in err
