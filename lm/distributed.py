@@ -215,6 +215,12 @@ def _shutdown_and_exit(status: int, message: str) -> None:
   _exit_with(status, None)
 
 
+def barrier(name: str) -> None:
+  """Waits until every process gets here, through the coordinator (no device collective, so no gloo timeout)."""
+  if _state["active"]:
+    _client().wait_at_barrier(f"lm/{name}", int(_timeout() * 1000))
+
+
 def gather_json(name: str, value) -> list | None:
   """Process 0 gets every process's JSON-serializable `value`, in process order; the others get None.
 

@@ -510,6 +510,7 @@ def _loop(
   stop.install()
   agree = _StopAgreement(setup.mesh) if jax.process_count() > 1 else None
   fail_at = int(os.environ.get("LM_DEBUG_FAIL_STEP", 0))  # fault injection for multi-process tests
+  distributed.barrier("loop")  # processes that set up at different speeds start their collectives together
   bar = tqdm(total=last_step, initial=start, disable=not (lead and progress), unit="step", dynamic_ncols=True)
   final: dict = {}
   step, streak = start, None

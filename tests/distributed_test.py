@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -37,44 +38,41 @@ def free_port() -> int:
 
 
 def start(experiment, workdir, *args, processes: int = 1, devices: int = 4, env=None) -> list[subprocess.Popen]:
-  """Starts `lm train` as `processes` processes of `devices` simulated CPU devices each."""
+  """Starts `lm train` as `processes` processes of `devices` simulated CPU devices each.
+
+  Output goes to files, not pipes: a process blocked on a full pipe would stall its peers' collectives.
+  """
   base = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  command = [
-    sys.executable,
-    "-m",
-    "lm.cli",
-    "train",
-    "--config",
-    experiment,
-    "--workdir",
-    str(workdir),
-    "--no-progress",
-  ]
-  if processes == 1:
-    return [subprocess.Popen([*command, *args], env=base, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+  command = [sys.executable, "-m", "lm.cli", "train", "--config", experiment, "--workdir", str(workdir)]
+  command.append("--no-progress")
   port, procs = free_port(), []
+  logs = Path(experiment).parent / "logs"
+  logs.mkdir(exist_ok=True)
   for i in range(processes):
     flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes), "--process-id", str(i)]
-    procs.append(
-      subprocess.Popen(
-        [*command, *flags, *args],
-        env={**base, **((env or {}).get(i, {}))},
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-      )
+    out, err = (open(logs / f"{Path(workdir).name}.{len(list(logs.iterdir()))}.{k}", "w+") for k in ("out", "err"))
+    proc = subprocess.Popen(
+      [*command, *(flags if processes > 1 else []), *args],
+      env={**base, **((env or {}).get(i, {}))},
+      cwd=REPO,
+      stdout=out,
+      stderr=err,
     )
+    proc.logs = (out, err)
+    procs.append(proc)
   return procs
 
 
 def finish(procs, timeout: float = 300) -> list[tuple[int, str, str]]:
   results = []
   for p in procs:
-    out, err = p.communicate(timeout=timeout)
-    results.append(
-      (p.returncode, out if isinstance(out, str) else out.decode(), err if isinstance(err, str) else err.decode())
-    )
+    p.wait(timeout=timeout)
+    texts = []
+    for f in p.logs:
+      f.seek(0)
+      texts.append(f.read())
+      f.close()
+    results.append((p.returncode, *texts))
   return results
 
 
