@@ -66,8 +66,11 @@ def bench_config(preset: str, overrides: list[str], config_file: str | None = No
   return cfg
 
 
-def train_step_throughput(cfg, steps: int = 10, warmup: int = 3) -> dict:
-  """Times `steps` train steps after `warmup`; returns the benchmark record."""
+def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool = False) -> dict:
+  """Times `steps` train steps after `warmup`; returns the benchmark record.
+
+  With `profile`, the record gains `profile`: where a step's time goes, by kind of op and by op.
+  """
   import jax  # noqa: PLC0415
 
   from lm import config as config_lib  # noqa: PLC0415
@@ -78,7 +81,6 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3) -> dict:
   vocab = cfg.tokenizer.vocab_size
   mesh = partitioning.make_mesh(cfg)
   setup = train.build(cfg, vocab, mesh)
-  step_fn = train.make_train_step(setup)
   b, t = cfg.train.batch_size, cfg.data.seq_len
   tokens_BxT1 = np.random.default_rng(0).integers(0, vocab, (b, t + 1)).astype(np.int32)
   batch = {
@@ -92,6 +94,8 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3) -> dict:
   with setup.context():
     state = setup.init_state()
     t0 = time.perf_counter()
+    lowered = train.make_train_step(setup).lower(state, batch)
+    step_fn = lowered.compile()
     state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
@@ -104,11 +108,12 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3) -> dict:
       state, metrics = step_fn(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
+    ops = profile_ops(lowered, state, batch) if profile else None
   step_s = float(np.median(times))
   fpt = flops_lib.flops_per_token(setup.model_cfg, t, cfg.train.flops_convention)
   peak = flops_lib.measure_matmul_flops(cfg.model.dtype)
   tokens_per_s = b * t / step_s
-  return {
+  record = {
     "impl": f"lm-jax-{cfg.model.dtype}",
     "tokens_per_s": tokens_per_s,
     "step_s": step_s,
@@ -121,6 +126,62 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3) -> dict:
     "loss": float(metrics["train/loss"]),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "devices": jax.device_count(),
+  }
+  if ops is not None:
+    record["profile"] = ops
+  return record
+
+
+def profile_ops(lowered, state, batch, steps: int = 3, top: int = 12) -> dict:
+  """Runs `steps` steps of `lowered` under the JAX profiler with XLA:CPU's per-op trace events.
+
+  Returns op time per step in ms, summed over the runtime's threads (ops run concurrently, so it
+  can exceed the step's wall time): by kind (matmul, copy/transpose, other fused elementwise and
+  reductions) and the `top` costliest groups of ops, named by the JAX operation they come from
+  with layer numbers folded (`layer_*`), and `fwd` / `bwd` for the forward and backward passes.
+  """
+  import re  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  compiled = lowered.compile(compiler_options={"xla_cpu_enable_xprof_traceme": True})
+  origin = {}
+  for line in compiled.as_text().splitlines():
+    found = re.match(r'\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]+)"', line)
+    if found:
+      origin[found.group(1)] = found.group(2)
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+    (trace,) = list(__import__("pathlib").Path(trace_dir).rglob("*.xplane.pb"))
+    data = jax.profiler.ProfileData.from_file(str(trace))
+  by_kind, by_op = {"matmul": 0.0, "copy/transpose": 0.0, "elementwise/reduce": 0.0}, {}
+  for plane in data.planes:
+    for line in plane.lines:
+      for event in line.events:
+        name = event.name.removeprefix("end: ")
+        if name not in origin:
+          continue  # runtime bookkeeping, not an op of the step
+        op = re.sub(r"transpose\(jvp\(([^()]*)\)\)", r"bwd \1", origin[name].removeprefix("jit(step)/"))
+        op = re.sub(r"layer_\d+", "layer_*", re.sub(r"jvp\(([^()]*)\)", r"fwd \1", op))
+        # A fused op is named after its root: a matmul, a copy, or elementwise work and reductions.
+        root = op.rsplit("/", 1)[-1]
+        kind = {"dot_general": "matmul", "transpose": "copy/transpose", "copy": "copy/transpose"}
+        kind = kind.get(root, "elementwise/reduce")
+        ms = event.duration_ns / 1e6 / steps
+        by_kind[kind] += ms
+        key = f"{kind}: {op}"
+        by_op[key] = by_op.get(key, 0.0) + ms
+  ranked = sorted(by_op.items(), key=lambda item: -item[1])[:top]
+  return {
+    "op_ms_per_step": {k: round(v, 1) for k, v in by_kind.items()},
+    "top_ops_ms_per_step": {k: round(v, 1) for k, v in ranked},
   }
 
 
@@ -154,7 +215,13 @@ def main(args, overrides: list[str]) -> None:
     print(json.dumps(record))
     sys.stdout.flush()
     return
-  record = {"preset": args.config or args.preset, **train_step_throughput(cfg, steps=args.steps)}
+  record = {"preset": args.config or args.preset, **train_step_throughput(cfg, args.steps, profile=args.profile)}
+  if cfg.model.dtype == "float32" and not args.no_bf16:
+    # bf16 compute beside f32: f32 params, bf16 matmul inputs, f32 accumulation.
+    low = bench_config(args.preset, [*overrides, "model.dtype=bfloat16"], args.config)
+    bf16 = train_step_throughput(low, args.steps)
+    record.update({f"bf16_{k}": bf16[k] for k in ("tokens_per_s", "step_s", "mfu", "loss")})
+    record["bf16_vs_f32"] = bf16["tokens_per_s"] / record["tokens_per_s"]
   if args.peer:
     for name, compiled in (("torch_eager", False), ("torch_compile", True)):
       peer = run_peer(args.peer, args.peer_script or "../shared/peers/torch_llama.py", compiled, cfg, args.steps)

@@ -22,7 +22,7 @@ def test_ref_preset_is_the_shared_reference_model():
 def test_bench_prints_one_json_line_with_the_contract_keys():
   small = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.tokenizer.vocab_size=512"]
   out = subprocess.run(
-    [sys.executable, "-m", "lm.cli", "bench", "train", "--preset", "ref", "--steps", "2", *small],
+    [sys.executable, "-m", "lm.cli", "bench", "train", "--preset", "ref", "--steps", "2", "--profile", *small],
     capture_output=True,
     text=True,
     cwd=REPO,
@@ -36,6 +36,15 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
     assert record[key] > 0, key
   assert record["tokens_per_s"] == pytest.approx(16 * 256 / record["step_s"])
   assert record["mfu"] < 1.0
+  # bf16 compute runs beside f32 in the same invocation.
+  assert record["bf16_tokens_per_s"] == pytest.approx(16 * 256 / record["bf16_step_s"])
+  assert record["bf16_vs_f32"] == pytest.approx(record["bf16_tokens_per_s"] / record["tokens_per_s"])
+  # The per-op profile: every kind of op took time, and the matmuls of the layers are named.
+  kinds = record["profile"]["op_ms_per_step"]
+  assert set(kinds) == {"matmul", "copy/transpose", "elementwise/reduce"} and all(v > 0 for v in kinds.values())
+  top = record["profile"]["top_ops_ms_per_step"]
+  assert "matmul: fwd Transformer/layer_*/attn/dot_general" in top
+  assert any(op.startswith("matmul: bwd Transformer/layer_*/") for op in top)
 
 
 def test_bench_sample_prints_one_json_line_with_the_rates_and_ratios(tmp_path, capfd):
