@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 Array = jax.Array
 
@@ -333,8 +334,15 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(
-    self, tokens_BxT: Array, segment_ids_BxT: Array | None = None, positions_BxT: Array | None = None, cache=None
+    self,
+    tokens_BxT: Array,
+    segment_ids_BxT: Array | None = None,
+    positions_BxT: Array | None = None,
+    cache=None,
+    return_hidden: bool = False,
   ):
+    """With `return_hidden`, returns (final normed hidden states [B, T, D] f32, head [D, V]) for
+    `head_loss`, which never holds the whole [B, T, V] logits."""
     c = self.cfg
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(tokens_BxT)
@@ -379,6 +387,10 @@ class Transformer(nn.Module):
       layers_cache = None if cache is None else (tuple(new_k), tuple(new_v))
 
     x_BxTxD = RMSNorm(c, name="final_norm")(x_BxTxD)
+    if return_hidden:
+      if c.tie_embeddings:
+        return x_BxTxD, embed_VxD.T
+      return x_BxTxD, _param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), _fan_in_init(c.d_model), c)
     if c.tie_embeddings:
       logits_BxTxV = _dot("btd,vd->btv", x_BxTxD, embed_VxD, c.dtype)
     else:
@@ -413,6 +425,73 @@ def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, z_loss: float = 0.0) 
   if z_loss:
     loss_BxT = loss_BxT + z_loss * jnp.square(log_z_BxT)
   return loss_BxT, log_z_BxT
+
+
+LOSS_CHUNKS = 16
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def head_loss(
+  x_BxTxD: Array, head_DxV: Array, targets_BxT: Array, weights_BxT: Array, z_loss: float, dtype: str
+) -> tuple[Array, Array]:
+  """(sum of weights * (cross-entropy + z_loss * logZ^2), sum of weights * cross-entropy) of the
+  logits x @ head, computed over chunks of positions so the [B, T, V] logits never exist at once.
+
+  The gradient with respect to x and head is computed in the forward pass, chunk by chunk, while
+  each chunk's logits are at hand (the backward pass only scales it), as fused linear
+  cross-entropy kernels do. Only the first output is differentiated; the second is for logging.
+  """
+  return _head_loss_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, z_loss, dtype)[0]
+
+
+def _head_loss_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, z_loss, dtype):
+  b, t, d = x_BxTxD.shape
+  n = max(c for c in range(1, min(t, LOSS_CHUNKS) + 1) if t % c == 0)
+  chunk = t // n
+  # Chunks along positions, not rows: each chunk keeps the whole (data-sharded) batch. The loop is
+  # unrolled: XLA schedules the chunks freely, and its cost model (lm plan) prices straight-line code.
+  xs_NxBxCxD = x_BxTxD.reshape(b, n, chunk, d).swapaxes(0, 1)
+  targets_NxBxC, weights_NxBxC = (a.reshape(b, n, chunk).swapaxes(0, 1) for a in (targets_BxT, weights_BxT))
+
+  def body(carry, chunk_inputs):
+    d_head_DxV, objective, ce = carry
+    x_BxCxD, targets_BxC, weights_BxC = chunk_inputs
+    logits_BxCxV = _project(x_BxCxD, head_DxV, 1, dtype)
+    logits_BxCxV = nn.with_logical_constraint(logits_BxCxV, ("act_batch", "act_length", "act_vocab"))
+    max_BxCx1 = jax.lax.stop_gradient(jnp.max(logits_BxCxV, axis=-1, keepdims=True))
+    exp_BxCxV = jnp.exp(logits_BxCxV - max_BxCx1)
+    sum_BxCx1 = jnp.sum(exp_BxCxV, axis=-1, keepdims=True)
+    log_z_BxC = (jnp.log(sum_BxCx1) + max_BxCx1)[..., 0]
+    is_target_BxCxV = targets_BxC[..., None] == jnp.arange(logits_BxCxV.shape[-1])
+    target_logit_BxC = jnp.sum(jnp.where(is_target_BxCxV, logits_BxCxV, 0.0), axis=-1)
+    ce_BxC = log_z_BxC - target_logit_BxC
+    # d/dlogits of w * (logZ - logit_target + z * logZ^2) = w * ((1 + 2 z logZ) softmax - onehot).
+    scale_BxCx1 = (weights_BxC * (1.0 + 2.0 * z_loss * log_z_BxC))[..., None] / sum_BxCx1
+    d_logits_BxCxV = exp_BxCxV * scale_BxCx1 - jnp.where(is_target_BxCxV, weights_BxC[..., None], 0.0)
+    d_x_BxCxD = _project(d_logits_BxCxV, head_DxV.T, 1, dtype)
+    d_head_DxV = d_head_DxV + _bmm(
+      x_BxCxD.reshape(-1, d).T, d_logits_BxCxV.reshape(-1, d_logits_BxCxV.shape[-1]), dtype
+    )
+    objective = objective + jnp.sum(weights_BxC * (ce_BxC + z_loss * jnp.square(log_z_BxC)))
+    return (d_head_DxV, objective, ce + jnp.sum(weights_BxC * ce_BxC)), d_x_BxCxD
+
+  zero = jnp.zeros((), jnp.float32)
+  init = (jnp.zeros(head_DxV.shape, jnp.float32), zero, zero)
+  (d_head_DxV, objective, ce), d_xs_NxBxCxD = jax.lax.scan(
+    body, init, (xs_NxBxCxD, targets_NxBxC, weights_NxBxC), unroll=True
+  )
+  d_x_BxTxD = d_xs_NxBxCxD.swapaxes(0, 1).reshape(b, t, d)
+  return (objective, ce), (d_x_BxTxD, d_head_DxV.astype(head_DxV.dtype), targets_BxT, weights_BxT)
+
+
+def _head_loss_bwd(z_loss, dtype, res, cotangents):
+  d_x_BxTxD, d_head_DxV, targets_BxT, weights_BxT = res
+  d_objective = cotangents[0]
+  no_d_targets_BxT = np.zeros(targets_BxT.shape, jax.dtypes.float0)  # integer inputs take float0 cotangents
+  return d_x_BxTxD * d_objective, d_head_DxV * d_objective, no_d_targets_BxT, jnp.zeros_like(weights_BxT)
+
+
+head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -35,7 +35,7 @@ from lm import metrics as metrics_lib
 from lm import tokenizer as tokenizer_lib
 from lm.data import corpus_builder, pipeline
 from lm.errors import UserError
-from lm.model import ModelConfig, Transformer, cross_entropy
+from lm.model import ModelConfig, Transformer, cross_entropy, head_loss
 
 PLOT_INTERVAL_S = 60.0
 
@@ -143,11 +143,10 @@ def make_train_step(setup: Setup):
   schedule = optim.make_schedule(cfg)
 
   def loss_sums(params, batch):
-    logits_BxTxV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
-    loss_BxT, _ = cross_entropy(logits_BxTxV, batch["targets"], z_loss)
-    objective = jnp.sum(loss_BxT * batch["loss_mask"])
-    ce = objective if not z_loss else jnp.sum(cross_entropy(logits_BxTxV, batch["targets"])[0] * batch["loss_mask"])
-    return objective, ce
+    x_BxTxD, head_DxV = model.apply(
+      {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], return_hidden=True
+    )
+    return head_loss(x_BxTxD, head_DxV, batch["targets"], batch["loss_mask"], z_loss, model.cfg.dtype)
 
   grad_fn = jax.grad(loss_sums, has_aux=True)
 

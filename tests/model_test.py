@@ -161,3 +161,34 @@ def test_causal_query_blocks_give_dense_attention_and_its_gradients():
   np.testing.assert_allclose(out, out_dense, atol=2e-5)
   for grad, grad_dense in zip(vjp(cotangent), vjp_dense(cotangent), strict=True):
     np.testing.assert_allclose(grad, grad_dense, atol=2e-4)
+
+
+@pytest.mark.parametrize("length", [48, 21])  # 16 chunks of 3 positions; 7 chunks of 3 (21 has no 16-divisor)
+def test_chunked_head_loss_equals_the_full_logits_loss_and_its_gradients(length):
+  from lm.model import head_loss  # noqa: PLC0415
+
+  keys = jax.random.split(jax.random.key(2), 4)
+  x = jax.random.normal(keys[0], (3, length, 16))
+  head = jax.random.normal(keys[1], (16, V)) * 0.5
+  targets = jax.random.randint(keys[2], (3, length), 0, V)
+  weights = (jax.random.uniform(keys[3], (3, length)) > 0.3).astype(jnp.float32)  # masked positions too
+  z = 1e-2
+
+  def full(x, head):
+    loss, _ = cross_entropy(jnp.einsum("btd,dv->btv", x, head), targets, z)
+    ce, _ = cross_entropy(jnp.einsum("btd,dv->btv", x, head), targets)
+    return jnp.sum(loss * weights), jnp.sum(ce * weights)
+
+  def chunked(x, head):
+    return head_loss(x, head, targets, weights, z, "float32")
+
+  (objective, ce), grads = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(x, head)
+  (objective_full, ce_full), grads_full = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(x, head)
+  np.testing.assert_allclose(objective, objective_full, rtol=1e-5)
+  np.testing.assert_allclose(ce, ce_full, rtol=1e-5)
+  assert objective > ce > 0
+  for grad, grad_full in zip(grads, grads_full, strict=True):
+    np.testing.assert_allclose(grad, grad_full, atol=1e-5)
+  # The cotangent scales the gradient: 2 * loss has twice its gradient.
+  double = jax.grad(lambda x: 2 * chunked(x, head)[0])(x)
+  np.testing.assert_allclose(double, 2 * grads[0], atol=1e-5)
