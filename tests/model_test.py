@@ -163,7 +163,7 @@ def test_causal_query_blocks_give_dense_attention_and_its_gradients():
     np.testing.assert_allclose(grad, grad_dense, atol=2e-4)
 
 
-@pytest.mark.parametrize("length", [48, 21])  # 16 chunks of 3 positions; 7 chunks of 3 (21 has no 16-divisor)
+@pytest.mark.parametrize("length", [48, 21])  # 4 chunks of 12 positions; 3 chunks of 7 (4 does not divide 21)
 def test_chunked_head_loss_equals_the_full_logits_loss_and_its_gradients(length):
   from lm.model import head_loss  # noqa: PLC0415
 
