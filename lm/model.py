@@ -460,7 +460,7 @@ def _head_loss_fwd(x_BxTxD, head_DxV, targets_BxT, weights_BxT, z_loss, dtype):
     x_BxCxD, targets_BxC, weights_BxC = chunk_inputs
     logits_BxCxV = _project(x_BxCxD, head_DxV, 1, dtype)
     logits_BxCxV = nn.with_logical_constraint(logits_BxCxV, ("act_batch", "act_length", "act_vocab"))
-    max_BxCx1 = jax.lax.stop_gradient(jnp.max(logits_BxCxV, axis=-1, keepdims=True))
+    max_BxCx1 = jnp.max(logits_BxCxV, axis=-1, keepdims=True)
     exp_BxCxV = jnp.exp(logits_BxCxV - max_BxCx1)
     sum_BxCx1 = jnp.sum(exp_BxCxV, axis=-1, keepdims=True)
     log_z_BxC = (jnp.log(sum_BxCx1) + max_BxCx1)[..., 0]
@@ -490,7 +490,8 @@ def _head_loss_bwd(z_loss, dtype, res, cotangents):
   d_x_BxTxD, d_head_DxV, targets_BxT, weights_BxT = res
   d_objective = cotangents[0]
   no_d_targets_BxT = np.zeros(targets_BxT.shape, jax.dtypes.float0)  # integer inputs take float0 cotangents
-  return d_x_BxTxD * d_objective, d_head_DxV * d_objective, no_d_targets_BxT, jnp.zeros_like(weights_BxT)
+  d_x_BxTxD, d_head_DxV = ((g * d_objective).astype(g.dtype) for g in (d_x_BxTxD, d_head_DxV))
+  return d_x_BxTxD, d_head_DxV, no_d_targets_BxT, jnp.zeros_like(weights_BxT)
 
 
 head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)

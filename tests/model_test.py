@@ -192,3 +192,16 @@ def test_chunked_head_loss_equals_the_full_logits_loss_and_its_gradients(length)
   # The cotangent scales the gradient: 2 * loss has twice its gradient.
   double = jax.grad(lambda x: 2 * chunked(x, head)[0])(x)
   np.testing.assert_allclose(double, 2 * grads[0], atol=1e-5)
+
+
+def test_chunked_head_loss_gives_bf16_parameters_bf16_gradients():
+  from lm.model import head_loss  # noqa: PLC0415
+
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (2, 8, 16))
+  head = (jax.random.normal(keys[1], (16, V)) * 0.5).astype(jnp.bfloat16)
+  targets, weights = jax.random.randint(keys[2], (2, 8), 0, V), jnp.ones((2, 8))
+  grad_x, grad_head = jax.grad(lambda x, h: head_loss(x, h, targets, weights, 0.0, "bfloat16")[0], (0, 1))(x, head)
+  assert grad_x.dtype == jnp.float32 and grad_head.dtype == jnp.bfloat16
+  exact = jax.grad(lambda h: head_loss(x, h, targets, weights, 0.0, "float32")[0])(head.astype(jnp.float32))
+  assert float(jnp.max(jnp.abs(grad_head.astype(jnp.float32) - exact))) < 0.05 * float(jnp.max(jnp.abs(exact)))
