@@ -132,6 +132,10 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
   return record
 
 
+# A fused op is named after its root: a matmul, a copy, or (anything else) elementwise work and reductions.
+_KIND_OF_ROOT = {"dot_general": "matmul", "transpose": "copy/transpose", "copy": "copy/transpose"}
+
+
 def profile_ops(lowered, state, batch, steps: int = 3, top: int = 12) -> dict:
   """Runs `steps` steps of `lowered` under the JAX profiler with XLA:CPU's per-op trace events.
 
@@ -140,6 +144,7 @@ def profile_ops(lowered, state, batch, steps: int = 3, top: int = 12) -> dict:
   reductions) and the `top` costliest groups of ops, named by the JAX operation they come from
   with layer numbers folded (`layer_*`), and `fwd` / `bwd` for the forward and backward passes.
   """
+  import pathlib  # noqa: PLC0415
   import re  # noqa: PLC0415
   import tempfile  # noqa: PLC0415
 
@@ -159,7 +164,7 @@ def profile_ops(lowered, state, batch, steps: int = 3, top: int = 12) -> dict:
       state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     jax.profiler.stop_trace()
-    (trace,) = list(__import__("pathlib").Path(trace_dir).rglob("*.xplane.pb"))
+    (trace,) = list(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
     data = jax.profiler.ProfileData.from_file(str(trace))
   by_kind, by_op = {"matmul": 0.0, "copy/transpose": 0.0, "elementwise/reduce": 0.0}, {}
   for plane in data.planes:
@@ -170,10 +175,7 @@ def profile_ops(lowered, state, batch, steps: int = 3, top: int = 12) -> dict:
           continue  # runtime bookkeeping, not an op of the step
         op = re.sub(r"transpose\(jvp\(([^()]*)\)\)", r"bwd \1", origin[name].removeprefix("jit(step)/"))
         op = re.sub(r"layer_\d+", "layer_*", re.sub(r"jvp\(([^()]*)\)", r"fwd \1", op))
-        # A fused op is named after its root: a matmul, a copy, or elementwise work and reductions.
-        root = op.rsplit("/", 1)[-1]
-        kind = {"dot_general": "matmul", "transpose": "copy/transpose", "copy": "copy/transpose"}
-        kind = kind.get(root, "elementwise/reduce")
+        kind = _KIND_OF_ROOT.get(op.rsplit("/", 1)[-1], "elementwise/reduce")
         ms = event.duration_ns / 1e6 / steps
         by_kind[kind] += ms
         key = f"{kind}: {op}"
