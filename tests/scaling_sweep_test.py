@@ -165,7 +165,7 @@ def test_model_shape_follows_ladder_rules():
 
 
 @pytest.mark.parametrize(
-  "name, devices, budgets", [("isoflop_tpu", 256, [1e17, 1e18, 1e19, 1e20]), ("isoflop_cpu", 2, [1e12, 2e12, 4e12])]
+  "name, devices, budgets", [("isoflop_tpu", 256, [1e17, 1e18, 1e19, 1e20]), ("isoflop_cpu", 2, [1e12, 2.2e12, 5e12])]
 )
 def test_isoflop_experiment_plans_are_valid_and_spend_each_budget(name, devices, budgets, capsys):
   path = os.path.join(REPO, "experiments", f"{name}.py")
