@@ -13,10 +13,12 @@ token. With `--peer PYTHON`, Hugging Face `generate()` on a Llama of the `ref` s
 
 import dataclasses
 import json
+import pathlib
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -108,7 +110,16 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
       state, metrics = step_fn(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
-    ops = profile_ops(lowered, state, batch) if profile else None
+    ops = None
+    if profile:
+      carry = [state]
+
+      def run(compiled, steps=3):
+        for _ in range(steps):
+          carry[0], out = compiled(carry[0], batch)
+        return out
+
+      ops = profile_ops(lowered, run, steps=3)
   step_s = float(np.median(times))
   fpt = flops_lib.flops_per_token(setup.model_cfg, t, cfg.train.flops_convention)
   peak = flops_lib.measure_matmul_flops(cfg.model.dtype)
@@ -136,15 +147,16 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
 _KIND_OF_ROOT = {"dot_general": "matmul", "transpose": "copy/transpose", "copy": "copy/transpose"}
 
 
-def profile_ops(lowered, state, batch, steps: int = 3, top: int = 12) -> dict:
-  """Runs `steps` steps of `lowered` under the JAX profiler with XLA:CPU's per-op trace events.
+def profile_ops(lowered, run: Callable, steps: int, top: int = 12) -> dict:
+  """Times the ops of `lowered` under the JAX profiler with XLA:CPU's per-op trace events.
 
+  `run(compiled)` makes calls of the compiled program (once to warm up, then once traced) and
+  returns an output to wait for; its calls make `steps` steps (train steps, decode steps).
   Returns op time per step in ms, summed over the runtime's threads (ops run concurrently, so it
   can exceed the step's wall time): by kind (matmul, copy/transpose, other fused elementwise and
   reductions) and the `top` costliest groups of ops, named by the JAX operation they come from
   with layer numbers folded (`layer_*`), and `fwd` / `bwd` for the forward and backward passes.
   """
-  import pathlib  # noqa: PLC0415
   import re  # noqa: PLC0415
   import tempfile  # noqa: PLC0415
 
@@ -154,15 +166,12 @@ def profile_ops(lowered, state, batch, steps: int = 3, top: int = 12) -> dict:
   origin = {}
   for line in compiled.as_text().splitlines():
     found = re.match(r'\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]+)"', line)
-    if found:
-      origin[found.group(1)] = found.group(2)
-  state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+    if found and not re.search(r" (while|conditional|call)\(", line):  # their events span the ops they run
+      origin[found.group(1)] = re.sub(r"^jit\([^)]*\)/(while/body/)?", "", found.group(2))
+  jax.block_until_ready(run(compiled))
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
-    for _ in range(steps):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(run(compiled))
     jax.profiler.stop_trace()
     (trace,) = list(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
     data = jax.profiler.ProfileData.from_file(str(trace))
@@ -173,7 +182,7 @@ def profile_ops(lowered, state, batch, steps: int = 3, top: int = 12) -> dict:
         name = event.name.removeprefix("end: ")
         if name not in origin:
           continue  # runtime bookkeeping, not an op of the step
-        op = re.sub(r"transpose\(jvp\(([^()]*)\)\)", r"bwd \1", origin[name].removeprefix("jit(step)/"))
+        op = re.sub(r"transpose\(jvp\(([^()]*)\)\)", r"bwd \1", origin[name])
         op = re.sub(r"layer_\d+", "layer_*", re.sub(r"jvp\(([^()]*)\)", r"fwd \1", op))
         kind = _KIND_OF_ROOT.get(op.rsplit("/", 1)[-1], "elementwise/reduce")
         ms = event.duration_ns / 1e6 / steps
@@ -182,8 +191,8 @@ def profile_ops(lowered, state, batch, steps: int = 3, top: int = 12) -> dict:
         by_op[key] = by_op.get(key, 0.0) + ms
   ranked = sorted(by_op.items(), key=lambda item: -item[1])[:top]
   return {
-    "op_ms_per_step": {k: round(v, 1) for k, v in by_kind.items()},
-    "top_ops_ms_per_step": {k: round(v, 1) for k, v in ranked},
+    "op_ms_per_step": {k: round(v, 2) for k, v in by_kind.items()},
+    "top_ops_ms_per_step": {k: round(v, 2) for k, v in ranked},
   }
 
 
@@ -211,7 +220,7 @@ def run_peer(python: str, script: str, compiled: bool, cfg, steps: int) -> dict:
 def main(args, overrides: list[str]) -> None:
   cfg = bench_config(args.preset, overrides, args.config)
   if args.what == "sample":
-    record = {"preset": args.config or args.preset, **sample_throughput(cfg, new_tokens=args.new_tokens)}
+    record = {"preset": args.config or args.preset, **sample_throughput(cfg, args.new_tokens, profile=args.profile)}
     if args.peer:
       record.update(hf_peer(args.peer, args.peer_script or "../shared/peers/hf_generate.py", record))
     print(json.dumps(record))
@@ -236,13 +245,17 @@ def main(args, overrides: list[str]) -> None:
   sys.stdout.flush()
 
 
-def sample_throughput(cfg, new_tokens: int = 512, prompt_len: int = 16, bucket: int = 64) -> dict:
+def sample_throughput(
+  cfg, new_tokens: int = 512, prompt_len: int = 16, bucket: int = 64, repeats: int = 3, profile: bool = False
+) -> dict:
   """Tokens/s of prefill, of greedy cached decoding at batch 1 and 8, and of the recompute loop.
 
   Decoding rates time whole `generate` calls (prefill of a `prompt_len`-token prompt included,
-  compilation not) making `new_tokens` per row. Prefill is timed on a `new_tokens`-token prompt.
+  compilation not) making `new_tokens` per row, the fastest of `repeats`. Prefill is timed on a
+  `new_tokens`-token prompt.
   The recompute loop makes the same number of tokens, each from a full forward pass over the
   sequence so far, padded to a multiple of `bucket` so that only a few shapes are compiled.
+  With `profile`, the record gains `profile_batch8`: where a batch-8 decode step's time goes, by op.
   """
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
@@ -263,10 +276,14 @@ def sample_throughput(cfg, new_tokens: int = 512, prompt_len: int = 16, bucket: 
   rng = np.random.default_rng(0)
 
   def timed(fn) -> float:
-    fn()  # compiles
-    t0 = time.perf_counter()
+    """The fastest of `repeats` calls after a first one that compiles: these cores are shared."""
     fn()
-    return time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t0)
+    return min(times)
 
   def decode_rate(batch: int) -> float:
     prompts = [rng.integers(7, vocab, prompt_len).tolist() for _ in range(batch)]
@@ -304,6 +321,12 @@ def sample_throughput(cfg, new_tokens: int = 512, prompt_len: int = 16, bucket: 
     "params": flops_lib.param_counts(model_cfg)["total"],
     "devices": jax.device_count(),
   }
+  if profile:
+    prompts = [rng.integers(7, vocab, prompt_len).tolist() for _ in range(8)]
+    starts = [sampler._start(params, prompts, [greedy] * 8) for _ in range(2)]  # the loop donates its state
+    controls, steps = starts[0][1], np.int32(new_tokens)
+    lowered = sampler._decode.lower(params, starts[0][0], controls, steps)
+    record["profile_batch8"] = profile_ops(lowered, lambda c: c(params, starts.pop()[0], controls, steps), new_tokens)
   record["cached_vs_recompute"] = record["decode_tokens_per_s"] / record["recompute_tokens_per_s"]
   record["batch8_vs_batch1"] = record["batch8_decode_tokens_per_s"] / record["decode_tokens_per_s"]
   return record

@@ -70,7 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
     default=None,
     help="the peer script (default: ../shared/peers/torch_llama.py for train, hf_generate.py for sample)",
   )
-  p.add_argument("--profile", action="store_true", help="train: add where the step's time goes, by op")
+  p.add_argument("--profile", action="store_true", help="add where a step's time goes, by op (sample: at batch 8)")
   p.add_argument("--no-bf16", action="store_true", help="train: skip the bf16-compute run beside f32")
   p.add_argument("--new-tokens", type=int, default=512, help="sample: tokens generated per row")
   p.add_argument("--table", default=None, help=f"fit: the table to fit (default: {scaling_cli.DEFAULT_BENCH_TABLE})")

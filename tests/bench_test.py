@@ -55,7 +55,7 @@ def test_bench_sample_prints_one_json_line_with_the_rates_and_ratios(tmp_path, c
   peer.write_text(f"print({json.dumps(json.dumps(rates))})\n")
   small = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.tokenizer.vocab_size=512"]
   small.append("--config.model.n_layers=1")  # compiling the sampler dominates; one layer halves it
-  argv = ["bench", "sample", "--preset", "ref", "--new-tokens", "8", "--peer", sys.executable]
+  argv = ["bench", "sample", "--preset", "ref", "--new-tokens", "8", "--profile", "--peer", sys.executable]
   argv += ["--peer-script", str(peer)]
   capfd.readouterr()
   assert cli.main(argv + small) == 0
@@ -75,3 +75,10 @@ def test_bench_sample_prints_one_json_line_with_the_rates_and_ratios(tmp_path, c
   assert record["hf_decode_tokens_per_s"] == 10.0 and record["hf_batch8_decode_tokens_per_s"] == 40.0
   assert record["vs_hf_batch1"] == pytest.approx(record["decode_tokens_per_s"] / 10.0)
   assert record["vs_hf_batch8"] == pytest.approx(record["batch8_decode_tokens_per_s"] / 40.0)
+  # The batch-8 decode step's profile names the model's matmuls; the loop and cond wrappers, whose
+  # trace events span the ops inside them, are not counted twice.
+  profile = record["profile_batch8"]
+  assert profile["op_ms_per_step"]["matmul"] > 0
+  top = profile["top_ops_ms_per_step"]
+  assert any(op.startswith("matmul: Transformer/layer_*/") for op in top)
+  assert not any(op.split(": ", 1)[1] in ("while", "cond") for op in top)
