@@ -21,6 +21,7 @@ def test_ref_preset_is_the_shared_reference_model():
 
 def test_bench_prints_one_json_line_with_the_contract_keys():
   small = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.tokenizer.vocab_size=512"]
+  small.append("--config.model.n_layers=1")  # three programs compile (f32, bf16, profiled); one layer cuts that
   out = subprocess.run(
     [sys.executable, "-m", "lm.cli", "bench", "train", "--preset", "ref", "--steps", "2", "--profile", *small],
     capture_output=True,
