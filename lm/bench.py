@@ -2,8 +2,10 @@
 
 `train` times the step `lm train` runs (same model, sharding, AdamW with clipping), fed a fixed
 random batch so that the data pipeline is not timed. MFU is against a matmul peak measured in
-the same process. With `--peer PYTHON`, PyTorch's version of the same model (`--peer-script`)
-runs in eager and compiled mode in the same invocation, and the JSON gains the ratios.
+the same process. Beside it runs `lm.bare`, the same model and step written in bare jax.numpy:
+what the library's layers (Flax, sharding, optax, its custom backward passes) cost or save.
+With `--peer PYTHON`, PyTorch's version of the same model (`--peer-script`) runs in eager and
+compiled mode in the same invocation, and the JSON gains the ratios.
 
 `sample` times `lm.sampling` on the preset's model with random weights: prefill, greedy cached
 decoding at batch 1 and 8, and the naive loop that reruns the whole forward pass for every new
@@ -143,6 +145,45 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
   return record
 
 
+def bare_compatible(cfg) -> bool:
+  """Whether `lm.bare` implements this config's model: f32, unscanned, untied, no z-loss, one process."""
+  import jax  # noqa: PLC0415
+
+  m = cfg.model
+  plain = m.dtype == m.param_dtype == "float32" and not m.scan_layers and not m.tie_embeddings and not m.z_loss
+  return plain and jax.process_count() == 1
+
+
+def bare_step_throughput(cfg, steps: int = 10, warmup: int = 3) -> dict:
+  """Times `lm.bare`'s train step (the same model and batch in bare jax.numpy, one device) like
+  `train_step_throughput` times the real one: the median of `steps` steps after `warmup`."""
+  import flax.linen as nn  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from lm import bare  # noqa: PLC0415
+  from lm.model import ModelConfig, Transformer  # noqa: PLC0415
+
+  vocab, m, o = cfg.tokenizer.vocab_size, cfg.model, cfg.optim
+  model = Transformer(ModelConfig.from_config(cfg, vocab))
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(cfg.train.seed), jnp.zeros((1, 8), jnp.int32))["params"])
+  b, t = cfg.train.batch_size, cfg.data.seq_len
+  tokens_BxT1 = np.random.default_rng(0).integers(0, vocab, (b, t + 1)).astype(np.int32)
+  inputs, targets = jnp.asarray(tokens_BxT1[:, :-1]), jnp.asarray(tokens_BxT1[:, 1:])
+  step = bare.make_step(
+    m.n_layers, o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm or float("inf"), m.norm_eps, m.rope_base
+  )
+  opt = bare.init_opt(params)
+  times = []
+  for _ in range(warmup + 1 + steps):  # the first call compiles
+    t0 = time.perf_counter()
+    params, opt, loss = step(params, opt, inputs, targets)
+    loss.block_until_ready()
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times[warmup + 1 :]))
+  return {"tokens_per_s": b * t / step_s, "step_s": step_s, "loss": float(loss)}
+
+
 # A fused op is named after its root: a matmul, a copy, or (anything else) elementwise work and reductions.
 _KIND_OF_ROOT = {"dot_general": "matmul", "transpose": "copy/transpose", "copy": "copy/transpose"}
 
@@ -227,6 +268,10 @@ def main(args, overrides: list[str]) -> None:
     sys.stdout.flush()
     return
   record = {"preset": args.config or args.preset, **train_step_throughput(cfg, args.steps, profile=args.profile)}
+  if not args.no_bare and bare_compatible(cfg):
+    base = bare_step_throughput(cfg, args.steps)
+    record["bare_jax_tokens_per_s"] = base["tokens_per_s"]
+    record["ratio_vs_bare_jax"] = record["tokens_per_s"] / base["tokens_per_s"]
   if cfg.model.dtype == "float32" and not args.no_bf16:
     # bf16 compute beside f32: f32 params, bf16 matmul inputs, f32 accumulation.
     low = bench_config(args.preset, [*overrides, "model.dtype=bfloat16"], args.config)

@@ -72,6 +72,7 @@ def make_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--profile", action="store_true", help="add where a step's time goes, by op (sample: at batch 8)")
   p.add_argument("--no-bf16", action="store_true", help="train: skip the bf16-compute run beside f32")
+  p.add_argument("--no-bare", action="store_true", help="train: skip the bare jax.numpy step (lm.bare) beside it")
   p.add_argument("--new-tokens", type=int, default=512, help="sample: tokens generated per row")
   p.add_argument("--table", default=None, help=f"fit: the table to fit (default: {scaling_cli.DEFAULT_BENCH_TABLE})")
 

@@ -40,6 +40,9 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
   # bf16 compute runs beside f32 in the same invocation.
   assert record["bf16_tokens_per_s"] == pytest.approx(16 * 256 / record["bf16_step_s"])
   assert record["bf16_vs_f32"] == pytest.approx(record["bf16_tokens_per_s"] / record["tokens_per_s"])
+  # The same step in bare jax.numpy (lm.bare) runs beside it.
+  assert record["bare_jax_tokens_per_s"] > 0
+  assert record["ratio_vs_bare_jax"] == pytest.approx(record["tokens_per_s"] / record["bare_jax_tokens_per_s"])
   # The per-op profile: every kind of op took time, and the matmuls of the layers are named.
   kinds = record["profile"]["op_ms_per_step"]
   assert set(kinds) == {"matmul", "copy/transpose", "elementwise/reduce"} and all(v > 0 for v in kinds.values())
