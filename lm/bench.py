@@ -11,6 +11,9 @@ compiled mode in the same invocation, and the JSON gains the ratios.
 decoding at batch 1 and 8, and the naive loop that reruns the whole forward pass for every new
 token. With `--peer PYTHON`, Hugging Face `generate()` on a Llama of the `ref` shape
 (../shared/peers/hf_generate.py) runs in the same invocation, and the JSON gains the ratios.
+
+`matmul` times the single matmuls those steps are made of, under XLA and, with `--peer PYTHON`,
+under PyTorch in the same invocation: how much of a gap to PyTorch is the kernels' own.
 """
 
 import dataclasses
@@ -260,6 +263,10 @@ def run_peer(python: str, script: str, compiled: bool, cfg, steps: int) -> dict:
 
 def main(args, overrides: list[str]) -> None:
   cfg = bench_config(args.preset, overrides, args.config)
+  if args.what == "matmul":
+    print(json.dumps(matmul_speeds(args.peer)))
+    sys.stdout.flush()
+    return
   if args.what == "sample":
     record = {"preset": args.config or args.preset, **sample_throughput(cfg, args.new_tokens, profile=args.profile)}
     if args.peer:
@@ -374,6 +381,81 @@ def sample_throughput(
     record["profile_batch8"] = profile_ops(lowered, lambda c: c(params, starts.pop()[0], controls, steps), new_tokens)
   record["cached_vs_recompute"] = record["decode_tokens_per_s"] / record["recompute_tokens_per_s"]
   record["batch8_vs_batch1"] = record["batch8_decode_tokens_per_s"] / record["decode_tokens_per_s"]
+  return record
+
+
+# The matmuls the ref model's steps are made of: name -> (batch, rows, inner, columns).
+MATMUL_SHAPES = {
+  "decode_b1_mlp": (1, 1, 256, 768),
+  "decode_b8_mlp": (1, 8, 256, 768),
+  "decode_b1_head": (1, 1, 256, 8192),
+  "decode_b8_head": (1, 8, 256, 8192),
+  "train_mlp_in": (1, 4096, 256, 768),
+  "train_mlp_out": (1, 4096, 768, 256),
+  "train_head": (1, 4096, 256, 8192),
+  "train_attention": (64, 256, 64, 256),
+}
+
+# Times the same matmuls in PyTorch: run by the peer's interpreter with the shapes as JSON.
+_TORCH_MATMULS = """
+import json, sys, time
+import torch
+out = {}
+for name, (b, m, k, n, r) in json.loads(sys.argv[1]).items():
+  xs = torch.randn(b, m, k).squeeze(0)
+  ws = [torch.randn(b, k, n).squeeze(0) for _ in range(r)]
+  best = float("inf")
+  for _ in range(20):
+    t0 = time.perf_counter()
+    for w in ws:
+      xs @ w
+    best = min(best, (time.perf_counter() - t0) / r)
+  out[name] = best
+print(json.dumps(out))
+"""
+
+
+def matmul_speeds(peer: str | None = None, repeats: int = 20, names: tuple[str, ...] = tuple(MATMUL_SHAPES)) -> dict:
+  """Seconds per matmul for `MATMUL_SHAPES` under XLA (and PyTorch with `peer`), with GFLOP/s.
+
+  Small matmuls run as a chain of r independent products with different weights (about 32 MB of
+  them, as a model's do not stay in cache), timed as one call and divided by r; the fastest of
+  `repeats` calls counts.
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  shapes = {}
+  for name in names:
+    b, m, k, n = MATMUL_SHAPES[name]
+    r = max(1, min(32, 8_000_000 // (b * k * n))) if m <= 64 else 1
+    shapes[name] = (b, m, k, n, r)
+  record = {}
+  for name, (b, m, k, n, r) in shapes.items():
+    x = jnp.asarray(rng.standard_normal((b, m, k), np.float32)[0 if b == 1 else slice(None)])
+    ws = [jnp.asarray(rng.standard_normal((b, k, n), np.float32)[0 if b == 1 else slice(None)]) for _ in range(r)]
+    products = jax.jit(lambda x, ws: [x @ w for w in ws])
+    jax.block_until_ready(products(x, ws))
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(products(x, ws))
+      best = min(best, (time.perf_counter() - t0) / r)
+    flops = 2 * b * m * k * n
+    record[name] = {"shape": [b, m, k, n], "xla_ms": best * 1e3, "xla_gflops": flops / best / 1e9}
+  if peer:
+    out = subprocess.run([peer, "-c", _TORCH_MATMULS, json.dumps(shapes)], capture_output=True, text=True, check=False)
+    if out.returncode:
+      record["torch_error"] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+      return record
+    for name, seconds in json.loads(out.stdout.strip().splitlines()[-1]).items():
+      b, m, k, n = MATMUL_SHAPES[name]
+      record[name].update(
+        torch_ms=seconds * 1e3,
+        torch_gflops=2 * b * m * k * n / seconds / 1e9,
+        xla_vs_torch=seconds / (record[name]["xla_ms"] / 1e3),
+      )
   return record
 
 

@@ -60,11 +60,13 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: DIR/plots of the first run)")
 
   p = sub.add_parser("bench", help="benchmarks that print one JSON line")
-  p.add_argument("what", choices=["train", "sample", "fit"])
+  p.add_argument("what", choices=["train", "sample", "matmul", "fit"])
   p.add_argument("--preset", default="ref", help="model preset (default: ref)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
-  p.add_argument("--peer", default=None, metavar="PYTHON", help="also run the peer with this interpreter")
+  p.add_argument(
+    "--peer", default=None, metavar="PYTHON", help="also run the peer with this interpreter (matmul: one with torch)"
+  )
   p.add_argument(
     "--peer-script",
     default=None,

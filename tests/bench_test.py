@@ -86,3 +86,18 @@ def test_bench_sample_prints_one_json_line_with_the_rates_and_ratios(tmp_path, c
   top = profile["top_ops_ms_per_step"]
   assert any(op.startswith("matmul: Transformer/layer_*/") for op in top)
   assert not any(op.split(": ", 1)[1] in ("while", "cond") for op in top)
+
+
+def test_bench_matmul_times_the_step_shapes_and_reports_a_missing_peer():
+  record = bench.matmul_speeds(peer=sys.executable, repeats=2, names=("decode_b8_mlp", "train_attention"))
+  for name in ("decode_b8_mlp", "train_attention"):
+    b, m, k, n = bench.MATMUL_SHAPES[name]
+    assert record[name]["shape"] == [b, m, k, n]
+    assert record[name]["xla_gflops"] == pytest.approx(2 * b * m * k * n / record[name]["xla_ms"] / 1e6)
+    assert 0.1 < record[name]["xla_gflops"] < 2000
+  try:
+    import torch  # noqa: F401, PLC0415
+  except ImportError:  # the test environment: the peer's failure is reported, not raised
+    assert "torch" in record["torch_error"]
+  else:
+    assert record["decode_b8_mlp"]["torch_ms"] > 0
