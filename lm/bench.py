@@ -379,6 +379,7 @@ def sample_throughput(
     controls, steps = starts[0][1], np.int32(new_tokens)
     lowered = sampler._decode.lower(params, starts[0][0], controls, steps)
     record["profile_batch8"] = profile_ops(lowered, lambda c: c(params, starts.pop()[0], controls, steps), new_tokens)
+    record["step_ms_by_cache_slots"] = step_ms_by_cache_slots(sampler, params, vocab, prompt_len, new_tokens, rng)
   record["cached_vs_recompute"] = record["decode_tokens_per_s"] / record["recompute_tokens_per_s"]
   record["batch8_vs_batch1"] = record["batch8_decode_tokens_per_s"] / record["decode_tokens_per_s"]
   return record
@@ -456,6 +457,33 @@ def matmul_speeds(peer: str | None = None, repeats: int = 20, names: tuple[str, 
         torch_gflops=2 * b * m * k * n / seconds / 1e9,
         xla_vs_torch=seconds / (record[name]["xla_ms"] / 1e3),
       )
+  return record
+
+
+def step_ms_by_cache_slots(sampler, params, vocab: int, prompt_len: int, new_tokens: int, rng, steps: int = 32) -> dict:
+  """ms per greedy decode step at batch 1 and 8 with KV caches of a few sizes, up to the size that
+  `new_tokens` needs: how the cost of attending over the cache grows with it. Each is the fastest
+  of 3 runs of `steps` steps (fewer if the cache is smaller) from a fresh prefill."""
+  import jax  # noqa: PLC0415
+
+  from lm import sampling  # noqa: PLC0415
+
+  record = {}
+  for batch in (1, 8):
+    prompts = [rng.integers(7, vocab, prompt_len).tolist() for _ in range(batch)]
+    by_slots = {}
+    for new in sorted({max(1, new_tokens // 8), new_tokens // 2 or 1, new_tokens}):
+      request = sampling.SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+      n = min(steps, new)
+      best = float("inf")
+      for _ in range(4):  # the first call compiles and is never the fastest
+        state, controls = sampler._start(params, prompts, [request] * batch)
+        slots = jax.tree.leaves(state["cache"]["v"])[0].shape[-2]
+        t0 = time.perf_counter()
+        sampler._decode(params, state, controls, np.int32(n))["tokens"].block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+      by_slots[str(slots)] = best / n * 1e3
+    record[f"batch{batch}"] = by_slots
   return record
 
 

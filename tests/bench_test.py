@@ -86,6 +86,9 @@ def test_bench_sample_prints_one_json_line_with_the_rates_and_ratios(tmp_path, c
   top = profile["top_ops_ms_per_step"]
   assert any(op.startswith("matmul: Transformer/layer_*/") for op in top)
   assert not any(op.split(": ", 1)[1] in ("while", "cond") for op in top)
+  # Step times by cache size: a 16-token prompt and 8 new tokens (padded to 16) fill 32 slots.
+  by_slots = record["step_ms_by_cache_slots"]
+  assert set(by_slots) == {"batch1", "batch8"} and all(set(v) == {"32"} and v["32"] > 0 for v in by_slots.values())
 
 
 def test_bench_matmul_times_the_step_shapes_and_reports_a_missing_peer():
