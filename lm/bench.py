@@ -460,10 +460,11 @@ def matmul_speeds(peer: str | None = None, repeats: int = 20, names: tuple[str, 
   return record
 
 
-def step_ms_by_cache_slots(sampler, params, vocab: int, prompt_len: int, new_tokens: int, rng, steps: int = 32) -> dict:
+def step_ms_by_cache_slots(sampler, params, vocab: int, prompt_len: int, new_tokens: int, rng, steps: int = 64) -> dict:
   """ms per greedy decode step at batch 1 and 8 with KV caches of a few sizes, up to the size that
   `new_tokens` needs: how the cost of attending over the cache grows with it. Each is the fastest
-  of 3 runs of `steps` steps (fewer if the cache is smaller) from a fresh prefill."""
+  of 3 runs of `steps` steps (fewer if the cache is smaller) from a fresh prefill, the sizes taking
+  turns so that a change in the machine's speed does not favour one."""
   import jax  # noqa: PLC0415
 
   from lm import sampling  # noqa: PLC0415
@@ -471,19 +472,20 @@ def step_ms_by_cache_slots(sampler, params, vocab: int, prompt_len: int, new_tok
   record = {}
   for batch in (1, 8):
     prompts = [rng.integers(7, vocab, prompt_len).tolist() for _ in range(batch)]
-    by_slots = {}
-    for new in sorted({max(1, new_tokens // 8), new_tokens // 2 or 1, new_tokens}):
-      request = sampling.SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
-      n = min(steps, new)
-      best = float("inf")
-      for _ in range(4):  # the first call compiles and is never the fastest
-        state, controls = sampler._start(params, prompts, [request] * batch)
-        slots = jax.tree.leaves(state["cache"]["v"])[0].shape[-2]
+    sizes = sorted({max(1, new_tokens // 8), max(1, new_tokens // 2), new_tokens})
+    requests = {
+      new: [sampling.SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)] * batch for new in sizes
+    }
+    best, slots = dict.fromkeys(sizes, float("inf")), {}
+    for _ in range(4):  # the first round compiles and is never the fastest
+      for new in sizes:
+        state, controls = sampler._start(params, prompts, requests[new])
+        slots[new] = jax.tree.leaves(state["cache"]["v"])[0].shape[-2]
+        jax.block_until_ready(state)
         t0 = time.perf_counter()
-        sampler._decode(params, state, controls, np.int32(n))["tokens"].block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-      by_slots[str(slots)] = best / n * 1e3
-    record[f"batch{batch}"] = by_slots
+        sampler._decode(params, state, controls, np.int32(min(steps, new)))["tokens"].block_until_ready()
+        best[new] = min(best[new], (time.perf_counter() - t0) / min(steps, new))
+    record[f"batch{batch}"] = {str(slots[new]): best[new] * 1e3 for new in sizes}
   return record
 
 
