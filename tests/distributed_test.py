@@ -3,6 +3,7 @@
 Every run here is the real command line, the same code path a TPU pod or GPU cluster runs.
 """
 
+import csv
 import json
 import os
 import signal
@@ -37,13 +38,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start(experiment, workdir, *args, processes: int = 1, devices: int = 4, env=None) -> list[subprocess.Popen]:
-  """Starts `lm train` as `processes` processes of `devices` simulated CPU devices each.
+def start(
+  experiment, workdir, *args, processes: int = 1, devices: int = 4, env=None, command: str = "train"
+) -> list[subprocess.Popen]:
+  """Starts `lm train` (or `lm sweep`) as `processes` processes of `devices` simulated CPU devices each.
 
   Output goes to files, not pipes: a process blocked on a full pipe would stall its peers' collectives.
   """
   base = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-  command = [sys.executable, "-m", "lm.cli", "train", "--config", experiment, "--workdir", str(workdir)]
+  command = [sys.executable, "-m", "lm.cli", command, "--config", experiment, "--workdir", str(workdir)]
   command.append("--no-progress")
   port, procs = free_port(), []
   logs = Path(experiment).parent / "logs"
@@ -76,9 +79,12 @@ def finish(procs, timeout: float = 300) -> list[tuple[int, str, str]]:
   return results
 
 
-def train(experiment, workdir, *args, processes: int = 1, devices: int = 4) -> None:
-  for status, _, err in finish(start(experiment, workdir, *args, processes=processes, devices=devices)):
+def train(experiment, workdir, *args, processes: int = 1, devices: int = 4, command: str = "train") -> list[str]:
+  """Runs to the end and returns each process's stdout."""
+  results = finish(start(experiment, workdir, *args, processes=processes, devices=devices, command=command))
+  for status, _, err in results:
     assert status == 0, err[-3000:]
+  return [out for _, out, _ in results]
 
 
 def losses(workdir) -> dict[int, float]:
@@ -114,6 +120,23 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path, exp
   assert sorted(losses(one)) == list(range(1, STEPS + 1))
   assert close(losses(two), losses(one), 1e-6), (losses(two), losses(one))
   assert (two / "plots").is_dir() and any((two / "tb").iterdir())
+
+
+def test_a_sweep_across_two_processes_gives_the_results_of_one(tmp_path, experiment):
+  sweep_file = tmp_path / "sweep.py"
+  points = [{"id": "a", "train.steps": 2, "train.eval_every": 2}, {"id": "b", "train.steps": 2, "train.seed": 1}]
+  sweep_file.write_text(f"{Path(experiment).read_text()}\n\ndef get_sweep():\n  return {points!r}\n")
+  one, two = tmp_path / "one", tmp_path / "two"
+  train(sweep_file, one, processes=1, devices=2, command="sweep")
+  out0, out1 = train(sweep_file, two, processes=2, devices=1, command="sweep")
+  assert "sweep: training a" in out0 and "sweep: training b" in out0
+  assert "sweep:" not in out1, "only process 0 reports"
+  rows = {d: {r["id"]: r for r in csv.DictReader((d / "results.csv").open())} for d in (one, two)}
+  assert set(rows[two]) == {"a", "b"}
+  for point in ("a", "b"):
+    for key in ("loss", "best_eval_loss"):
+      assert float(rows[two][point][key]) == pytest.approx(float(rows[one][point][key]), rel=1e-5), (point, key)
+  assert rows[two]["a"]["loss"] != rows[two]["b"]["loss"]  # the seeds differ
 
 
 def wait_for_step(workdir, step: int, procs, timeout: float = 240) -> None:
