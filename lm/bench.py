@@ -117,14 +117,14 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
       times.append(time.perf_counter() - t0)
     ops = None
     if profile:
-      carry = [state]
+      carry, profiled_steps = [state], 3
 
-      def run(compiled, steps=3):
-        for _ in range(steps):
+      def run(compiled):
+        for _ in range(profiled_steps):
           carry[0], out = compiled(carry[0], batch)
         return out
 
-      ops = profile_ops(lowered, run, steps=3)
+      ops = profile_ops(lowered, run, steps=profiled_steps)
   step_s = float(np.median(times))
   fpt = flops_lib.flops_per_token(setup.model_cfg, t, cfg.train.flops_convention)
   peak = flops_lib.measure_matmul_flops(cfg.model.dtype)
