@@ -45,8 +45,9 @@ def loss(params: dict, inputs_BxT, targets_BxT, n_layers: int, eps: float = 1e-6
 
 
 def init_opt(params: dict) -> dict:
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  return {"mu": zeros, "nu": jax.tree.map(jnp.zeros_like, params), "count": jnp.zeros((), jnp.int32)}
+  """AdamW's moments (zeros like `params`) and step count."""
+  zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+  return {"mu": zeros(params), "nu": zeros(params), "count": jnp.zeros((), jnp.int32)}
 
 
 def make_step(

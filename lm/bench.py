@@ -73,6 +73,11 @@ def bench_config(preset: str, overrides: list[str], config_file: str | None = No
   return cfg
 
 
+def fixed_tokens(vocab: int, batch: int, length: int) -> np.ndarray:
+  """The benchmarks' batch: [batch, length + 1] random token ids, the same in every step and run."""
+  return np.random.default_rng(0).integers(0, vocab, (batch, length + 1)).astype(np.int32)
+
+
 def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool = False) -> dict:
   """Times `steps` train steps after `warmup`; returns the benchmark record.
 
@@ -89,7 +94,7 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
   mesh = partitioning.make_mesh(cfg)
   setup = train.build(cfg, vocab, mesh)
   b, t = cfg.train.batch_size, cfg.data.seq_len
-  tokens_BxT1 = np.random.default_rng(0).integers(0, vocab, (b, t + 1)).astype(np.int32)
+  tokens_BxT1 = fixed_tokens(vocab, b, t)
   batch = {
     "inputs": tokens_BxT1[:, :-1],
     "targets": tokens_BxT1[:, 1:],
@@ -171,7 +176,7 @@ def bare_step_throughput(cfg, steps: int = 10, warmup: int = 3) -> dict:
   model = Transformer(ModelConfig.from_config(cfg, vocab))
   params = nn.unbox(jax.jit(model.init)(jax.random.key(cfg.train.seed), jnp.zeros((1, 8), jnp.int32))["params"])
   b, t = cfg.train.batch_size, cfg.data.seq_len
-  tokens_BxT1 = np.random.default_rng(0).integers(0, vocab, (b, t + 1)).astype(np.int32)
+  tokens_BxT1 = fixed_tokens(vocab, b, t)
   inputs, targets = jnp.asarray(tokens_BxT1[:, :-1]), jnp.asarray(tokens_BxT1[:, 1:])
   step = bare.make_step(
     m.n_layers, o.lr, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm or float("inf"), m.norm_eps, m.rope_base
@@ -240,6 +245,11 @@ def profile_ops(lowered, run: Callable, steps: int, top: int = 12) -> dict:
   }
 
 
+def _failure(out: subprocess.CompletedProcess) -> str:
+  """A failed peer's last line of stderr, or its exit status."""
+  return out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+
+
 def run_peer(python: str, script: str, compiled: bool, cfg, steps: int) -> dict:
   """Runs the PyTorch peer on the same shapes and returns its JSON record."""
   args = [
@@ -257,7 +267,7 @@ def run_peer(python: str, script: str, compiled: bool, cfg, steps: int) -> dict:
   ] + (["--compile"] if compiled else [])
   out = subprocess.run(args, capture_output=True, text=True, check=False)
   if out.returncode:
-    return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return {"error": _failure(out)}
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -448,7 +458,7 @@ def matmul_speeds(peer: str | None = None, repeats: int = 20, names: tuple[str, 
   if peer:
     out = subprocess.run([peer, "-c", _TORCH_MATMULS, json.dumps(shapes)], capture_output=True, text=True, check=False)
     if out.returncode:
-      record["torch_error"] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+      record["torch_error"] = _failure(out)
       return record
     for name, seconds in json.loads(out.stdout.strip().splitlines()[-1]).items():
       b, m, k, n = MATMUL_SHAPES[name]
@@ -480,11 +490,11 @@ def step_ms_by_cache_slots(sampler, params, vocab: int, prompt_len: int, new_tok
     for _ in range(4):  # the first round compiles and is never the fastest
       for new in sizes:
         state, controls = sampler._start(params, prompts, requests[new])
-        slots[new] = jax.tree.leaves(state["cache"]["v"])[0].shape[-2]
+        slots[new], n = jax.tree.leaves(state["cache"]["v"])[0].shape[-2], min(steps, new)
         jax.block_until_ready(state)
         t0 = time.perf_counter()
-        sampler._decode(params, state, controls, np.int32(min(steps, new)))["tokens"].block_until_ready()
-        best[new] = min(best[new], (time.perf_counter() - t0) / min(steps, new))
+        sampler._decode(params, state, controls, np.int32(n))["tokens"].block_until_ready()
+        best[new] = min(best[new], (time.perf_counter() - t0) / n)
     record[f"batch{batch}"] = {str(slots[new]): best[new] * 1e3 for new in sizes}
   return record
 
@@ -494,7 +504,7 @@ def hf_peer(python: str, script: str, record: dict) -> dict:
   16-token prompt) and returns its numbers, prefixed `hf_`, with our ratios to them."""
   out = subprocess.run([python, script], capture_output=True, text=True, check=False)
   if out.returncode:
-    return {"hf_error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return {"hf_error": _failure(out)}
   peer = json.loads(out.stdout.strip().splitlines()[-1])
   keys = ("decode_tokens_per_s", "batch8_decode_tokens_per_s", "recompute_tokens_per_s")
   result = {f"hf_{k}": peer[k] for k in keys}
