@@ -1,5 +1,6 @@
 import jax
 import numpy as np
+import optax
 import pytest
 
 from lm import optim, partitioning, train
@@ -77,8 +78,26 @@ def test_gradient_accumulation_gives_the_full_batch_update():
   assert float(full_metrics["grad_norm"]) == pytest.approx(float(accum_metrics["grad_norm"]), rel=1e-4)
 
 
-def test_clipping_bounds_the_update():
+def test_clipping_bounds_the_gradient_adam_sees():
   batch = random_batch(8, 32, 64)
-  clipped, m = run_steps(tiny_config(**{"optim.clip_norm": 1e-3, "optim.warmup_steps": 0}), [batch])
+  _, m = run_steps(tiny_config(**{"optim.clip_norm": 1e-3, "optim.warmup_steps": 0}), [batch])
   assert float(m["grad_norm"]) > 1e-3  # reported before clipping
   assert float(m["lr"]) == pytest.approx(3e-3)
+  # Adam's first update is about sign(g) at any scale; the clip shows in its moments: mu = (1-b1) g, nu = (1-b2) g^2.
+  clip, rng = 1e-3, np.random.default_rng(0)
+  params = {"embed": rng.standard_normal((16, 8)), "layer_0": {"mlp": {"w_up": rng.standard_normal((8, 32))}}}
+  params = jax.tree.map(lambda p: p.astype(np.float32), params)
+  huge = jax.tree.map(lambda p: 1e4 * rng.standard_normal(p.shape).astype(np.float32), params)
+  norm = float(optax.tree.norm(huge))
+
+  def first_step(clip_norm, grads):
+    tx = optim.make_optimizer(tiny_config(**{"optim.clip_norm": clip_norm}))
+    updates, state = tx.update(grads, tx.init(params), params)
+    return updates, optax.tree.get(state, "mu"), optax.tree.get(state, "nu")
+
+  _, mu, nu = first_step(clip, huge)
+  assert norm > 1e4 and float(optax.tree.norm(mu)) == pytest.approx(0.1 * clip, rel=1e-5)  # b1 = 0.9
+  assert sum(float(v.sum()) for v in jax.tree.leaves(nu)) == pytest.approx(0.05 * clip**2, rel=1e-5)  # b2 = 0.95
+  scaled = jax.tree.map(lambda g: g * (clip / norm), huge)  # the same gradient at norm `clip`, unclipped
+  for got, want in zip(first_step(clip, huge), first_step(0.0, scaled), strict=True):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12), got, want)
