@@ -40,11 +40,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.source = "stdlib"
   c.data.seq_len = 128
   c.data.eval_fraction = 0.01
+  c.data.eval_split = "hash"  # hash: held-out documents chosen by a hash of their identity | tail: the last ones
+  c.data.eval_sources = ()  # "NAME=SOURCE" (its held-out documents) or "NAME=all:SOURCE", evaluated beside the split
+  c.data.eval_min_tokens = 20_000  # warn when an eval set holds fewer target tokens
   c.data.text_field = "text"  # the field read by jsonl: and tfds: sources
   c.data.cache_dir = ""  # prepared TFDS datasets; empty = $LM_DATA_DIR or ~/.cache/lm/tfds
   c.data.max_bytes = 0  # read at most this many bytes of the source; 0 = all of it
   c.data.worker_threads = 2  # grain read/tokenize threads
-  c.data.shuffle_window = 1024  # packed train rows shuffled together (over all shards), so a batch mixes documents
+  c.data.shuffle = "global"  # global: every epoch's packed rows in a random order | window: streamed, shuffle_window
+  c.data.shuffle_window = 1024  # window: packed train rows shuffled together (over all shards)
   c.data.shards = 0  # train-data shards, fixed for a run's life; 0: its first start's process count
 
   c.tokenizer = ml_collections.ConfigDict()
@@ -55,8 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, in sequences
   c.train.steps = 200
-  c.train.max_tokens = 0  # if > 0, stop once this many tokens were trained on
-  c.train.max_flops = 0.0  # if > 0, stop once this many training FLOPs were spent
+  c.train.max_tokens = 0  # if > 0, the run is this many tokens long (its lr schedule too), if shorter than steps
+  c.train.max_flops = 0.0  # if > 0, the run is this many training FLOPs long (its lr schedule too), if shorter
+  c.train.stop_at_step = 0  # if > 0, stop (and checkpoint) after this step, leaving the run's length and schedule
   c.train.eval_every = 100
   c.train.eval_batches = 8
   c.train.log_every = 10
@@ -261,6 +266,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
   if d.max_bytes < 0:
     raise UserError(f"data.max_bytes must be >= 0, got {d.max_bytes}")
+  if d.eval_split not in ("hash", "tail"):
+    raise UserError(f"data.eval_split must be 'hash' or 'tail', got {d.eval_split!r}")
+  if d.shuffle not in ("global", "window"):
+    raise UserError(f"data.shuffle must be 'global' or 'window', got {d.shuffle!r}")
+  eval_sources(cfg)
   if d.shuffle_window < 0:
     raise UserError(f"data.shuffle_window must be >= 0, got {d.shuffle_window}")
   if d.shards < 0:
@@ -285,6 +295,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"train.init_from must name a checkpoint as WORKDIR/checkpoints/STEP, got {t.init_from!r}")
   if t.max_tokens < 0 or t.max_flops < 0:
     raise UserError("train.max_tokens and train.max_flops must be >= 0")
+  if t.stop_at_step < 0:
+    raise UserError(f"train.stop_at_step must be >= 0, got {t.stop_at_step}")
   if o.schedule not in SCHEDULES:
     raise UserError(f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
   if o.warmup_steps < 0:
@@ -320,6 +332,21 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       raise UserError(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({tensor})")
 
 
+def eval_sources(cfg: ml_collections.ConfigDict) -> dict[str, tuple[str, bool]]:
+  """`data.eval_sources` as {name: (source, whole)}; `whole` for `NAME=all:SOURCE`."""
+  out = {}
+  for item in cfg.data.eval_sources:
+    name, _, source = item.partition("=")
+    whole = source.startswith("all:")
+    source = source.removeprefix("all:")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not source:
+      raise UserError(f"data.eval_sources entries must be NAME=SOURCE or NAME=all:SOURCE, got {item!r}")
+    if name in out:
+      raise UserError(f"data.eval_sources names {name!r} twice")
+    out[name] = (source, whole)
+  return out
+
+
 def debug_nan_steps(cfg: ml_collections.ConfigDict) -> frozenset[int]:
   """The steps (1-based, as logged) that `train.debug_nan_steps` poisons."""
   text = cfg.train.debug_nan_steps.replace(" ", "")
@@ -353,7 +380,13 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  return merge_into_defaults(ml_collections.ConfigDict(json.loads(text)))
+  """A saved config; one from before the hash split and global shuffle keeps the data it was trained on."""
+  saved = json.loads(text)
+  data = saved.get("data")
+  if isinstance(data, dict) and "shuffle" not in data:
+    data.setdefault("eval_split", "tail")
+    data["shuffle"] = "window"
+  return merge_into_defaults(ml_collections.ConfigDict(saved))
 
 
 # Keys a resumed run may change: they alter neither shapes, nor data, nor the optimizer.
@@ -361,6 +394,7 @@ RESUMABLE_KEYS = (
   "train.steps",
   "train.max_tokens",
   "train.max_flops",
+  "train.stop_at_step",
   "train.eval_every",
   "train.eval_batches",
   "train.log_every",
@@ -376,6 +410,8 @@ RESUMABLE_KEYS = (
   "train.sample_temperature",
   "data.worker_threads",
   "data.cache_dir",
+  "data.eval_sources",
+  "data.eval_min_tokens",
   "model.remat",
   "mesh.data",
   "mesh.fsdp",

@@ -1,4 +1,8 @@
-"""Loss-curve figures: train and eval loss against tokens and FLOPs, on log axes."""
+"""Loss-curve figures: train and eval loss against tokens and FLOPs, on log axes.
+
+Each eval source (`eval/NAME/loss`) is drawn beside the validation split's `eval/loss`, dashed
+and with its own marker, in the run's colour.
+"""
 
 import matplotlib
 
@@ -29,6 +33,10 @@ def plot_runs(workdirs: list[str], out_dir: str, labels: list[str] | None = None
         ax.plot(tx, ty, color=color, alpha=0.45, lw=1, label=f"{prefix}train")
       if ex:
         ax.plot(ex, ey, color=color, marker="o", ms=3, lw=1.5, label=f"{prefix}eval")
+      for j, name in enumerate(eval_source_names(rows)):
+        sx, sy = series(rows, f"eval/{name}/loss", x)
+        marker = "s^vD<>"[j % 6]
+        ax.plot(sx, sy, color=color, marker=marker, ms=3, lw=1, ls="--", label=f"{prefix}eval {name}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -44,3 +52,13 @@ def plot_runs(workdirs: list[str], out_dir: str, labels: list[str] | None = None
     plt.close(fig)
     paths.append(str(path))
   return paths
+
+
+def eval_source_names(rows: list[dict]) -> list[str]:
+  """The NAMEs of the `eval/NAME/loss` series in a run's metrics, in order of appearance."""
+  names = {}
+  for row in rows:
+    for key in row:
+      if key.startswith("eval/") and key.endswith("/loss") and key.count("/") == 2:
+        names[key.split("/")[1]] = None
+  return list(names)

@@ -88,8 +88,11 @@ def test_stdlib_source_with_max_bytes(tmp_path):
   assert 300_000 - 4 < sum(len(d.encode()) for d in docs) <= 300_000
   assert docs[0] == sources.read_text(files[0])
   splits = corpus_builder.prepare(cfg)
-  assert len(splits["train"]) + len(splits["validation"]) == len(docs)
-  assert texts(splits["train"]) + texts(splits["validation"]) == docs
+  train, validation = texts(splits["train"]), texts(splits["validation"])
+  assert len(train) + len(validation) == len(docs) and validation
+  assert sorted(train + validation) == sorted(docs)
+  remaining = iter(docs)
+  assert all(any(d == other for other in remaining) for d in train)  # train keeps the source's order
 
 
 def test_max_bytes_cuts_a_single_document(tmp_path):
@@ -107,9 +110,9 @@ def test_validation_of_a_single_file_is_its_tail(tmp_path):
   assert texts(splits["validation"]) == [text[cut:]]
 
 
-def test_validation_is_the_last_documents_in_order(tmp_path):
+def test_tail_validation_is_the_last_documents_in_order(tmp_path):
   docs = letter_docs(10)
-  cfg = make_cfg(tmp_path, f"text:{write_docs(tmp_path / 'src', docs)}", eval_fraction=0.25)
+  cfg = make_cfg(tmp_path, f"text:{write_docs(tmp_path / 'src', docs)}", eval_fraction=0.25, eval_split="tail")
   splits = corpus_builder.prepare(cfg)
   assert texts(splits["train"]) == docs[:7]
   assert texts(splits["validation"]) == docs[7:]
@@ -117,7 +120,7 @@ def test_validation_is_the_last_documents_in_order(tmp_path):
 
 def test_prepared_corpus_is_reused_until_a_file_changes(tmp_path):
   pattern = write_docs(tmp_path / "src", letter_docs(4))
-  cfg = make_cfg(tmp_path, f"text:{pattern}", eval_fraction=0.25)
+  cfg = make_cfg(tmp_path, f"text:{pattern}", eval_fraction=0.25, eval_split="tail")
   corpus_builder.prepare(cfg)
   prepared = os.listdir(tmp_path / "cache" / "lm_corpus")
   assert corpus_builder.prepare(cfg)["train"][0] == "A" * 5
@@ -154,9 +157,15 @@ class OnlyTrain(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield i, {"body": doc}
 
 
-def test_tfds_source_without_held_out_split_holds_out_the_tail(tmp_path):
+def test_tfds_source_without_held_out_split_holds_out_by_hash_or_the_tail(tmp_path):
   OnlyTrain(data_dir=str(tmp_path / "cache"), file_format="array_record").download_and_prepare()
-  cfg = make_cfg(tmp_path, "tfds:only_train", text_field="body", eval_fraction=0.2, max_bytes=150)
+  cfg = make_cfg(tmp_path, "tfds:only_train:train", text_field="body", eval_fraction=0.3)
+  read = corpus_builder.prepare(cfg)
+  held = corpus_builder.held_out(corpus_builder.unit_hash_indices(10), 0.3)
+  assert 0 < held.sum() < 10
+  assert texts(read["validation"]) == [d for d, h in zip(letter_docs(10), held, strict=True) if h]
+  assert texts(read["train"]) == [d for d, h in zip(letter_docs(10), held, strict=True) if not h]
+  cfg = make_cfg(tmp_path, "tfds:only_train", text_field="body", eval_fraction=0.2, max_bytes=150, eval_split="tail")
   read = corpus_builder.prepare(cfg)
   docs = letter_docs(10)  # the first 5 reach max_bytes
   assert texts(read["train"]) == docs[:4]
@@ -182,7 +191,7 @@ def test_tfds_source_without_held_out_split_holds_out_the_tail(tmp_path):
 def test_source_errors(tmp_path, source, message):
   write_docs(tmp_path / "empty", ["", ""])
   write_docs(tmp_path / "two", ["a", "b"])
-  cfg = make_cfg(tmp_path, source.format(tmp=tmp_path), eval_fraction=0.6)
+  cfg = make_cfg(tmp_path, source.format(tmp=tmp_path), eval_fraction=0.6, eval_split="tail")
   with pytest.raises(UserError, match=message):
     corpus_builder.prepare(cfg)
 
@@ -198,8 +207,9 @@ def test_training_text_is_bounded_and_spread_over_a_long_document(tmp_path):
 
 @pytest.fixture
 def letters_cfg(tmp_path):
+  """The streamed pipeline on 20 letter documents, the last 4 held out."""
   source = f"text:{write_docs(tmp_path / 'src', letter_docs(20))}"
-  return make_cfg(tmp_path, source, eval_fraction=0.2)
+  return make_cfg(tmp_path, source, eval_fraction=0.2, eval_split="tail", shuffle="window")
 
 
 def take(it, n: int) -> list[dict]:
@@ -225,18 +235,6 @@ def test_train_batch_format(letters_cfg):
     np.testing.assert_array_equal(mask == 0, (y == BOS_ID) | (x == EOS_ID))
     rows_starting_mid_document += int((x[:, 0] != BOS_ID).sum())
   assert rows_starting_mid_document > 0
-
-
-def test_eval_batches_are_the_validation_stream_in_order_cycled(letters_cfg):
-  batches = pipeline.make_eval_batches(letters_cfg, BYTES)
-  assert len(batches) == 3
-  validation = [t for doc in letter_docs(20)[16:] for t in tokens(doc)]
-  stream = validation * (1 + 3 * 4 * 33 // len(validation))
-  np.testing.assert_array_equal(token_stream(batches), stream[: 3 * 4 * 33])
-  split = [pipeline.make_eval_batches(letters_cfg, BYTES, i, 2) for i in range(2)]
-  for b, half0, half1 in zip(batches, *split, strict=True):
-    for key in b:
-      np.testing.assert_array_equal(np.concatenate([half0[key], half1[key]]), b[key])
 
 
 def test_padding_is_masked():
@@ -325,7 +323,7 @@ def test_global_batch_and_positions_do_not_depend_on_the_process_count(letters_c
 
 
 def test_global_batch_makes_jax_arrays(letters_cfg):
-  batch = pipeline.make_eval_batches(letters_cfg, BYTES)[0]
+  batch = pipeline.make_eval_set(letters_cfg, BYTES).batches[0]
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   arrays = pipeline.global_batch(batch, sharding)
@@ -339,8 +337,9 @@ def test_sentencepiece_tokenizer_trained_on_the_corpus_feeds_the_pipeline(tmp_pa
   cfg = make_cfg(tmp_path, "stdlib", max_bytes=200_000, eval_fraction=0.1)
   cfg.tokenizer.kind, cfg.tokenizer.vocab_size = "sentencepiece", 500
   tok = tokenizer.train_tokenizer(cfg, corpus_builder.training_text(cfg, 100_000))
-  batches = pipeline.make_eval_batches(cfg, tok)
-  stream = token_stream(batches).tolist()
-  text = tok.decode(stream[: stream.index(EOS_ID)] if EOS_ID in stream else stream)
-  assert stream[0] == BOS_ID and len(text) > 100
-  assert corpus_builder.prepare(cfg)["validation"][0].startswith(text)
+  rows = pipeline.tokens.Rows(pipeline.tokens.token_file(cfg, tok, "validation"), cfg.data.seq_len)
+  stream = np.concatenate([rows[r]["tokens"][:-1] for r in range(len(rows))]).tolist()
+  text = tok.decode(stream[: stream.index(EOS_ID)])
+  assert stream[0] == BOS_ID and text
+  assert corpus_builder.prepare(cfg)["validation"][0] == text
+  assert pipeline.make_eval_set(cfg, tok).tokens > 0

@@ -1,17 +1,22 @@
 """Prepares a local source once into an array_record TFDS dataset with `train` and `validation`.
 
-The validation split is the last `data.eval_fraction` of the source, in order: the tail of the text
-of a single-document source (cut at a character offset, as nanoGPT does), otherwise the last
-ceil(fraction * n) documents. Each prepared corpus is a builder config named by a hash of the
-source string, the split and truncation settings and the file list with sizes and mtimes, so the
-same files are reused without rereading and a changed file is prepared anew.
+The validation split (`data.eval_split`):
+- `hash` (default): a document is held out when the SHA-256 of its identity (see `lm.data.sources`),
+  read as a number in [0, 1), is below `data.eval_fraction`. The choice of each document depends on
+  that document alone, so the split does not change when files are added or reordered, and it is
+  the same on every machine and for any process count. If no document falls below the fraction,
+  the one with the smallest hash is held out.
+- `tail`: the last ceil(fraction * n) documents in source order.
+A single-document source (Tiny Shakespeare) is always split at a character offset, its tail held
+out, as nanoGPT does. Each prepared corpus is a builder config named by a hash of the source
+string, the split and truncation settings and the file list with sizes and mtimes, so the same
+files are reused without rereading and a changed file is prepared anew.
 """
 
 import contextlib
 import fcntl
 import hashlib
 import io
-import itertools
 import json
 import logging
 import math
@@ -60,14 +65,39 @@ def fingerprint(cfg) -> str:
   """A name for the prepared form of a local source; it changes when any file changes."""
   d = cfg.data
   stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sources.list_files(d.source)]
-  key = json.dumps([d.source, d.eval_fraction, d.max_bytes, d.text_field, stats])
+  key = json.dumps([d.source, d.eval_fraction, d.eval_split, d.max_bytes, d.text_field, stats])
   return "c" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def unit_hash(identity: str) -> float:
+  """A document identity's SHA-256 as a number in [0, 1): uniform, and the same everywhere."""
+  return int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big") / 2**64
+
+
+def unit_hash_indices(n: int) -> np.ndarray:
+  """`unit_hash` of the record indices 0..n-1 of a TFDS split (splitmix64, vectorised)."""
+  z = np.arange(n, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+  with np.errstate(over="ignore"):
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return (z ^ (z >> np.uint64(31))).astype(np.float64) / 2.0**64
+
+
+def held_out(hashes: np.ndarray, fraction: float) -> np.ndarray:
+  """Which documents of these `unit_hash`es the validation split holds: below `fraction`, at least one."""
+  mask = hashes < fraction
+  if not mask.any():
+    mask[np.argmin(hashes)] = True
+  return mask
+
+
 def split_documents(cfg) -> tuple[Iterator[str], Iterator[str]]:
-  """(train, validation) documents of a local source; it is read once to count, once per split."""
-  n = sum(1 for _ in sources.documents(cfg))
-  fraction = cfg.data.eval_fraction
+  """(train, validation) documents of a local source; it is read once to choose, once per split."""
+  if cfg.data.eval_split == "hash":
+    hashes = np.array([unit_hash(identity) for identity, _ in sources.identified_documents(cfg)])
+  else:
+    hashes = np.zeros(sum(1 for _ in sources.identified_documents(cfg)))
+  n, fraction = len(hashes), cfg.data.eval_fraction
   if n == 1:
     text = next(sources.documents(cfg))
     cut = int(len(text) * (1 - fraction))
@@ -77,16 +107,20 @@ def split_documents(cfg) -> tuple[Iterator[str], Iterator[str]]:
         f"hold out data.eval_fraction={fraction} of it"
       )
     return iter([text[:cut]]), iter([text[cut:]])
-  n_validation = max(1, math.ceil(fraction * n))
-  if n_validation >= n:
+  if cfg.data.eval_split == "hash":
+    validation = held_out(hashes, fraction)
+  else:
+    validation = np.arange(n) >= n - max(1, math.ceil(fraction * n))
+  if validation.all():
     raise UserError(
       f"data.source {cfg.data.source!r} has {n} documents: too few to hold out "
       f"data.eval_fraction={fraction} of them and train on the rest"
     )
-  return (
-    itertools.islice(sources.documents(cfg), n - n_validation),
-    itertools.islice(sources.documents(cfg), n - n_validation, None),
-  )
+
+  def select(keep: bool) -> Iterator[str]:
+    return (doc for doc, held in zip(sources.documents(cfg), validation, strict=True) if held == keep)
+
+  return select(False), select(True)
 
 
 def prepare(cfg) -> dict[str, sources.TextSource]:
@@ -141,8 +175,8 @@ def tfds_splits(cfg) -> dict[str, sources.TextSource]:
   """'train' and 'validation' of a `tfds:` source.
 
   Training reads the named split (default 'train'), cut to `data.max_bytes` of whole records if
-  set. Validation is the 'validation' or 'test' split if there is one, else the last
-  `data.eval_fraction` of the training records.
+  set. Validation is the 'validation' or 'test' split if there is one, else `data.eval_fraction` of
+  the training records: by a hash of each record's index (`data.eval_split=hash`) or the last ones.
   """
   builder, split = sources.open_tfds(cfg)
   field, name = cfg.data.text_field, builder.info.full_name
@@ -159,15 +193,18 @@ def tfds_splits(cfg) -> dict[str, sources.TextSource]:
       total += len(train[n].encode())
       n += 1
     train = train.slice(0, n)
-  held_out = [s for s in ("validation", "test") if s in builder.info.splits and s != split]
-  if held_out:
-    validation = sources.TextSource(builder.as_data_source(split=held_out[0]), field)
+  other_splits = [s for s in ("validation", "test") if s in builder.info.splits and s != split]
+  if other_splits:
+    validation = sources.TextSource(builder.as_data_source(split=other_splits[0]), field)
     return {"train": train, "validation": validation}
-  n_validation = max(1, math.ceil(cfg.data.eval_fraction * len(train)))
-  if n_validation >= len(train):
+  n, fraction = len(train), cfg.data.eval_fraction
+  if cfg.data.eval_split == "hash":
+    validation = held_out(unit_hash_indices(n), fraction)
+  else:
+    validation = np.arange(n) >= n - max(1, math.ceil(fraction * n))
+  if validation.all():
     raise UserError(f"TFDS dataset {name} split {split!r} is too small to hold out validation")
-  cut = len(train) - n_validation
-  return {"train": train.slice(0, cut), "validation": train.slice(cut, len(train))}
+  return {"train": train.select(np.flatnonzero(~validation)), "validation": train.select(np.flatnonzero(validation))}
 
 
 def training_text(cfg, max_bytes: int) -> Iterator[str]:

@@ -8,17 +8,70 @@ Every batch is a dict of numpy arrays of shape [B_local, T], T = data.seq_len:
 Each document is tokenized as [BOS] + ids + [EOS]. A row may start or end mid-document.
 """
 
+import dataclasses
+
 import grain
 import jax
 import numpy as np
 
-from lm.data import corpus_builder
+from lm import config as config_lib
+from lm.data import corpus_builder, tokens
 from lm.errors import UserError
 from lm.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
+EVAL_SEED = 0  # the eval documents' order: the same for every run, whatever its train.seed
+
 
 def make_train_iterator(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
-  """An endless, resumable iterator of this process's training batches.
+  """An endless, resumable iterator of this process's training batches, as `data.shuffle` says."""
+  if cfg.data.shuffle == "global":
+    return make_global_iterator(cfg, tokenizer, process_index, process_count)
+  return make_window_iterator(cfg, tokenizer, process_index, process_count)
+
+
+def make_global_iterator(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
+  """Batches of the train split's rows in a new random order every epoch (see `lm.data.tokens`).
+
+  Global batch b holds shuffled rows [b * B, (b + 1) * B); a process reads its contiguous block
+  of them, so the batches do not depend on the process count.
+  """
+  rows = tokens.Rows(tokens.token_file(cfg, tokenizer, "train"), cfg.data.seq_len)
+  if len(rows) < cfg.train.batch_size:
+    raise UserError(
+      f"the train split holds {len(rows)} rows of data.seq_len={cfg.data.seq_len} tokens, fewer than one "
+      f"batch of train.batch_size={cfg.train.batch_size}"
+    )
+  return RowsIterator(tokens.shuffled(rows, cfg.train.seed), cfg.train.batch_size, process_index, process_count)
+
+
+class RowsIterator:
+  """This process's rows of each global batch of an endless row dataset; its state is the batches read."""
+
+  def __init__(self, rows, batch_size: int, process_index: int, process_count: int):
+    self.rows, self.batch_size, self.batches = rows, batch_size, 0
+    self.local = batch_size // process_count
+    self.first = process_index * self.local
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    start = self.batches * self.batch_size + self.first
+    rows = [self.rows[start + i] for i in range(self.local)]
+    self.batches += 1
+    return to_batch({k: np.stack([row[k] for row in rows]) for k in rows[0]})
+
+  def get_state(self) -> dict:
+    return {"batches": self.batches}
+
+  def set_state(self, state: dict) -> None:
+    if "batches" not in state:
+      raise UserError("the checkpoint holds a data position of the streamed pipeline (data.shuffle=window)")
+    self.batches = int(state["batches"])
+
+
+def make_window_iterator(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
+  """Streamed batches: documents shuffled, tokenized and packed on the fly, rows shuffled in a window.
 
   The train split is read as `data.shards` shards (fixed for the life of a run): shard s holds
   records s::shards, reshuffled every epoch from `train.seed`, and fills rows
@@ -66,6 +119,8 @@ class ShardsIterator:
     return {"shards": {s: it.get_state() for s, it in self.iterators.items()}}
 
   def set_state(self, state: dict) -> None:
+    if "batches" in state:
+      raise UserError("the checkpoint holds a data position of the global shuffle (data.shuffle=global)")
     saved = state["shards"] if "shards" in state else {"0": state}  # checkpoints from before sharded reading
     missing = [s for s in self.iterators if s not in saved]
     if missing:
@@ -74,18 +129,69 @@ class ShardsIterator:
       it.set_state(saved[s])
 
 
-def make_eval_batches(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1):
-  """This process's rows of the first `train.eval_batches` batches of the validation split.
+@dataclasses.dataclass
+class EvalSet:
+  """This process's rows of fixed evaluation batches, and the size of the whole set."""
 
-  The batches are the same whatever the process count: every process packs the whole split (in
-  order, cycled if it is short) and keeps its contiguous block of each global batch. Compute them
-  once and reuse the list.
+  batches: list[dict]
+  tokens: int  # target tokens counted by the loss, over all processes' rows
+  documents: int  # documents whose beginning the set holds
+
+
+def prepare_all(cfg) -> None:
+  """Prepares the train source and every eval source, so that their errors come before a run starts."""
+  corpus_builder.prepare(cfg)
+  for source, _ in config_lib.eval_sources(cfg).values():
+    corpus_builder.prepare(source_config(cfg, source))
+
+
+def source_config(cfg, source: str):
+  """A copy of `cfg` reading `source` whole (no data.max_bytes)."""
+  other = config_lib.from_json(config_lib.to_json(cfg))
+  other.data.source, other.data.max_bytes = source, 0
+  return other
+
+
+def make_eval_sets(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1) -> dict[str, EvalSet]:
+  """The eval sets of a run: '' for the validation split, then each of `data.eval_sources` by name.
+
+  An eval source holds out its documents as a run training on it would (the same hash, so a
+  source made from the training files, like `stdlib_docstrings` beside `stdlib`, holds out the
+  same files); `NAME=all:SOURCE` evaluates all of its documents.
   """
-  records = grain.MapDataset.source(corpus_builder.prepare(cfg)["validation"]).repeat()
-  it = iter(batches(cfg, tokenizer, records, cfg.train.batch_size))
-  rows = cfg.train.batch_size // process_count
-  block = slice(process_index * rows, (process_index + 1) * rows)
-  return [{k: v[block] for k, v in next(it).items()} for _ in range(cfg.train.eval_batches)]
+  sets = {"": make_eval_set(cfg, tokenizer, process_index, process_count)}
+  for name, (source, whole) in config_lib.eval_sources(cfg).items():
+    sets[name] = make_eval_set(
+      source_config(cfg, source), tokenizer, process_index, process_count, "all" if whole else "validation"
+    )
+  return sets
+
+
+def make_eval_set(
+  cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1, split: str = "validation"
+) -> EvalSet:
+  """Up to `train.eval_batches` batches of random rows of the validation split, without repeats.
+
+  Rows are cut from the split's documents laid end to end as in training (`lm.data.tokens`), and
+  taken in a fixed random order (EVAL_SEED), so even a small set samples every part of the split.
+  A split larger than 16 eval sets is sampled by documents first. A split that runs out of rows
+  gives fewer batches, the last one padded. Every process keeps its contiguous block of each
+  global batch, so the set does not depend on the process count.
+  """
+  B, T = cfg.train.batch_size, cfg.data.seq_len
+  wanted = cfg.train.eval_batches * B
+  rows = tokens.Rows(tokens.token_file(cfg, tokenizer, split, max_tokens=16 * wanted * T), T)
+  order = [tokens.shuffled_index(i, len(rows), EVAL_SEED) for i in range(min(wanted, len(rows)))]
+  local_rows = B // process_count
+  block = slice(process_index * local_rows, (process_index + 1) * local_rows)
+  local, n_tokens = [], 0
+  for lo in range(0, len(order), B):
+    packed = [rows[r] for r in order[lo : lo + B]]
+    packed += [{k: np.zeros_like(v) for k, v in packed[0].items()}] * (B - len(packed))  # padding rows
+    batch = to_batch({k: np.stack([row[k] for row in packed]) for k in packed[0]})
+    n_tokens += int(batch["loss_mask"].sum())
+    local.append({k: v[block] for k, v in batch.items()})
+  return EvalSet(local, n_tokens, rows.documents(order))
 
 
 def batches(

@@ -1,18 +1,28 @@
 """The text sources that `data.source` names, read as documents (str) in a fixed order.
 
 - `stdlib`: the .py files of the running Python's standard library (not site-packages).
+- `stdlib_docstrings`: the docstrings of those files, one document per file: English prose.
 - `text:GLOB`: plain text files, one document each.
 - `jsonl:GLOB`: one document per line, from the field `data.text_field`.
-- `tfds:NAME[/CONFIG][:SPLIT]`: an already-prepared TFDS dataset (array_record), see `open_tfds`.
+- `tfds:NAME[/CONFIG][:VERSION][:SPLIT]`: an already-prepared TFDS dataset (array_record), see `open_tfds`.
 
 Files are decoded as UTF-8 with errors='replace': a stray non-UTF-8 byte becomes U+FFFD instead of
 stopping a corpus of thousands of files. Empty documents are skipped. Files and globs are read in
 sorted order, so a source always yields the same documents.
+
+Every document of a local source has an identity that does not depend on the machine: a file's path
+relative to the source's root (the standard library's directory, or the directory part of the glob
+before its first wildcard), or for a JSON-lines record its `id` field, else a hash of its text. The
+validation split is chosen by hashing identities (`lm.data.corpus_builder`), so `stdlib` and
+`stdlib_docstrings` hold out the same files.
 """
 
+import ast
 import glob
+import hashlib
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 
@@ -20,15 +30,28 @@ import tensorflow_datasets as tfds
 
 from lm.errors import UserError
 
-USAGE = "stdlib, text:GLOB, jsonl:GLOB or tfds:NAME[/CONFIG][:SPLIT]"
+USAGE = "stdlib, stdlib_docstrings, text:GLOB, jsonl:GLOB or tfds:NAME[/CONFIG][:VERSION][:SPLIT]"
+STDLIB_KINDS = ("stdlib", "stdlib_docstrings")
 
 
 def parse(source: str) -> tuple[str, str]:
   """Splits `data.source` into (kind, argument)."""
   kind, _, arg = source.partition(":")
-  if (kind == "stdlib" and not arg) or (kind in ("text", "jsonl", "tfds") and arg):
+  if (kind in STDLIB_KINDS and not arg) or (kind in ("text", "jsonl", "tfds") and arg):
     return kind, arg
   raise UserError(f"unknown data.source {source!r}: expected {USAGE}")
+
+
+def parse_tfds(source: str) -> tuple[str, str, str, str]:
+  """(name, config, version, split) of a `tfds:NAME[/CONFIG][:VERSION][:SPLIT]` source ('' where absent)."""
+  _, arg = parse(source)
+  name, *rest = arg.split(":")
+  version = rest.pop(0) if rest and re.fullmatch(r"\d+\.\d+\.\d+", rest[0]) else ""
+  split = rest.pop(0) if rest else ""
+  name, _, config = name.partition("/")
+  if rest or not name or not re.fullmatch(r"[\w.-]*", config) or (version == "" and re.match(r"\d", split)):
+    raise UserError(f"cannot parse data.source {source!r}: expected tfds:NAME[/CONFIG][:VERSION][:SPLIT]")
+  return name, config, version, split
 
 
 def data_dir(cfg) -> str:
@@ -37,11 +60,21 @@ def data_dir(cfg) -> str:
   return os.path.expanduser(path)
 
 
+def root(source: str) -> str:
+  """The directory that a local source's file identities are relative to."""
+  kind, arg = parse(source)
+  if kind in STDLIB_KINDS:
+    return sysconfig.get_paths()["stdlib"]
+  pattern = os.path.expanduser(arg)
+  static = re.split(r"[*?[]", pattern, maxsplit=1)[0]
+  return os.path.dirname(static) if static != pattern else os.path.dirname(pattern)
+
+
 def list_files(source: str) -> list[str]:
   """The sorted files of a local source."""
   kind, arg = parse(source)
   assert kind != "tfds", source
-  if kind == "stdlib":
+  if kind in STDLIB_KINDS:
     files = []
     for directory, subdirectories, names in os.walk(sysconfig.get_paths()["stdlib"]):
       subdirectories[:] = [d for d in subdirectories if d != "site-packages"]
@@ -54,28 +87,54 @@ def list_files(source: str) -> list[str]:
 
 
 def documents(cfg) -> Iterator[str]:
-  """The non-empty documents of a local source, cut to `data.max_bytes` of UTF-8 if that is > 0.
+  """The texts of `identified_documents`."""
+  return (text for _, text in identified_documents(cfg))
+
+
+def identified_documents(cfg) -> Iterator[tuple[str, str]]:
+  """(identity, text) of the non-empty documents of a local source, cut to `data.max_bytes` of UTF-8 if > 0.
 
   Documents are kept whole while the total stays within the budget; the one that crosses it is cut
   there, so a single-file corpus is truncated too.
   """
   files = list_files(cfg.data.source)
   kind, _ = parse(cfg.data.source)
-  docs = jsonl_documents(files, cfg.data.text_field) if kind == "jsonl" else map(read_text, files)
+  base = root(cfg.data.source)
+  if kind == "jsonl":
+    docs = jsonl_documents(files, cfg.data.text_field)
+  else:
+    read = docstrings if kind == "stdlib_docstrings" else read_text
+    docs = ((os.path.relpath(f, base), read(f)) for f in files)
   limit, total, count = cfg.data.max_bytes, 0, 0
-  for doc in docs:
+  for identity, doc in docs:
     if not doc:
       continue
     if limit:
       size = len(doc.encode())
       if total + size >= limit:
-        yield doc.encode()[: limit - total].decode("utf-8", errors="ignore")
+        yield identity, doc.encode()[: limit - total].decode("utf-8", errors="ignore")
         return
       total += size
     count += 1
-    yield doc
+    yield identity, doc
   if not count:
     raise UserError(f"data.source {cfg.data.source!r} is empty: {len(files)} files, no text")
+
+
+def docstrings(path: str) -> str:
+  """The module, class and function docstrings of a Python file, separated by blank lines ('' if none)."""
+  try:
+    tree = ast.parse(read_text(path))
+  except (SyntaxError, ValueError):  # the standard library holds a few deliberately broken test files
+    return ""
+  nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)]
+  texts = [ast.get_docstring(n) for n in nodes]
+  return "\n\n".join(t for t in texts if t)
+
+
+def text_identity(text: str) -> str:
+  """The identity of a record without an id: a hash of its text (duplicates share a split)."""
+  return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_text(path: str) -> str:
@@ -83,8 +142,11 @@ def read_text(path: str) -> str:
     return f.read().decode("utf-8", errors="replace")
 
 
-def jsonl_documents(files: list[str], field: str) -> Iterator[str]:
-  """The `field` of every line of the JSON-lines `files`; blank lines are skipped."""
+def jsonl_documents(files: list[str], field: str) -> Iterator[tuple[str, str]]:
+  """(identity, `field`) of every line of the JSON-lines `files`; blank lines are skipped.
+
+  The identity is the record's `id` (any JSON value, as text), else `text_identity` of the field.
+  """
   for path in files:
     with open(path, "rb") as f:
       for number, line in enumerate(f, 1):
@@ -96,13 +158,14 @@ def jsonl_documents(files: list[str], field: str) -> Iterator[str]:
           raise UserError(f"{path}:{number}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
           raise UserError(f"{path}:{number}: no string field {field!r} (set data.text_field)")
-        yield record[field]
+        identity = record.get("id")
+        yield (text_identity(record[field]) if identity is None else f"id:{identity}"), record[field]
 
 
 def open_tfds(cfg) -> tuple[tfds.core.DatasetBuilder, str]:
-  """The prepared builder of a `tfds:NAME[/CONFIG][:SPLIT]` source and its split ('' if none)."""
-  _, arg = parse(cfg.data.source)
-  name, _, split = arg.partition(":")
+  """The prepared builder of a `tfds:NAME[/CONFIG][:VERSION][:SPLIT]` source and its split ('' if none)."""
+  base, config, version, split = parse_tfds(cfg.data.source)
+  name = base + (f"/{config}" if config else "") + (f":{version}" if version else "")
   for directory in (data_dir(cfg), None):  # None: TFDS's own default data dirs
     try:
       builder = tfds.builder(name, data_dir=directory)
@@ -117,19 +180,27 @@ def open_tfds(cfg) -> tuple[tfds.core.DatasetBuilder, str]:
 
 
 class TextSource:
-  """Random access to the text field of records [start, stop) of a TFDS data source."""
+  """Random access to the text field of some records of a TFDS data source: [start, stop) or `indices`."""
 
-  def __init__(self, records, field: str, start: int = 0, stop: int | None = None):
+  def __init__(self, records, field: str, start: int = 0, stop: int | None = None, indices=None):
     self.records, self.field = records, field
     self.start, self.stop = start, len(records) if stop is None else stop
+    self.indices = indices
 
   def __len__(self) -> int:
-    return self.stop - self.start
+    return self.stop - self.start if self.indices is None else len(self.indices)
 
   def __getitem__(self, index: int) -> str:
-    value = self.records[self.start + index][self.field]
+    record = self.start + index if self.indices is None else int(self.indices[index])
+    value = self.records[record][self.field]
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
   def slice(self, start: int, stop: int) -> "TextSource":
     """Records [start, stop) of this source."""
+    assert self.indices is None
     return TextSource(self.records, self.field, self.start + start, self.start + stop)
+
+  def select(self, indices) -> "TextSource":
+    """The records at `indices` (positions in this source)."""
+    assert self.indices is None
+    return TextSource(self.records, self.field, indices=self.start + indices)
