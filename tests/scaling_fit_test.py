@@ -39,6 +39,7 @@ def huber_objective(t, params):
 def test_chinchilla_reaches_the_global_optimum_and_an_under_converged_fit_is_worse():
   t, convention = fit.load_table(CHINCHILLA)
   assert convention == "as given"
+  assert fit.compute_model(t["N"], t["D"], t["C"]) == {"C_per_ND": pytest.approx(6.0, rel=1e-8)}
   best = fit.fit_parametric(t["N"], t["D"], t["loss"])
   assert best["starts"] == 4500 and best["starts_failed"] == 0
   # Besiroglu et al. (2024): E 1.8172, alpha 0.3478, beta 0.3658 (A and B are weakly identified).
@@ -104,7 +105,8 @@ def test_cli_fit_recovers_synthetic_parameters_with_intervals(tmp_path, capsys):
   argv = ["scaling", "fit", path, "--approach", "3", "--bootstrap", "50", "--budget", "1e21", "--predict", "1e9,2e10"]
   assert cli.main(argv + ["--grid-stride", "37", "--out", str(tmp_path / "out")]) == 0
   result = json.loads(capsys.readouterr().out)
-  assert result["C_convention"] == "C = 6 N D" and result["allocation_assumes"] == "C = 6 N D"
+  assert result["flops_convention"] == "C = 6 N D" and result["compute"] == {"C_per_ND": 6.0}
+  assert result["approach3"]["flops_convention"] == "C = 6 N D" and "exponents_over_C" not in result["approach3"]
   assert json.loads((tmp_path / "out" / "fit.json").read_text()) == result
   fit3 = result["approach3"]
   for name, value in TRUE.items():

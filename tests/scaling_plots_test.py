@@ -36,7 +36,8 @@ def test_report_of_a_sweep_directory(tmp_path, capsys):
   assert all(line.startswith("lm: warning: approach 2") for line in err.splitlines())  # no numpy warnings
   text = open(out.strip()).read()
   result = json.loads((tmp_path / "report" / "fit.json").read_text())
-  assert result["C_convention"] == "6N+attn" and "`6N+attn`" in text
+  assert result["flops_convention"] == "6N+attn" and "C is counted as `6N+attn` in every approach" in text
+  assert all(result[k]["flops_convention"] == "6N+attn" for k in ("approach1", "approach2", "approach3", "kaplan"))
   assert f"| a | {result['approach2']['a']!r} |" in text  # unrounded
   assert "18 cooldown branches" in text
   for stem in STEMS:

@@ -54,7 +54,9 @@ def _add_fit_options(p) -> None:
   p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
   p.add_argument("--window", type=float, default=0.0, help="approach 2: decades of N around each minimum (0: all)")
   p.add_argument("--grid-stride", type=int, default=1, help="approach 3: every K-th start of the 4,500-start grid")
-  p.add_argument("--flops-per-param-token", type=float, default=6.0, help="k in C = k N D when C is absent")
+  p.add_argument(
+    "--flops-per-param-token", type=float, default=None, help="k in C = k N D for a table without a C column (6)"
+  )
 
 
 def _parse_predict(text: str | None):
@@ -129,12 +131,11 @@ def _warnings_to_stderr():
 def _run_scaling(args, fit) -> int:
   grid = fit.init_grid()[:: args.grid_stride]
   options = {"bootstrap": args.bootstrap, "window": args.window, "grid": grid, "budget": args.budget}
-  options["flops_per_param_token"] = args.flops_per_param_token
   if args.scaling_command == "fit":
     table, convention = fit.load_table(args.table, args.flops_per_param_token)
     approaches = fit.APPROACHES if args.approach == "all" else (args.approach,)
     predict = _parse_predict(args.predict)
-    result = fit.fit_table(table, approaches, predict=predict, c_convention=convention, **options)
+    result = fit.fit_table(table, approaches, predict=predict, convention=convention, **options)
     if args.out:
       fit.write_fit(result, args.out)
     print(json.dumps(result))
@@ -143,9 +144,9 @@ def _run_scaling(args, fit) -> int:
 
   if args.scaling_command == "plot":
     table, convention = fit.load_table(args.table, args.flops_per_param_token)
-    result = fit.fit_table(table, c_convention=convention, keep_draws=True, **options)
+    result = fit.fit_table(table, convention=convention, keep_draws=True, **options)
     for path in report.figures(table, result, args.out, budget=args.budget):
       print(path)
     return 0
-  print(report.write_report(args.workdir, **options))
+  print(report.write_report(args.workdir, flops_per_param_token=args.flops_per_param_token, **options))
   return 0

@@ -11,9 +11,21 @@ reparametrisation that only improves conditioning) and results are mapped back. 
 intervals resample runs with replacement: each resample is a vector of run weights, and all resamples are
 fitted as one batch from the best fit.
 
-The compute-optimal allocation assumes C = k N D (k = `flops_per_param_token`, 6 by default):
-N_opt = G (C/k)^a and D_opt = (C/k)^b / G, with a = beta/(alpha+beta), b = alpha/(alpha+beta) and
-G = (alpha A / (beta B))^(1/(alpha+beta)).
+One FLOP convention per table: every approach uses the table's own C, the one its `flops_convention`
+column names. Approaches 1, 2 and Kaplan's fit C directly; Approach 3's compute-optimal allocation
+minimises L(N, D) subject to the same C. C is not refitted as 6 N D instead because a sweep's IsoFLOP
+budgets were planned under the table's C: recounted as 6 N D, one budget's runs would differ in C by
+the attention share (a third or more at small N), so Approach 2's parabolas would no longer lie on
+IsoFLOP slices and the exponents would describe runs that were not trained. The allocation is therefore
+derived under the compute the runs really cost (by the table's convention):
+- When C = k N D for one k (a table without C, where k is `flops_per_param_token`, 6 by default, or a C
+  column like Chinchilla's that is exactly 6 N D), the closed form holds: N_opt = G (C/k)^a and
+  D_opt = (C/k)^b / G, with a = beta/(alpha+beta), b = alpha/(alpha+beta), G = (alpha A / (beta B))^(1/(alpha+beta)).
+- Otherwise (e.g. C = 6 N D + 12 L T d_model D), C = r(N) N D, with r(N) the table's C / (N D) at its
+  model sizes, interpolated in log N (cubic Hermite) and held at its end values beyond them, which
+  slightly overstates C for larger models, whose attention share is smaller. N_opt(C) minimises
+  L(N, C / (N r(N))) over N numerically, D_opt = C / (N_opt r(N_opt)), and a and b are the least-squares
+  slopes of log N_opt and log D_opt against log C over the table's range of C (then a + b need not be 1).
 """
 
 import csv
@@ -32,11 +44,12 @@ PARAMETRIC = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
 
 
-def load_table(path: str, flops_per_param_token: float = 6.0) -> tuple[dict[str, np.ndarray], str]:
-  """Columns `N`, `D`, `loss` and `C` of a CSV file as float64 arrays, and how C was counted.
+def load_table(path: str, flops_per_param_token: float | None = None) -> tuple[dict[str, np.ndarray], str]:
+  """Columns `N`, `D`, `loss` and `C` of a CSV file as float64 arrays, and the FLOP convention of C.
 
-  C comes from the table, or else is k N D. The convention is the table's `flops_convention` column (as
-  `lm sweep` writes it), "as given" for a C column without one, or "C = k N D".
+  C comes from the table, or else is k N D with k = `flops_per_param_token` (6 by default), which a table
+  with a C column rejects. The convention is the table's `flops_convention` column (as `lm sweep` writes it;
+  one value for the whole table), "as given" for a C column without one, or "C = k N D".
   """
   try:
     with epath.Path(path).open() as f:  # a local path or gs://
@@ -60,10 +73,70 @@ def load_table(path: str, flops_per_param_token: float = 6.0) -> tuple[dict[str,
     if not np.all(np.isfinite(values) & (values > 0)):
       raise UserError(f"{path}: column {col} must hold positive finite numbers")
   if "C" not in table:
-    table["C"] = flops_per_param_token * table["N"] * table["D"]
-    return table, f"C = {flops_per_param_token:g} N D"
-  conventions = sorted({r["flops_convention"] for r in rows}) if "flops_convention" in rows[0] else ["as given"]
-  return table, ", ".join(conventions)
+    k = 6.0 if flops_per_param_token is None else flops_per_param_token
+    table["C"] = k * table["N"] * table["D"]
+    return table, f"C = {k:g} N D"
+  if flops_per_param_token is not None:
+    raise UserError(f"{path} has a C column; --flops-per-param-token applies only to tables without one")
+  if "flops_convention" not in rows[0]:
+    return table, "as given"
+  conventions = sorted({r["flops_convention"] for r in rows})
+  if len(conventions) > 1:
+    raise UserError(f"{path} mixes FLOP conventions ({', '.join(conventions)}); fit one convention per table")
+  return table, conventions[0]
+
+
+def compute_model(n, d, c, rtol: float = 1e-6) -> dict:
+  """How a table's C depends on N and D, JSON-ready: {"C_per_ND": k} when C = k N D for one k (to `rtol`),
+  else {"N": the sizes, "C_per_ND": C / (N D) at each (geometric mean over its runs)}, for `c_per_nd`."""
+  log_ratio = np.log(c / (n * d))
+  if np.ptp(log_ratio) <= rtol:
+    return {"C_per_ND": float(np.exp(log_ratio.mean()))}
+  sizes, which = np.unique(n, return_inverse=True)
+  mean_log_ratio = np.bincount(which, log_ratio) / np.bincount(which)
+  return {"N": sizes.tolist(), "C_per_ND": np.exp(mean_log_ratio).tolist()}
+
+
+def describe_compute(compute: dict) -> str:
+  """One line saying how C is computed from N and D under a `compute_model`."""
+  if "N" not in compute:
+    return f"C = {compute['C_per_ND']:.6g} N D"
+  n, r = compute["N"], compute["C_per_ND"]
+  return (
+    f"C = r(N) N D, r = the table's C/(N D) at its {len(n)} sizes ({r[0]:.4g} at N = {n[0]:.3g} to {r[-1]:.4g} "
+    f"at N = {n[-1]:.3g}), interpolated in log N and held at the end values beyond them"
+  )
+
+
+def _hermite(x_K, y_K, x):
+  """Cubic Hermite interpolant through the knots (x_K ascending, y_K) at x, constant beyond the end knots.
+
+  Knot slopes are the distance-weighted means of the neighbouring secants (the secant at the ends): the
+  curve passes through every knot with a continuous first derivative, so minima found along it move smoothly.
+  """
+  if len(x_K) == 1:
+    return np.full(np.shape(x), y_K[0])
+  x = np.clip(x, x_K[0], x_K[-1])
+  h_K, secant_K = np.diff(x_K), np.diff(y_K) / np.diff(x_K)
+  slope_K = np.concatenate(
+    [secant_K[:1], (secant_K[:-1] * h_K[1:] + secant_K[1:] * h_K[:-1]) / (h_K[:-1] + h_K[1:]), secant_K[-1:]]
+  )
+  i = np.clip(np.searchsorted(x_K, x, side="right") - 1, 0, len(h_K) - 1)
+  h = h_K[i]
+  t = (x - x_K[i]) / h
+  return (
+    (1 + 2 * t) * (1 - t) ** 2 * y_K[i]
+    + t * (1 - t) ** 2 * h * slope_K[i]
+    + t**2 * (3 - 2 * t) * y_K[i + 1]
+    + t**2 * (t - 1) * h * slope_K[i + 1]
+  )
+
+
+def c_per_nd(compute: dict, n):
+  """C / (N D) at sizes `n` under a `compute_model`: its k, or its sizes' values interpolated in log N."""
+  if "N" not in compute:
+    return np.full(np.shape(n), compute["C_per_ND"])
+  return np.exp(_hermite(np.log(compute["N"]), np.log(compute["C_per_ND"]), np.log(n)))
 
 
 def read_curves(path: str) -> list[dict]:
@@ -335,17 +408,25 @@ def predict_loss(params: dict, n, d):
   return params["E"] + params["A"] / np.power(n, params["alpha"]) + params["B"] / np.power(d, params["beta"])
 
 
-def optimal_allocation(params: dict, budget, flops_per_param_token: float = 6.0) -> dict:
-  """N_opt, D_opt, tokens per parameter and loss at compute `budget` (C = k N D) under the parametric law.
+SIX_ND = {"C_per_ND": 6.0}
+
+
+def optimal_allocation(params: dict, budget, compute: dict = SIX_ND) -> dict:
+  """N_opt, D_opt, tokens per parameter and loss at compute `budget` under the parametric law and a
+  `compute_model` (default C = 6 N D): in closed form when C = k N D, else by `_optimal_size`.
 
   Parameters may be arrays (bootstrap draws); a draw with alpha or beta <= 0 has no optimum and gives NaN.
   """
   alpha, beta = np.asarray(params["alpha"]), np.asarray(params["beta"])
   with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-    g = (alpha * np.asarray(params["A"]) / (beta * np.asarray(params["B"]))) ** (1.0 / (alpha + beta))
-    scaled = budget / flops_per_param_token
-    n_opt = g * scaled ** (beta / (alpha + beta))
-    d_opt = scaled ** (alpha / (alpha + beta)) / g
+    if "N" in compute:
+      n_opt = _optimal_size(params, budget, compute)
+      d_opt = budget / (n_opt * c_per_nd(compute, n_opt))
+    else:
+      g = (alpha * np.asarray(params["A"]) / (beta * np.asarray(params["B"]))) ** (1.0 / (alpha + beta))
+      scaled = budget / compute["C_per_ND"]
+      n_opt = g * scaled ** (beta / (alpha + beta))
+      d_opt = scaled ** (alpha / (alpha + beta)) / g
     return {
       "C": budget,
       "N_opt": n_opt,
@@ -353,6 +434,48 @@ def optimal_allocation(params: dict, budget, flops_per_param_token: float = 6.0)
       "tokens_per_param": d_opt / n_opt,
       "loss": predict_loss(params, n_opt, d_opt),
     }
+
+
+def _optimal_size(params: dict, budget, compute: dict, iterations: int = 80):
+  """argmin over N of L(N, C / (N r(N))), broadcast over params and budgets: golden-section search in log N
+  over 7 e-folds either side of the closed-form optimum at r's geometric mean (NaN where alpha or beta <= 0)."""
+  alpha, beta, a_coef, b_coef, budget = np.broadcast_arrays(
+    *(np.asarray(params[k], np.float64) for k in ("alpha", "beta", "A", "B")), np.asarray(budget, np.float64)
+  )
+  a_log, b_log, log_c = np.log(a_coef), np.log(b_coef), np.log(budget)
+  valid = (alpha > 0) & (beta > 0)
+  alpha, beta = np.where(valid, alpha, 0.3), np.where(valid, beta, 0.3)
+  log_k = np.mean(np.log(compute["C_per_ND"]))
+  guess = ((a_log + np.log(alpha)) - (b_log + np.log(beta)) + beta * (log_c - log_k)) / (alpha + beta)
+
+  def reducible(u):  # L - E: A / N^alpha + B / D^beta with D = C / (N r(N)), in logs against overflow
+    log_r = np.log(c_per_nd(compute, np.exp(u)))
+    return np.exp(a_log - alpha * u) + np.exp(b_log - beta * (log_c - u - log_r))
+
+  shrink = (math.sqrt(5) - 1) / 2
+  lo, hi = guess - 7.0, guess + 7.0
+  for _ in range(iterations):
+    u1, u2 = hi - shrink * (hi - lo), lo + shrink * (hi - lo)
+    left = reducible(u1) < reducible(u2)
+    lo, hi = np.where(left, lo, u1), np.where(left, u2, hi)
+  return np.where(valid, np.exp((lo + hi) / 2), np.nan)
+
+
+def allocation_exponents(params: dict, compute: dict, c_range: tuple[float, float]):
+  """(a, b), the exponents of N_opt and D_opt in C under the parametric law and a `compute_model`: beta/(alpha+beta)
+  and alpha/(alpha+beta) when C = k N D, else the least-squares slopes of log N_opt and log D_opt against log C
+  at 33 budgets spanning `c_range`. Parameters may be arrays (bootstrap draws)."""
+  alpha, beta = np.asarray(params["alpha"], np.float64), np.asarray(params["beta"], np.float64)
+  if "N" not in compute:
+    return beta / (alpha + beta), alpha / (alpha + beta)
+  log_c_K = np.linspace(np.log(c_range[0]), np.log(c_range[1]), 33)
+  at = optimal_allocation({k: np.asarray(params[k])[..., None] for k in PARAMETRIC}, np.exp(log_c_K), compute)
+  centred_K = log_c_K - log_c_K.mean()
+  slopes = []
+  for name in ("N_opt", "D_opt"):
+    log_x = np.log(at[name])
+    slopes.append(np.sum((log_x - log_x.mean(-1, keepdims=True)) * centred_K, -1) / np.sum(centred_K**2))
+  return tuple(slopes)
 
 
 def power_law(x, y) -> tuple[float, float]:
@@ -504,28 +627,32 @@ def fit_table(
   predict: tuple[float, float] | None = None,
   bootstrap: int = 1000,
   window: float = 0.0,
-  flops_per_param_token: float = 6.0,
-  c_convention: str = "as given",
+  convention: str = "as given",
   seed: int = 0,
   grid: np.ndarray | None = None,
   keep_draws: bool = False,
 ) -> dict:
   """Fits every requested approach to a table of N, D, C, loss arrays; returns a JSON-ready dict.
 
-  Each approach gets 95% bootstrap intervals (`ci95`) over `bootstrap` resamples of the runs, the
-  compute-optimal allocation at `budget` with intervals (`at_budget`), and Approach 3 the predicted loss
-  at `predict` = (N, D). `c_convention` names how the table's C was counted; the Approach 3 allocation
-  assumes C = k N D. With `keep_draws`, each approach keeps its bootstrap draws under `_draws`, for bands.
-  When several approaches are requested, one that cannot be fitted (Approach 2 with fewer than two budgets
-  whose minimum lies inside the sampled sizes, say) is reported as `{"error": ...}` with a warning.
+  Every approach works under the table's C, whose convention `convention` names: `flops_convention` at the
+  top and in each approach, `compute` (the `compute_model` Approach 3's allocation is derived under) and
+  `compute_is` (it in words). Each approach gets 95% bootstrap intervals (`ci95`) over `bootstrap`
+  resamples of the runs, the compute-optimal allocation at `budget` with intervals (`at_budget`), and
+  Approach 3 the predicted loss at `predict` = (N, D); when C is not k N D, Approach 3's a and b are slopes
+  over `exponents_over_C`, the table's range of C. With `keep_draws`, each approach keeps its bootstrap
+  draws under `_draws`, for bands. When several approaches are requested, one that cannot be fitted
+  (Approach 2 with fewer than two budgets whose minimum lies inside the sampled sizes, say) is reported as
+  `{"error": ...}` with a warning.
   """
+  compute = compute_model(table["N"], table["D"], table["C"])
   out = {
     "runs": len(table["N"]),
-    "C_convention": c_convention,
-    "allocation_assumes": f"C = {flops_per_param_token:g} N D",
-    "flops_per_param_token": flops_per_param_token,
+    "flops_convention": convention,
+    "compute": compute,
+    "compute_is": describe_compute(compute),
     "bootstrap": bootstrap,
   }
+  c_range = (float(table["C"].min()), float(table["C"].max()))
   rng = np.random.default_rng(seed)
   for approach in approaches:
     if approach not in APPROACHES:
@@ -534,6 +661,11 @@ def fit_table(
     if approach == "3":
       fit = fit_parametric(table["N"], table["D"], table["loss"], grid=grid, bootstrap=bootstrap, seed=seed)
       draws = fit.pop("bootstrap", {})
+      if "N" in compute:
+        fit["a"], fit["b"] = (float(x) for x in allocation_exponents(fit, compute, c_range))
+        fit["exponents_over_C"] = list(c_range)
+        if draws:
+          draws["a"], draws["b"] = allocation_exponents(draws, compute, c_range)
     else:
       try:
         fit = _POWER_FITS[approach](table, window)
@@ -544,11 +676,12 @@ def fit_table(
         out[key] = {"error": str(e)}
         continue
       draws = _bootstrap_power_fit(approach, table, window, bootstrap, rng) if bootstrap else {}
+    fit = {"flops_convention": convention, **fit}
     fit["ci95"] = {k: _interval(v) for k, v in draws.items() if len(v)}
     if budget and approach != "kaplan":
       if approach == "3":
-        at = optimal_allocation(fit, budget, flops_per_param_token)
-        boot = optimal_allocation(draws, budget, flops_per_param_token) if draws else {}
+        at = optimal_allocation(fit, budget, compute)
+        boot = optimal_allocation(draws, budget, compute) if draws else {}
       else:
         at = power_allocation(fit, budget)
         boot = power_allocation(draws, budget) if draws else {}

@@ -61,15 +61,15 @@ def isoflop_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
   return _save(fig, out, "isoflop")
 
 
-def _allocation(key: str, params: dict, cs, k: float) -> dict:
+def _allocation(key: str, params: dict, cs, compute: dict) -> dict:
   if key == "approach3":
-    return fit_lib.optimal_allocation(params, cs, k)
+    return fit_lib.optimal_allocation(params, cs, compute)
   return fit_lib.power_allocation(params, cs)
 
 
 def frontier_figure(table: dict, result: dict, out: epath.Path, budget: float | None) -> list[str]:
   """N_opt(C) and D_opt(C) of each approach with fitted lines and 95% bootstrap bands, extrapolated to `budget`."""
-  k = result["flops_per_param_token"]
+  compute = result["compute"]
   cs = np.logspace(np.log10(table["C"].min()), np.log10(max(budget or 0.0, table["C"].max())), 100)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
   for ax, (name, label) in zip(axes, (("N_opt", "parameters N_opt"), ("D_opt", "training tokens D_opt")), strict=True):
@@ -78,10 +78,11 @@ def frontier_figure(table: dict, result: dict, out: epath.Path, budget: float | 
       if not fit or "error" in fit:
         continue
       exponent = fit["a"] if name == "N_opt" else fit["b"]
-      ax.plot(cs, _allocation(key, fit, cs, k)[name], color=f"C{i}", label=f"approach {key[-1]}: C^{exponent:.3f}")
+      line = _allocation(key, fit, cs, compute)[name]
+      ax.plot(cs, line, color=f"C{i}", label=f"approach {key[-1]}: C^{exponent:.3f}")
       draws = fit.get("_draws")
       if draws:
-        values = _allocation(key, {n: np.asarray(v)[:, None] for n, v in draws.items()}, cs[None], k)[name]
+        values = _allocation(key, {n: np.asarray(v)[:, None] for n, v in draws.items()}, cs[None], compute)[name]
         band = np.nanpercentile(values, [2.5, 97.5], axis=0)
         ax.fill_between(cs, band[0], band[1], color=f"C{i}", alpha=0.15, lw=0)
     minima = result.get("approach2", {}).get("minima")
@@ -91,11 +92,11 @@ def frontier_figure(table: dict, result: dict, out: epath.Path, budget: float | 
       ax.axvline(budget, color="gray", ls="--", lw=1, label=f"budget C = {budget:.3g} FLOPs")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_xlabel(f"training compute C (FLOPs, {result['flops_convention']})")
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
   handles, labels = axes[0].get_legend_handles_labels()
-  fig.suptitle("compute-optimal allocation; bands: 95% bootstrap intervals")
+  fig.suptitle(f"compute-optimal allocation, C counted as {result['flops_convention']}; bands: 95% bootstrap intervals")
   fig.tight_layout()
   fig.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
   return _save(fig, out, "frontier")
@@ -103,8 +104,7 @@ def frontier_figure(table: dict, result: dict, out: epath.Path, budget: float | 
 
 def contour_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
   """Approach 3 loss over (N, D) as filled contours, with IsoFLOP lines, the runs and the optimal frontier."""
-  fit = result["approach3"]
-  k = result["flops_per_param_token"]
+  fit, compute = result["approach3"], result["compute"]
   ns = np.logspace(np.log10(table["N"].min()) - 0.5, np.log10(table["N"].max()) + 0.5, 200)
   ds = np.logspace(np.log10(table["D"].min()) - 0.5, np.log10(table["D"].max()) + 0.5, 200)
   nn, dd = np.meshgrid(ns, ds)
@@ -114,15 +114,17 @@ def contour_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
   levels = np.geomspace(loss.min(), top, 21)
   filled = ax.contourf(nn, dd, loss, levels=levels, cmap="viridis", norm=matplotlib.colors.LogNorm(), extend="max")
   fig.colorbar(filled, ax=ax, label="predicted loss (nats/token)", format="%.3g")
-  exponents = np.arange(np.ceil(np.log10(k * ns[0] * ds[0])), np.log10(k * ns[-1] * ds[-1]) + 1e-9)
+  r_N = fit_lib.c_per_nd(compute, ns)  # C / (N D) at each N: C is the table's, as in every approach
+  c_lo, c_hi = r_N[0] * ns[0] * ds[0], r_N[-1] * ns[-1] * ds[-1]
+  exponents = np.arange(np.ceil(np.log10(c_lo)), np.log10(c_hi) + 1e-9)
   for c in exponents[:: max(1, len(exponents) // 6)]:
-    ds_c = 10**c / (k * ns)
+    ds_c = 10**c / (r_N * ns)
     ax.plot(ns, ds_c, color="white", lw=0.7, ls="--")
     inside = np.flatnonzero((ds_c > ds[0] * 1.5) & (ds_c < ds[-1] / 1.5))
     if len(inside):
       j = inside[len(inside) // 2]
       ax.annotate(f"1e{c:.0f}", (ns[j], ds_c[j]), color="white", fontsize=7, ha="left", va="bottom")
-  frontier = fit_lib.optimal_allocation(fit, np.geomspace(k * ns[0] * ds[0], k * ns[-1] * ds[-1], 100), k)
+  frontier = fit_lib.optimal_allocation(fit, np.geomspace(c_lo, c_hi, 100), compute)
   ax.plot(frontier["N_opt"], frontier["D_opt"], color="red", lw=1.5, label="compute-optimal frontier")
   ax.scatter(table["N"], table["D"], s=6, color="black", label="runs")
   ax.set_xscale("log")
@@ -131,7 +133,7 @@ def contour_figure(table: dict, result: dict, out: epath.Path) -> list[str]:
   ax.set_ylim(ds[0], ds[-1])
   ax.set_xlabel("parameters N")
   ax.set_ylabel("training tokens D")
-  ax.set_title(f"Approach 3 fit; dashed: IsoFLOP lines C = {k:g} N D (FLOPs)")
+  ax.set_title(f"Approach 3 fit; dashed: IsoFLOP lines, C as {result['flops_convention']} (FLOPs)")
   ax.legend(fontsize=8, loc="lower left")
   fig.tight_layout()
   return _save(fig, out, "contours")
@@ -192,7 +194,7 @@ def write_report(
   bootstrap: int = 1000,
   window: float = 0.0,
   grid=None,
-  flops_per_param_token: float = 6.0,
+  flops_per_param_token: float | None = None,
 ) -> str:
   """Fits `workdir/results.csv`, writes `workdir/report/` (report.md, fit.json, figures); returns report.md."""
   root = epath.Path(workdir)
@@ -206,8 +208,7 @@ def write_report(
       budget=budget,
       bootstrap=bootstrap,
       window=window,
-      flops_per_param_token=flops_per_param_token,
-      c_convention=convention,
+      convention=convention,
       grid=grid,
       keep_draws=True,
     )
@@ -251,13 +252,25 @@ def _cell(value) -> str:
   return repr(value)
 
 
+def _convention_note(key: str, fit: dict) -> str:
+  """The sentence above an approach's table saying under which C its exponents hold."""
+  if key == "kaplan":
+    return f"alpha_C and C_c: C counted as `{fit['flops_convention']}`."
+  where = ""
+  if "exponents_over_C" in fit:
+    lo, hi = fit["exponents_over_C"]
+    where = f", as slopes of log N_opt and log D_opt over C = {lo!r} to {hi!r} (C/(N D) varies with N)"
+  return f"Exponents a and b and the allocation at the budget: C counted as `{fit['flops_convention']}`{where}."
+
+
 def markdown(name: str, result: dict, caught: list[str], paths: list[str], compute_note: str = "") -> str:
   """The report page: every fitted number unrounded, with its 95% bootstrap interval, then the figures."""
   lines = [
     f"# Scaling-law report: {name}",
     "",
-    f"{result['runs']} runs from `results.csv`. C is counted as `{result['C_convention']}`; the Approach 3 "
-    f"allocation assumes {result['allocation_assumes']}. Intervals: 2.5 and 97.5 percentiles over "
+    f"{result['runs']} runs from `results.csv`. C is counted as `{result['flops_convention']}` in every "
+    f"approach: Approaches 1 and 2 fit the table's C, and Approach 3's allocation (a, b, N_opt, D_opt) "
+    f"minimises its loss at the same C, {result['compute_is']}. Intervals: 2.5 and 97.5 percentiles over "
     f"{result['bootstrap']} bootstrap resamples of the runs.",
   ]
   if compute_note:
@@ -270,7 +283,7 @@ def markdown(name: str, result: dict, caught: list[str], paths: list[str], compu
     if "error" in fit:
       lines += ["", f"## {title}", "", f"Not fitted: {fit['error']}."]
       continue
-    lines += ["", f"## {title}", "", "| name | value | 95% interval |", "|---|---|---|"]
+    lines += ["", f"## {title}", "", _convention_note(key, fit), "", "| name | value | 95% interval |", "|---|---|---|"]
     for field, value in fit.items():
       if isinstance(value, float | int) and not isinstance(value, bool):
         interval = fit["ci95"].get(field)
