@@ -47,9 +47,9 @@ def parse_tfds(source: str) -> tuple[str, str, str, str]:
   _, arg = parse(source)
   name, *rest = arg.split(":")
   version = rest.pop(0) if rest and re.fullmatch(r"\d+\.\d+\.\d+", rest[0]) else ""
-  split = rest.pop(0) if rest else ""
+  split = ":".join(rest)  # a split may hold a slice with colons: train[:10%]
   name, _, config = name.partition("/")
-  if rest or not name or not re.fullmatch(r"[\w.-]*", config) or (version == "" and re.match(r"\d", split)):
+  if not re.fullmatch(r"\w+", name) or not re.fullmatch(r"[\w.-]*", config) or re.match(r"\d", split):
     raise UserError(f"cannot parse data.source {source!r}: expected tfds:NAME[/CONFIG][:VERSION][:SPLIT]")
   return name, config, version, split
 
