@@ -47,9 +47,10 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimizer updates applied so far
   params: Any
   opt_state: Any
-  rng: jax.Array  # uint32 key data, for anything stochastic in training
+  rng: jax.Array  # uint32 key data, split every batch: one half for the step's randomness, one kept here
   skipped_steps: jax.Array  # int32 scalar: batches whose update was skipped for a non-finite loss or gradient
   nonfinite_streak: jax.Array  # int32 scalar: how many of the latest batches in a row were skipped
+  schedule: optim.ScheduleClock  # where the run is in its lr schedule (stretched when a resume changes its length)
 
 
 @dataclasses.dataclass
@@ -103,6 +104,7 @@ def _init(model: Transformer, tx, key, cfg) -> TrainState:
     rng=jax.random.key_data(train_key),
     skipped_steps=jnp.zeros((), jnp.int32),
     nonfinite_streak=jnp.zeros((), jnp.int32),
+    schedule=optim.fresh_clock(cfg, optim.run_steps(cfg, model.cfg)),
   )
 
 
@@ -125,6 +127,7 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh) -> Setup:
     rng=replicated,
     skipped_steps=replicated,
     nonfinite_streak=replicated,
+    schedule=jax.tree.map(lambda _: replicated, boxed.schedule),
   )
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
   return Setup(cfg, model_cfg, model, tx, mesh, rules, shardings, abstract)
@@ -137,40 +140,53 @@ def make_train_step(setup: Setup):
   summed gradients are divided by the whole batch's token count: the same update as one batch.
   A batch whose loss or gradient norm is not finite leaves params, optimizer state and `step`
   as they were and counts in `skipped_steps` and `nonfinite_streak` (also returned as metrics).
+  Every batch, skipped or not, splits `state.rng` once: the model gets one half as its `dropout`
+  rng (each microbatch its own fold), the state keeps the other. The lr comes from the state's
+  schedule clock, re-set on the first step after a resume that changed the run's length
+  (`lm.optim.reset_clock`).
   """
   cfg, model = setup.cfg, setup.model
   accum, z_loss = cfg.optim.grad_accum_steps, cfg.model.z_loss
-  schedule = optim.make_schedule(cfg)
+  total = optim.run_steps(cfg, setup.model_cfg)
 
-  def loss_sums(params, batch):
+  def loss_sums(params, batch, key):
     x_BxTxD, head_DxV = model.apply(
-      {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], return_hidden=True
+      {"params": params},
+      batch["inputs"],
+      batch["segment_ids"],
+      batch["positions"],
+      return_hidden=True,
+      rngs={"dropout": key},
     )
     return head_loss(x_BxTxD, head_DxV, batch["targets"], batch["loss_mask"], z_loss, model.cfg.dtype)
 
   grad_fn = jax.grad(loss_sums, has_aux=True)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
     if accum == 1:
-      grads, ce_sum = grad_fn(state.params, batch)
+      grads, ce_sum = grad_fn(state.params, batch, step_key)
     else:
       micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-      def body(carry, microbatch):
+      def body(carry, indexed):
         grads_sum, ce_total = carry
+        i, microbatch = indexed
         microbatch = jax.tree.map(
           lambda x: nn.with_logical_constraint(x, ("act_batch",) + (None,) * (x.ndim - 1)), microbatch
         )
-        g, ce = grad_fn(state.params, microbatch)
+        g, ce = grad_fn(state.params, microbatch, jax.random.fold_in(step_key, i))
         return (jax.tree.map(jnp.add, grads_sum, g), ce_total + ce), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, ce_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
+      (grads, ce_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(accum), micro))
     grads = jax.tree.map(lambda g: g / n_tokens, grads)
     loss, grad_norm = ce_sum / n_tokens, optax.tree.norm(grads)
+    clock = optim.reset_clock(cfg, state.schedule, state.step, total)
+    lr = optim.learning_rate(cfg, clock, state.step)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, opt_state = jax.tree.map(
       lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
@@ -181,12 +197,18 @@ def make_train_step(setup: Setup):
       "train/loss": loss,
       "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(params),
-      "lr": schedule(state.step),
+      "lr": lr,
       "train/skipped_steps": skipped,
       "nonfinite_streak": streak,
     }
     new_state = state.replace(
-      step=state.step + 1 - bad, params=params, opt_state=opt_state, skipped_steps=skipped, nonfinite_streak=streak
+      step=state.step + 1 - bad,
+      params=params,
+      opt_state=opt_state,
+      rng=jax.random.key_data(next_key),
+      skipped_steps=skipped,
+      nonfinite_streak=streak,
+      schedule=clock,
     )
     return new_state, metrics
 
@@ -237,18 +259,50 @@ def unigram_loss(train_batches, eval_batches: list[dict], vocab_size: int) -> fl
   return total / max(n, 1.0)
 
 
-def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
-  """Loss (nats/token), perplexity and bits per byte over fixed validation batches."""
+def evaluate(eval_step, params, batches: list[dict], prefix: str = "eval/") -> dict[str, float]:
+  """Loss (nats/token), perplexity and bits per byte over fixed evaluation batches, keys under `prefix`."""
   totals = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
   for batch in batches:
     for k, v in jax.device_get(eval_step(params, batch)).items():
       totals[k] += float(v)
   loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
   return {
-    "eval/loss": loss,
-    "eval/perplexity": math.exp(min(loss, 50.0)),
-    "eval/bpb": totals["loss_sum"] / math.log(2) / max(totals["bytes"], 1.0),
+    f"{prefix}loss": loss,
+    f"{prefix}perplexity": math.exp(min(loss, 50.0)),
+    f"{prefix}bpb": totals["loss_sum"] / math.log(2) / max(totals["bytes"], 1.0),
   }
+
+
+def eval_prefix(name: str) -> str:
+  """Where an eval set's metrics go: `eval/` for the validation split, `eval/NAME/` for an eval source."""
+  return f"eval/{name}/" if name else "eval/"
+
+
+def describe_eval_sets(cfg, eval_sets: dict[str, pipeline.EvalSet]) -> dict[str, float]:
+  """Each eval set's size as metrics (`eval/tokens`, `eval/documents`, ...), said once on stderr by process 0.
+
+  A set with fewer than `data.eval_min_tokens` target tokens gets a warning: its loss is noisy.
+  """
+  sizes = {}
+  for name, eval_set in eval_sets.items():
+    prefix = eval_prefix(name)
+    sizes[f"{prefix}tokens"], sizes[f"{prefix}documents"] = float(eval_set.tokens), float(eval_set.documents)
+    if not is_lead():
+      continue
+    source = cfg.data.source if not name else config_lib.eval_sources(cfg)[name][0]
+    print(
+      f"lm: eval set {prefix.rstrip('/')} ({source}): {eval_set.tokens:,} tokens of {eval_set.documents:,} documents"
+      f" in {len(eval_set.batches)} batches",
+      file=sys.stderr,
+    )
+    if eval_set.tokens < cfg.data.eval_min_tokens:
+      print(
+        f"lm: warning: eval set {prefix.rstrip('/')} holds {eval_set.tokens:,} tokens, fewer than "
+        f"data.eval_min_tokens={cfg.data.eval_min_tokens:,}: its loss is noisy (more data.eval_fraction or "
+        "train.eval_batches give more)",
+        file=sys.stderr,
+      )
+  return sizes
 
 
 class _StopFlag:
@@ -427,7 +481,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
   """
   cfg = resolve_shards(cfg, workdir)
   config_lib.validate(cfg, jax.device_count())
-  corpus_builder.prepare(cfg)  # data errors surface before the workdir is touched
+  pipeline.prepare_all(cfg)  # data errors surface before the workdir is touched
   path = check_workdir(cfg, workdir)
   tok = load_or_train_tokenizer(cfg, path)
   mesh = partitioning.make_mesh(cfg)
@@ -464,14 +518,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
     else:
       state, start = restored.state, restored.step
       data.set_state(restored.data_state)
-    local_eval = pipeline.make_eval_batches(cfg, tok, proc, nproc)
-    eval_batches = [pipeline.global_batch(b, batch_sharding) for b in local_eval]
+    local_sets = pipeline.make_eval_sets(cfg, tok, proc, nproc)
+    eval_sets = {n: [pipeline.global_batch(b, batch_sharding) for b in s.batches] for n, s in local_sets.items()}
+    eval_sizes = describe_eval_sets(cfg, local_sets)
     baseline = None
     if start < cfg.train.eval_every:  # the first eval, which logs the baseline, is still to come
       sample = pipeline.make_train_iterator(cfg, tok, proc, nproc)
-      baseline = unigram_loss((next(sample) for _ in range(32)), local_eval, tok.vocab_size)
+      baseline = unigram_loss((next(sample) for _ in range(32)), local_sets[""].batches, tok.vocab_size)
     return _loop(
-      cfg, setup, state, start, train_step, eval_step, eval_batches, data, ckpt, tok, path, progress, baseline
+      cfg, setup, state, start, train_step, eval_step, eval_sets, eval_sizes, data, ckpt, tok, path, progress, baseline
     )
 
 
@@ -487,7 +542,7 @@ def _check_streak(streak, step: int, max_bad: int, ckpt: checkpoint_lib.Checkpoi
 
 
 def _loop(
-  cfg, setup, state, start, train_step, eval_step, eval_batches, data, ckpt, tok, path, progress, baseline
+  cfg, setup, state, start, train_step, eval_step, eval_sets, eval_sizes, data, ckpt, tok, path, progress, baseline
 ) -> dict:
   from tqdm import tqdm  # noqa: PLC0415
 
@@ -495,11 +550,9 @@ def _loop(
   lead = jax.process_index() == 0
   tokens_per_step = t.batch_size * cfg.data.seq_len
   flops_per_token = flops_lib.flops_per_token(setup.model_cfg, cfg.data.seq_len, t.flops_convention)
-  last_step = t.steps
-  if t.max_tokens:
-    last_step = min(last_step, math.ceil(t.max_tokens / tokens_per_step))
-  if t.max_flops:
-    last_step = min(last_step, math.ceil(t.max_flops / (flops_per_token * tokens_per_step)))
+  last_step = optim.run_steps(cfg, setup.model_cfg)  # the schedule's length too
+  if t.stop_at_step:  # a stop request, which leaves the schedule as it is
+    last_step = min(last_step, t.stop_at_step)
   peak = _peak_flops(cfg.model.dtype)
   poisoned = config_lib.debug_nan_steps(cfg)
   writer = metrics_lib.MetricsWriter(str(path), resume_step=start, enabled=lead)
@@ -548,7 +601,9 @@ def _loop(
           row["compile_s"] = compile_s
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}", refresh=False)
       if step % t.eval_every == 0 or step == last_step:
-        row.update(evaluate(eval_step, state.params, eval_batches))
+        for name, eval_batches in eval_sets.items():
+          row.update(evaluate(eval_step, state.params, eval_batches, eval_prefix(name)))
+        row.update(eval_sizes)
         if baseline is not None:
           row["eval/unigram_loss"], baseline = baseline, None  # logged once, with the first eval
         if samples is not None:
@@ -605,7 +660,12 @@ class _StopAgreement:
 
 
 def _all_data_states(data, step: int) -> dict:
-  """Every shard's data position (process 0 gathers them; orbax writes JSON items from process 0)."""
+  """Every shard's data position (process 0 gathers them; orbax writes JSON items from process 0).
+
+  The global shuffle's position is the batches read, the same in every process.
+  """
+  if "batches" in data.get_state():
+    return data.get_state()
   gathered = distributed.gather_json(f"data_state/{step}", data.get_state())
   if gathered is None:
     return data.get_state()

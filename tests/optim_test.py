@@ -3,7 +3,13 @@ import numpy as np
 import optax
 import pytest
 
+from lm import checkpoint as checkpoint_lib
+from lm import config as config_lib
+from lm import metrics as metrics_lib
 from lm import optim, partitioning, train
+from lm import tokenizer as tokenizer_lib
+from lm.flops import flops_per_token
+from lm.model import ModelConfig
 
 from conftest import random_batch, tiny_config
 
@@ -101,3 +107,100 @@ def test_clipping_bounds_the_gradient_adam_sees():
   scaled = jax.tree.map(lambda g: g * (clip / norm), huge)  # the same gradient at norm `clip`, unclipped
   for got, want in zip(first_step(clip, huge), first_step(0.0, scaled), strict=True):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12), got, want)
+
+
+def model_cfg(cfg):
+  return ModelConfig.from_config(cfg, 64)
+
+
+@pytest.mark.parametrize("budget", ["train.max_tokens", "train.max_flops"])
+def test_a_budget_is_the_run_length_and_the_schedule_length(budget):
+  cfg = tiny_config(**{"train.steps": 1000})
+  per_step = 8 * 32 * (1 if budget == "train.max_tokens" else flops_per_token(model_cfg(cfg), 32, "6N+attn"))
+  config_lib.set_key(cfg, budget, type(cfg.train[budget.split(".")[1]])(40.5 * per_step))
+  assert optim.run_steps(cfg, model_cfg(cfg)) == 41  # the step that crosses the budget is the last
+  config_lib.set_key(cfg, "train.steps", 30)
+  assert optim.run_steps(cfg, model_cfg(cfg)) == 30
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_budget_capped_run_reaches_the_final_lr_at_its_last_step(tmp_path, text_corpus, schedule):
+  overrides = {"optim.schedule": schedule, "optim.cooldown_fraction": 0.5, "train.steps": 100}
+  cfg = tiny_config(**overrides, **{"data.source": text_corpus, "train.max_tokens": 6 * 8 * 32})
+  final_lr = cfg.optim.lr * cfg.optim.final_lr_fraction
+  assert train.train(cfg, str(tmp_path / "w"), progress=False)["step"] == 6
+  state = restore(cfg, tmp_path / "w")
+  assert int(state.step) == 6 and float(optim.learning_rate(cfg, state.schedule, 6)) == pytest.approx(final_lr)
+  logged = [r["lr"] for r in metrics_lib.read_metrics(str(tmp_path / "w"))]  # step n logs the lr of update n - 1
+  np.testing.assert_allclose(logged, lr_at(tiny_config(**{**overrides, "train.steps": 6}), range(6)), rtol=1e-6)
+  assert logged[-1] < cfg.optim.lr and np.all(np.diff(logged[1:]) <= 0)
+
+
+def restore(cfg, workdir):
+  setup = train.build(cfg, tokenizer_lib.load_tokenizer(workdir).vocab_size, partitioning.make_mesh(cfg))
+  with setup.context():
+    return checkpoint_lib.restore_latest(str(workdir), setup.abstract_state).state
+
+
+def resumed_lrs(cfg, lengths: list[tuple[int, int]]) -> np.ndarray:
+  """The lr of updates 0..end of a run that starts with length lengths[0][1] and, at each later (step, length),
+  is resumed with that length."""
+  (_, total), *resumes = lengths
+  clock, lrs, step = optim.fresh_clock(cfg, total), [], 0
+  for at, new_total in [*resumes, (None, None)]:
+    while step < (at if at is not None else total + 1):
+      lrs.append(float(optim.learning_rate(cfg, clock, step)))
+      step += 1
+    if at is not None:
+      clock, total = optim.reset_clock(cfg, clock, at, new_total), new_total
+  return np.array(lrs)
+
+
+def continuity(lrs, at):
+  """|lr change| across the resume at `at`, and the largest change between other consecutive updates."""
+  steps = np.abs(np.diff(lrs))
+  return steps[at - 1], np.max(np.delete(steps, at - 1))
+
+
+SCHEDULES = {
+  "cosine": {"optim.schedule": "cosine"},
+  "wsd": {"optim.schedule": "wsd", "optim.cooldown_fraction": 0.4},
+  "wsd 1-sqrt": {"optim.schedule": "wsd", "optim.cooldown_fraction": 0.4, "optim.cooldown_shape": "1-sqrt"},
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("at, length", [(70, 150), (90, 130), (70, 80), (70, 75)])
+def test_a_resume_with_another_length_continues_the_lr(name, at, length):
+  cfg = tiny_config(**{**SCHEDULES[name], "optim.lr": 1.0, "optim.warmup_steps": 10})
+  lrs = resumed_lrs(cfg, [(0, 100), (at, length)])
+  assert len(lrs) == length + 1
+  np.testing.assert_array_equal(lrs[: at + 1], make_lrs(cfg, 100)[: at + 1])
+  jump, ordinary = continuity(lrs, at)
+  assert jump <= ordinary + 1e-6
+  assert lrs[length] == pytest.approx(0.1, rel=1e-5) and np.all(np.diff(lrs[10:]) <= 1e-7)
+
+
+def make_lrs(cfg, total):
+  return np.array([float(optim.make_schedule(cfg, total)(s)) for s in range(total + 1)])
+
+
+def test_wsd_resumed_in_its_stable_phase_is_the_run_of_the_new_length():
+  cfg = tiny_config(**{**SCHEDULES["wsd"], "optim.lr": 1.0, "optim.warmup_steps": 10})
+  for at, longer in ((5, 150), (40, 150), (40, 70)):  # in warmup; at peak, longer and shorter
+    np.testing.assert_allclose(resumed_lrs(cfg, [(0, 100), (at, longer)]), make_lrs(cfg, longer), atol=1e-7)
+
+
+def test_a_second_resume_stretches_the_stretched_schedule_and_an_ended_run_stays_at_the_final_lr():
+  cfg = tiny_config(**{"optim.lr": 1.0, "optim.warmup_steps": 10})
+  twice = resumed_lrs(cfg, [(0, 100), (50, 150), (120, 200)])
+  once = resumed_lrs(cfg, [(0, 100), (50, 150)])
+  np.testing.assert_array_equal(twice[:121], once[:121])
+  for at in (50, 120):
+    jump, ordinary = continuity(twice, at)
+    assert jump <= ordinary + 1e-6
+  assert twice[200] == pytest.approx(0.1, rel=1e-5)
+  ended = resumed_lrs(cfg, [(0, 100), (100, 130)])
+  np.testing.assert_allclose(ended[100:], 0.1, rtol=1e-5)
+  unchanged = resumed_lrs(cfg, [(0, 100), (50, 100)])  # a resume of the same length changes nothing
+  np.testing.assert_array_equal(unchanged, resumed_lrs(cfg, [(0, 100)]))

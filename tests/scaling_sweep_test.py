@@ -76,6 +76,11 @@ def test_sweep_branches_cooldowns_skips_finished_points_and_resumes(tmp_path, te
   assert [r["step"] for r in metrics_lib.read_metrics(sub["short"])] == [4]
   assert float(rows["short"]["loss"]) == pytest.approx(float(rows["alone"]["loss"]), rel=1e-5)
   assert rows["short"]["flags"] == "wsd;branch:long@3"
+  # The source stopped at step 3 for the branch kept the schedule of its 8 steps (a stop, not a budget).
+  long_cfg = config_lib.from_json(open(os.path.join(sub["long"], "config.json")).read())
+  schedule = optim.make_schedule(long_cfg)
+  logged = [r["lr"] for r in metrics_lib.read_metrics(sub["long"])]
+  assert logged == pytest.approx([float(schedule(s)) for s in range(8)], rel=1e-6) and logged[-1] < logged[0]
   assert float(rows["short"]["C_spent"]) == pytest.approx(float(rows["short"]["C"]) / 4)
   assert float(rows["long"]["C_spent"]) == float(rows["long"]["C"])
   assert os.path.exists(os.path.join(workdir, "curves.csv"))
@@ -96,7 +101,7 @@ def test_print_commands_one_per_invocation_in_order(tmp_path, text_corpus, capsy
     f"runs/s/{n}" for n in ("long", "short", "long", "alone")
   ]
   assert all(line.startswith(f"lm train --config {exp} ") and line.endswith("--config.train.seed=3") for line in lines)
-  assert "--config.train.max_tokens=768" in lines[0] and "max_tokens" not in lines[2]
+  assert "--config.train.stop_at_step=3" in lines[0] and "stop_at_step" not in lines[2]
   assert "--config.train.init_from=runs/s/long/checkpoints/3" in lines[1]
 
 

@@ -232,7 +232,10 @@ class Run:
 
 def plan(points: list[Point]) -> list[Run]:
   """The order of invocations: each branch source trains up to every branch's step just before that branch
-  starts from it (so its newest checkpoint is the one the branch names), then on to its own end."""
+  starts from it (so its newest checkpoint is the one the branch names), then on to its own end.
+
+  A source segment stops by `train.stop_at_step`, which leaves its schedule the one of its full length (a
+  budget such as train.max_tokens would shorten it): a WSD source is still in its stable phase there."""
   branches: dict[str, list[tuple[int, str, ml_collections.ConfigDict, dict]]] = {}
   for point_id, cfg, point in points:
     if "branch_of" in point:
@@ -247,7 +250,7 @@ def plan(points: list[Point]) -> list[Run]:
     source_cfg, source_point = by_id[source]
     for step, branch_id, branch_cfg, branch_point in sorted(branches.get(source, []), key=lambda b: b[:2]):
       segment = copy.deepcopy(source_cfg)
-      segment.train.max_tokens = step * segment.train.batch_size * segment.data.seq_len
+      segment.train.stop_at_step = step  # a stop, not a budget: the source keeps the schedule of its full length
       runs += [Run(source, segment, source_point, branch_id, step), Run(branch_id, branch_cfg, branch_point)]
     runs.append(Run(source, source_cfg, source_point))
   return runs
@@ -256,7 +259,7 @@ def plan(points: list[Point]) -> list[Run]:
 def commands(path: str, workdir: str, overrides: list[str] = ()) -> list[str]:
   """One `lm train` command line per invocation, in order, for any cluster launcher.
 
-  A branch source appears once per branch, stopped by train.max_tokens at the branch's step, and then in full.
+  A branch source appears once per branch, stopped by train.stop_at_step at the branch's step, and then in full.
   """
   lines = []
   for run in plan(load_sweep(path, overrides, workdir)):
@@ -264,7 +267,7 @@ def commands(path: str, workdir: str, overrides: list[str] = ()) -> list[str]:
     if run.cfg.train.init_from:
       items["train.init_from"] = run.cfg.train.init_from
     if run.stop_step is not None:
-      items["train.max_tokens"] = run.cfg.train.max_tokens
+      items["train.stop_at_step"] = run.stop_step
     args = [f"--config.{k}={v}" for k, v in items.items()] + [f"--config.{o}" for o in overrides]
     lines.append(" ".join(["lm train", f"--config {path}", f"--workdir {workdir}/{run.point_id}", *args]))
   return lines
