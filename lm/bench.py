@@ -2,7 +2,9 @@
 
 `train` times the step `lm train` runs (same model, sharding, AdamW with clipping), fed a fixed
 random batch so that the data pipeline is not timed. MFU is against a matmul peak measured in
-the same process. Beside it runs `lm.bare`, the same model and step written in bare jax.numpy:
+the same process: `mfu` counts the run's FLOP convention (`flops_per_token`), `mfu_computed` the
+matmuls the step really computes (`lm.flops.flops_per_token_computed`: attention over causal query
+blocks). Beside it runs `lm.bare`, the same model and step written in bare jax.numpy:
 what the library's layers (Flax, sharding, optax, its custom backward passes) cost or save.
 With `--peer PYTHON`, PyTorch's version of the same model (`--peer-script`) runs in eager and
 compiled mode in the same invocation, and the JSON gains the ratios.
@@ -132,6 +134,7 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
       ops = profile_ops(lowered, run, steps=profiled_steps)
   step_s = float(np.median(times))
   fpt = flops_lib.flops_per_token(setup.model_cfg, t, cfg.train.flops_convention)
+  fpt_computed = flops_lib.flops_per_token_computed(setup.model_cfg, t)  # causal query blocks: below 6N+attn
   peak = flops_lib.measure_matmul_flops(cfg.model.dtype)
   tokens_per_s = b * t / step_s
   record = {
@@ -142,6 +145,8 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
     "flops_per_token": fpt,
     "flops_convention": cfg.train.flops_convention,
     "mfu": tokens_per_s * fpt / peak,
+    "flops_per_token_computed": fpt_computed,
+    "mfu_computed": tokens_per_s * fpt_computed / peak,
     "matmul_peak_flops": peak,
     "params": flops_lib.param_counts(setup.model_cfg)["total"],
     "loss": float(metrics["train/loss"]),

@@ -13,6 +13,11 @@ Training FLOPs per token, forward + backward = 3x forward, with 2 FLOPs per mult
 - `6N+attn_causal`: 6 * N + 6 * L * T * D, counting only the unmasked half, as Kaplan et al.
 - `6N_nohead`, `6N_nohead+attn`, `6N_nohead+attn_causal`: the same without the last layer (the output
   head), i.e. with Kaplan et al.'s non-embedding N; Porian et al. (2024) show this choice moves the exponents.
+
+The conventions are for accounting (budgets, scaling fits), and fixed per run. What the train step really
+computes is `flops_per_token_computed`: the matmuls only, with attention over the causal query blocks of
+`lm.model.query_blocks`, in which each block of 128 queries reads the keys up to its own end; below
+`6N+attn` from 256 tokens on (by 37.5% of the attention at 512 tokens), and equal to it up to 128.
 """
 
 import time
@@ -53,6 +58,24 @@ def flops_per_token(model_cfg, seq_len: int, convention: str = "6N+attn") -> flo
   if convention.endswith("+attn_causal"):
     return 6.0 * n + attn / 2
   return 6.0 * n
+
+
+def flops_per_token_computed(model_cfg, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward) of the matmuls the train step computes for rows of `seq_len`.
+
+  Each weight matrix costs 6 FLOPs per element and token (norm weights are not matmuls). Attention, per layer,
+  query block [lo, hi) and query head, costs 2 FLOPs per (query, key, head_dim) for each of its 6 matmuls
+  (scores and values forward; their 4 gradients), over keys [0, hi) only. Rematerialisation's recomputed
+  forward pass (`model.remat`) is not counted, as MFU does not count it.
+  """
+  from lm.model import query_blocks  # noqa: PLC0415 (keeps `lm.flops` importable without JAX)
+
+  c = model_cfg
+  counts = param_counts(c)
+  norms = c.n_layers * 2 * c.d_model + c.d_model
+  query_key_pairs = sum((hi - lo) * hi for lo, hi in query_blocks(seq_len))
+  attn = 12 * c.n_layers * c.n_heads * c.head_dim * query_key_pairs / seq_len
+  return 6.0 * (counts["flop_params"] - norms) + attn
 
 
 # Peak dense bf16 FLOP/s per chip, from the vendors' published figures.

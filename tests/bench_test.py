@@ -37,6 +37,11 @@ def test_bench_prints_one_json_line_with_the_contract_keys():
     assert record[key] > 0, key
   assert record["tokens_per_s"] == pytest.approx(16 * 256 / record["step_s"])
   assert record["mfu"] < 1.0
+  # 256 tokens are two query blocks: the step computes 1/4 less attention than 6N+attn counts.
+  assert record["flops_per_token_computed"] < record["flops_per_token"]
+  assert record["mfu_computed"] == pytest.approx(
+    record["mfu"] * record["flops_per_token_computed"] / record["flops_per_token"]
+  )
   # bf16 compute runs beside f32 in the same invocation.
   assert record["bf16_tokens_per_s"] == pytest.approx(16 * 256 / record["bf16_step_s"])
   assert record["bf16_vs_f32"] == pytest.approx(record["bf16_tokens_per_s"] / record["tokens_per_s"])
