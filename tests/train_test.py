@@ -1,16 +1,17 @@
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
 from lm import checkpoint as checkpoint_lib
 from lm import metrics as metrics_lib
+from lm import optim, partitioning, train
 from lm import tokenizer as tokenizer_lib
-from lm import train
 from lm.errors import UserError
 
-from conftest import tiny_config
+from conftest import random_batch, tiny_config
 
 
 def markov_text(length: int, alphabet: str = "abcdefgh", seed: int = 0) -> tuple[str, float]:
@@ -127,3 +128,52 @@ def _flat(cfg):
   from lm.config import flatten
 
   return flatten(cfg.to_dict())
+
+
+def test_stop_at_step_stops_the_run_but_keeps_its_schedule(tmp_path, text_corpus):
+  cfg = tiny_config(**{"data.source": text_corpus, "train.steps": 10, "train.stop_at_step": 3})
+  assert train.train(cfg, str(tmp_path / "w"), progress=False)["step"] == 3
+  schedule = optim.make_schedule(cfg)  # of the 10 steps
+  logged = [r["lr"] for r in metrics_lib.read_metrics(str(tmp_path / "w"))]
+  assert logged == pytest.approx([float(schedule(s)) for s in range(3)], rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_resuming_with_more_steps_continues_the_lr_without_a_jump(tmp_path, text_corpus, schedule):
+  overrides = {"data.source": text_corpus, "optim.schedule": schedule, "optim.cooldown_fraction": 0.5}
+  workdir = str(tmp_path / "w")
+  at = 6  # stopped mid-decay (a preemption), resumed with more steps
+  train.train(tiny_config(**overrides, **{"train.steps": 8, "train.stop_at_step": at}), workdir, progress=False)
+  final = train.train(tiny_config(**overrides, **{"train.steps": 14}), workdir, progress=False)
+  assert final["step"] == 14
+  lrs = np.array([r["lr"] for r in metrics_lib.read_metrics(workdir)])  # row n: the lr of update n - 1
+  changes = np.abs(np.diff(lrs))  # changes[at - 1]: from the last update before the resume to the first after
+  assert changes[at - 1] <= np.max(np.delete(changes, at - 1)) + 1e-9
+  assert np.all(np.diff(lrs[2:]) <= 1e-9) and lrs[-1] < lrs[at]
+  last = tiny_config(**overrides, **{"train.steps": 14})
+  # The restored state's clock ends the stretched schedule at the final lr at step 14.
+  state = checkpoint_state(last, workdir, 14)
+  assert float(optim.learning_rate(last, state.schedule, 14)) == pytest.approx(3e-4, rel=1e-5)
+
+
+def checkpoint_state(cfg, workdir, step: int):
+  setup = train.build(cfg, tokenizer_lib.load_tokenizer(workdir).vocab_size, partitioning.make_mesh(cfg))
+  ckpt = checkpoint_lib.Checkpointer(str(workdir))
+  with setup.context():
+    state, _, _ = ckpt.restore(step, setup.abstract_state)
+  ckpt.close()
+  return state
+
+
+def test_the_rng_advances_every_step(text_corpus):
+  cfg = tiny_config(**{"data.source": text_corpus})
+  setup = train.build(cfg, 64, partitioning.make_mesh(cfg, jax.devices()[:1]))
+  step = train.make_train_step(setup)
+  keys = []
+  with setup.context():
+    state = setup.init_state()
+    keys.append(np.asarray(jax.device_get(state.rng)).tobytes())
+    for i in range(4):
+      state, _ = step(state, random_batch(8, 32, 64, seed=i))
+      keys.append(np.asarray(jax.device_get(state.rng)).tobytes())
+  assert len(set(keys)) == 5
