@@ -3,6 +3,8 @@
 The model knows shapes and logical axis names only; `lm.partitioning` maps those names onto a
 mesh. Parameter axes: `vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `layers`.
 Activation axes carry an `act_` prefix so that batch and parameter shardings never collide.
+Parameters are stored in f32 whatever `param_dtype`, which is the dtype they are used in: with
+bfloat16 the forward pass reads bf16-rounded weights while updates accumulate in the f32 copy.
 Shapes are in the names: B batch, T length, D d_model, H heads, G query heads per kv head,
 K kv heads, E head_dim, F d_ff, V vocab.
 """
@@ -30,7 +32,7 @@ class ModelConfig:
   d_ff: int = 384
   tie_embeddings: bool = False
   dtype: str = "float32"
-  param_dtype: str = "float32"
+  param_dtype: str = "float32"  # the dtype weights are used in; they are stored and updated in f32
   rope_base: float = 10_000.0
   norm_eps: float = 1e-6
   scan_layers: bool = False
@@ -61,7 +63,9 @@ class ModelConfig:
 
 
 def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init, cfg: ModelConfig) -> Array:
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+  """A parameter stored in f32 (the master weights that updates and optimizer moments accumulate in), used
+  rounded to `cfg.param_dtype`; its gradient comes back in f32 through the cast."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32).astype(cfg.param_dtype)
 
 
 def _dot(eq: str, x: Array, w: Array, dtype: str) -> Array:

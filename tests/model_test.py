@@ -114,6 +114,18 @@ def test_bf16_compute_stays_close_to_f32():
   assert float(jnp.max(jnp.abs(a - b))) < 0.1 * float(jnp.max(jnp.abs(a)))
 
 
+def test_bf16_params_are_stored_in_f32_and_used_rounded_to_bf16():
+  _, model, params = make()
+  _, bf16_model, bf16_params = make(param_dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.float32)}
+  jax.tree.map(np.testing.assert_array_equal, nn.unbox(bf16_params), nn.unbox(params))  # the same f32 init
+  rounded = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), nn.unbox(params))
+  batch = random_batch(2, 16, V)
+  np.testing.assert_array_equal(logits(bf16_model, nn.unbox(params), batch), logits(model, rounded, batch))
+  grads = jax.grad(lambda p: jnp.sum(logits(bf16_model, p, batch)))(nn.unbox(params))
+  assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
 def test_cross_entropy_matches_log_softmax_and_z_loss():
   logits_BxTxV = jax.random.normal(jax.random.key(1), (2, 3, 11))
   targets = jnp.array([[1, 2, 3], [4, 5, 10]])

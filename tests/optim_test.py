@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -204,3 +205,40 @@ def test_a_second_resume_stretches_the_stretched_schedule_and_an_ended_run_stays
   np.testing.assert_allclose(ended[100:], 0.1, rtol=1e-5)
   unchanged = resumed_lrs(cfg, [(0, 100), (50, 100)])  # a resume of the same length changes nothing
   np.testing.assert_array_equal(unchanged, resumed_lrs(cfg, [(0, 100)]))
+
+
+def train_states(cfg, batches):
+  """The state after the batches, on host, and each step's loss."""
+  mesh = partitioning.make_mesh(cfg, jax.devices()[:1])
+  setup = train.build(cfg, 64, mesh)
+  step = train.make_train_step(setup)
+  losses = []
+  with setup.context():
+    state = setup.init_state()
+    for batch in batches:
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["train/loss"]))
+  return jax.device_get(state), np.array(losses)
+
+
+def test_bf16_params_train_f32_master_weights_and_moments_close_to_an_f32_run():
+  batches = [random_batch(8, 32, 64, seed=i) for i in range(4)]
+  full, full_losses = train_states(tiny_config(), batches)
+  bf16_cfg = tiny_config(**{"model.param_dtype": "bfloat16", "optim.grad_accum_steps": 2})
+  bf16, bf16_losses = train_states(bf16_cfg, batches)
+  assert {x.dtype for x in jax.tree.leaves((bf16.params, bf16.opt_state))} == {np.dtype(np.float32), np.dtype(np.int32)}
+  adam = [s for s in jax.tree.leaves(bf16.opt_state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")]
+  assert len(adam) == 1 and all(x.dtype == np.float32 for x in jax.tree.leaves((adam[0].mu, adam[0].nu)))
+  np.testing.assert_allclose(bf16_losses, full_losses, rtol=2e-2)
+
+
+def test_bf16_params_keep_updates_smaller_than_a_bf16_step():
+  tiny_lr = {"model.param_dtype": "bfloat16", "optim.lr": 1e-5, "optim.warmup_steps": 0, "optim.weight_decay": 0.0}
+  cfg = tiny_config(**tiny_lr)
+  before, _ = train_states(cfg, [])
+  after, _ = train_states(cfg, [random_batch(8, 32, 64)])
+  w_before, w_after = before.params["layer_0"]["mlp"]["w_up"], after.params["layer_0"]["mlp"]["w_up"]
+  moved = np.abs(w_after - w_before)
+  assert np.all(moved > 0.5e-5)  # Adam's first step moves every weight by ~lr
+  same_in_bf16 = jnp.asarray(w_after, jnp.bfloat16) == jnp.asarray(w_before, jnp.bfloat16)
+  assert float(jnp.mean(same_in_bf16)) > 0.9  # weights stored in bf16 would mostly not have moved
