@@ -277,6 +277,10 @@ def run_peer(python: str, script: str, compiled: bool, cfg, steps: int) -> dict:
 
 
 def main(args, overrides: list[str]) -> None:
+  if args.what == "data":
+    print(json.dumps(data_bench(args, overrides)))
+    sys.stdout.flush()
+    return
   cfg = bench_config(args.preset, overrides, args.config)
   if args.what == "matmul":
     print(json.dumps(matmul_speeds(args.peer)))
@@ -310,6 +314,27 @@ def main(args, overrides: list[str]) -> None:
         record[f"{name}_error"] = peer["error"]
   print(json.dumps(record))
   sys.stdout.flush()
+
+
+def data_bench(args, overrides: list[str]) -> dict:
+  """`lm bench data`: the config's data pipelines (see `lm.data.bench`), with a run's tokenizer or a new one."""
+  from lm import config as config_lib  # noqa: PLC0415
+  from lm import tokenizer as tokenizer_lib  # noqa: PLC0415
+  from lm.data import bench as data_bench_lib  # noqa: PLC0415
+  from lm.data import corpus_builder  # noqa: PLC0415
+  from lm.errors import UserError  # noqa: PLC0415
+
+  if not args.config:
+    raise UserError("lm bench data needs --config FILE (the experiment whose data to time)")
+  cfg = config_lib.load_config(args.config, overrides)
+  config_lib.validate(cfg)
+  start = time.perf_counter()
+  if args.workdir:
+    tok = tokenizer_lib.load_tokenizer(args.workdir)
+  else:
+    tok = tokenizer_lib.train_tokenizer(cfg, corpus_builder.training_text(cfg, cfg.tokenizer.train_bytes))
+  record = {"config": args.config, "tokenizer_s": time.perf_counter() - start}
+  return {**record, **data_bench_lib.data_throughput(cfg, tok, args.batches)}
 
 
 def sample_throughput(

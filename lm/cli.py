@@ -60,7 +60,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: DIR/plots of the first run)")
 
   p = sub.add_parser("bench", help="benchmarks that print one JSON line")
-  p.add_argument("what", choices=["train", "sample", "matmul", "fit"])
+  p.add_argument("what", choices=["train", "sample", "matmul", "fit", "data"])
   p.add_argument("--preset", default="ref", help="model preset (default: ref)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
@@ -76,6 +76,8 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-bf16", action="store_true", help="train: skip the bf16-compute run beside f32")
   p.add_argument("--no-bare", action="store_true", help="train: skip the bare jax.numpy step (lm.bare) beside it")
   p.add_argument("--new-tokens", type=int, default=512, help="sample: tokens generated per row")
+  p.add_argument("--workdir", default=None, help="data: use this run's tokenizer (default: the config's, trained)")
+  p.add_argument("--batches", type=int, default=200, help="data: batches timed per pipeline")
   p.add_argument("--table", default=None, help=f"fit: the table to fit (default: {scaling_cli.DEFAULT_BENCH_TABLE})")
 
   p = sub.add_parser("sample", help="complete a prompt with a trained run, streaming the text")

@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.stop_at_step = 0  # if > 0, stop (and checkpoint) after this step, leaving the run's length and schedule
   c.train.eval_every = 100
   c.train.eval_batches = 8
+  c.train.eval_next_train_batches = True  # each eval also scores the next train batches, before training on them
   c.train.log_every = 10
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 3
@@ -397,6 +398,7 @@ RESUMABLE_KEYS = (
   "train.stop_at_step",
   "train.eval_every",
   "train.eval_batches",
+  "train.eval_next_train_batches",
   "train.log_every",
   "train.checkpoint_every",
   "train.keep_checkpoints",

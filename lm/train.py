@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
-from lm import distributed, optim, partitioning, plots, sampling
+from lm import distributed, environment, optim, partitioning, plots, sampling
 from lm import flops as flops_lib
 from lm import metrics as metrics_lib
 from lm import tokenizer as tokenizer_lib
@@ -273,6 +273,17 @@ def evaluate(eval_step, params, batches: list[dict], prefix: str = "eval/") -> d
   }
 
 
+def next_train_batches(cfg, tok, data, n: int, sharding) -> list[dict]:
+  """The `n` train batches that `data` will give next, read by a copy of it (`data` does not move).
+
+  Their loss, under parameters that have not trained on them yet, is what the logged train loss
+  should match if batches are independent of each other.
+  """
+  copy = pipeline.make_train_iterator(cfg, tok, jax.process_index(), jax.process_count())
+  copy.set_state(data.get_state())
+  return [pipeline.global_batch(next(copy), sharding) for _ in range(n)]
+
+
 def eval_prefix(name: str) -> str:
   """Where an eval set's metrics go: `eval/` for the validation split, `eval/NAME/` for an eval source."""
   return f"eval/{name}/" if name else "eval/"
@@ -455,11 +466,12 @@ def check_free_space(cfg, path: epath.Path, abstract_state) -> None:
 
 
 def write_workdir(cfg, path: epath.Path, tok: tokenizer_lib.Tokenizer) -> None:
-  """Creates `path` and writes `config.json` and the tokenizer: the run's first writes to its workdir."""
+  """Creates `path` and writes `config.json`, `environment.json` and the tokenizer: the run's first writes."""
   try:
     path.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
       metrics_lib.replace_text(path / "config.json", config_lib.to_json(cfg))
+      metrics_lib.replace_text(path / "environment.json", json.dumps(environment.versions(), indent=2) + "\n")
       if not (path / "tokenizer.json").exists():
         staging = path / "tokenizer.tmp"
         tok.save(staging)
@@ -550,13 +562,18 @@ def _loop(
   lead = jax.process_index() == 0
   tokens_per_step = t.batch_size * cfg.data.seq_len
   flops_per_token = flops_lib.flops_per_token(setup.model_cfg, cfg.data.seq_len, t.flops_convention)
+  computed_per_token = flops_lib.flops_per_token_computed(setup.model_cfg, cfg.data.seq_len)
   last_step = optim.run_steps(cfg, setup.model_cfg)  # the schedule's length too
   if t.stop_at_step:  # a stop request, which leaves the schedule as it is
     last_step = min(last_step, t.stop_at_step)
   peak = _peak_flops(cfg.model.dtype)
   poisoned = config_lib.debug_nan_steps(cfg)
   writer = metrics_lib.MetricsWriter(str(path), resume_step=start, enabled=lead)
-  meta = {"config": cfg.to_dict(), "tokenizer": checkpoint_lib.encode_blob(tok.to_bytes())}
+  meta = {
+    "config": cfg.to_dict(),
+    "tokenizer": checkpoint_lib.encode_blob(tok.to_bytes()),
+    "versions": environment.versions(),
+  }
   batch_sharding = partitioning.batch_sharding(setup.mesh)
   stop = _StopFlag()
   stop.install()
@@ -596,7 +613,8 @@ def _loop(
         if window_steps:
           row["tokens_per_s"] = window_steps * tokens_per_step / elapsed
           row["step_s"] = elapsed / window_steps
-          row["mfu"] = row["tokens_per_s"] * flops_per_token / peak
+          row["mfu"] = row["tokens_per_s"] * flops_per_token / peak  # model FLOPs, train.flops_convention
+          row["mfu_computed"] = row["tokens_per_s"] * computed_per_token / peak  # what the step computes
         if step - start <= t.log_every:
           row["compile_s"] = compile_s
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}", refresh=False)
@@ -604,6 +622,9 @@ def _loop(
         for name, eval_batches in eval_sets.items():
           row.update(evaluate(eval_step, state.params, eval_batches, eval_prefix(name)))
         row.update(eval_sizes)
+        if cfg.train.eval_next_train_batches:
+          upcoming = next_train_batches(cfg, tok, data, len(eval_sets[""]), batch_sharding)
+          row["eval/next_train_batches_loss"] = evaluate(eval_step, state.params, upcoming)["eval/loss"]
         if baseline is not None:
           row["eval/unigram_loss"], baseline = baseline, None  # logged once, with the first eval
         if samples is not None:

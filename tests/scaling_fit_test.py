@@ -154,3 +154,15 @@ def test_bad_table_is_a_user_error(tmp_path):
     fit.load_table(str(path))
   with pytest.raises(UserError, match="cannot read"):
     fit.load_table(str(tmp_path / "missing.csv"))
+
+
+def test_loss_column_chooses_which_eval_set_is_fitted(tmp_path):
+  n, d, loss = synthetic()
+  path = tmp_path / "t.csv"
+  rows = ["N,D,loss,loss_prose"] + [f"{a},{b},{9.0},{c}" for a, b, c in zip(n, d, loss, strict=True)]
+  path.write_text("\n".join(rows) + "\n")
+  table, _ = fit.load_table(str(path), loss_column="loss_prose")
+  np.testing.assert_allclose(table["loss"], loss)
+  assert (fit.load_table(str(path))[0]["loss"] == 9.0).all()
+  with pytest.raises(UserError, match="lacks column"):
+    fit.load_table(str(path), loss_column="loss_code")

@@ -18,6 +18,7 @@ from lm.config import default_config
 def get_config():
   c = default_config()
   c.data.source = {source!r}
+  c.data.eval_sources = ("again=all:" + {source!r},)
   c.data.seq_len = 32
   c.tokenizer.kind = "byte"
   c.model.d_model = 32
@@ -72,6 +73,9 @@ def test_sweep_branches_cooldowns_skips_finished_points_and_resumes(tmp_path, te
     assert int(row["D"]) == cfg.train.steps * 8 * 32 and row["flops_convention"] == "6N+attn"
     assert float(row["C"]) == pytest.approx(accounting.training_flops(cfg, int(row["D"])))  # the loop's FLOPs
     assert float(row["best_eval_loss"]) <= float(row["loss"]) and int(row["N_total"]) > int(row["N"]) > 0
+    last = [r for r in metrics_lib.read_metrics(sub[name]) if "eval/loss" in r][-1]
+    assert float(row["loss_again"]) == pytest.approx(last["eval/again/loss"])  # each eval set's final loss
+    assert float(row["bpb_again"]) == pytest.approx(last["eval/again/bpb"]) and float(row["bpb"]) > 0
   # The branch restarts from the long run's step 3 and reproduces the 4-step run trained from scratch.
   assert [r["step"] for r in metrics_lib.read_metrics(sub["short"])] == [4]
   assert float(rows["short"]["loss"]) == pytest.approx(float(rows["alone"]["loss"]), rel=1e-5)

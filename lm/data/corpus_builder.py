@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -92,12 +93,21 @@ def held_out(hashes: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def split_documents(cfg) -> tuple[Iterator[str], Iterator[str]]:
-  """(train, validation) documents of a local source; it is read once to choose, once per split."""
-  if cfg.data.eval_split == "hash":
-    hashes = np.array([unit_hash(identity) for identity, _ in sources.identified_documents(cfg)])
-  else:
-    hashes = np.zeros(sum(1 for _ in sources.identified_documents(cfg)))
-  n, fraction = len(hashes), cfg.data.eval_fraction
+  """(train, validation) documents of a local source.
+
+  The held-out documents of a hash split are chosen in one pass and kept in memory (about
+  `data.eval_fraction` of the corpus); a second pass gives the train documents. A tail split
+  counts the documents first.
+  """
+  fraction = cfg.data.eval_fraction
+  held, n, best = [], 0, (2.0, None)
+  for identity, text in sources.identified_documents(cfg):
+    h = unit_hash(identity) if cfg.data.eval_split == "hash" else 2.0
+    n += 1
+    if h < fraction:
+      held.append(text)
+    elif h < best[0]:
+      best = (h, text)
   if n == 1:
     text = next(sources.documents(cfg))
     cut = int(len(text) * (1 - fraction))
@@ -107,20 +117,22 @@ def split_documents(cfg) -> tuple[Iterator[str], Iterator[str]]:
         f"hold out data.eval_fraction={fraction} of it"
       )
     return iter([text[:cut]]), iter([text[cut:]])
-  if cfg.data.eval_split == "hash":
-    validation = held_out(hashes, fraction)
-  else:
-    validation = np.arange(n) >= n - max(1, math.ceil(fraction * n))
-  if validation.all():
-    raise UserError(
-      f"data.source {cfg.data.source!r} has {n} documents: too few to hold out "
-      f"data.eval_fraction={fraction} of them and train on the rest"
-    )
-
-  def select(keep: bool) -> Iterator[str]:
-    return (doc for doc, held in zip(sources.documents(cfg), validation, strict=True) if held == keep)
-
-  return select(False), select(True)
+  if cfg.data.eval_split == "tail":
+    n_held = max(1, math.ceil(fraction * n))
+    if n_held < n:
+      docs = sources.documents(cfg)
+      return itertools.islice(docs, n - n_held), itertools.islice(sources.documents(cfg), n - n_held, None)
+  elif len(held) < n:
+    if held:
+      train = (t for i, t in sources.identified_documents(cfg) if unit_hash(i) >= fraction)
+    else:  # nothing hashed below the fraction: hold out the document with the smallest hash
+      held = [best[1]]
+      train = (t for i, t in sources.identified_documents(cfg) if unit_hash(i) != best[0])
+    return train, iter(held)
+  raise UserError(
+    f"data.source {cfg.data.source!r} has {n} documents: too few to hold out "
+    f"data.eval_fraction={fraction} of them and train on the rest"
+  )
 
 
 def prepare(cfg) -> dict[str, sources.TextSource]:

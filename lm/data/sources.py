@@ -18,6 +18,7 @@ validation split is chosen by hashing identities (`lm.data.corpus_builder`), so 
 """
 
 import ast
+import functools
 import glob
 import hashlib
 import json
@@ -123,6 +124,12 @@ def identified_documents(cfg) -> Iterator[tuple[str, str]]:
 
 def docstrings(path: str) -> str:
   """The module, class and function docstrings of a Python file, separated by blank lines ('' if none)."""
+  return _docstrings(path, os.stat(path).st_mtime_ns)
+
+
+@functools.cache
+def _docstrings(path: str, mtime_ns: int) -> str:
+  """`docstrings`, parsed once per version of a file: preparing a split reads a source twice."""
   try:
     tree = ast.parse(read_text(path))
   except (SyntaxError, ValueError):  # the standard library holds a few deliberately broken test files

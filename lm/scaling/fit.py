@@ -44,8 +44,13 @@ PARAMETRIC = ("E", "A", "B", "alpha", "beta")
 HUBER_DELTA = 1e-3
 
 
-def load_table(path: str, flops_per_param_token: float | None = None) -> tuple[dict[str, np.ndarray], str]:
+def load_table(
+  path: str, flops_per_param_token: float | None = None, loss_column: str = "loss"
+) -> tuple[dict[str, np.ndarray], str]:
   """Columns `N`, `D`, `loss` and `C` of a CSV file as float64 arrays, and the FLOP convention of C.
+
+  `loss` is read from `loss_column`: another eval set's loss in a sweep's results.csv (`loss_NAME`),
+  or `best_eval_loss`.
 
   C comes from the table, or else is k N D with k = `flops_per_param_token` (6 by default), which a table
   with a C column rejects. The convention is the table's `flops_convention` column (as `lm sweep` writes it;
@@ -58,15 +63,15 @@ def load_table(path: str, flops_per_param_token: float | None = None) -> tuple[d
     raise UserError(f"cannot read table {path}: {e.strerror or e}") from e
   if not rows:
     raise UserError(f"{path} has no rows")
-  missing = [c for c in ("N", "D", "loss") if c not in rows[0]]
+  missing = [c for c in ("N", "D", loss_column) if c not in rows[0]]
   if missing:
-    raise UserError(f"{path} lacks column(s) {', '.join(missing)}; needs N, D, loss (C optional)")
+    raise UserError(f"{path} lacks column(s) {', '.join(missing)}; needs N, D, {loss_column} (C optional)")
   table = {}
-  for col in ("N", "D", "loss", "C"):
-    if col not in rows[0]:
+  for col, source in (("N", "N"), ("D", "D"), ("loss", loss_column), ("C", "C")):
+    if source not in rows[0]:
       continue
     try:
-      table[col] = np.array([float(r[col]) for r in rows], np.float64)
+      table[col] = np.array([float(r[source]) for r in rows], np.float64)
     except ValueError as e:
       raise UserError(f"{path}: column {col} holds a non-number: {e}") from e
   for col, values in table.items():

@@ -195,12 +195,16 @@ def write_report(
   window: float = 0.0,
   grid=None,
   flops_per_param_token: float | None = None,
+  loss_column: str = "loss",
 ) -> str:
-  """Fits `workdir/results.csv`, writes `workdir/report/` (report.md, fit.json, figures); returns report.md."""
+  """Fits `workdir/results.csv` (its `loss_column`), writes `workdir/report/` (report.md, fit.json, figures).
+
+  Returns report.md's path.
+  """
   root = epath.Path(workdir)
   if not (root / "results.csv").exists():
     raise UserError(f"{workdir} has no results.csv; run `lm sweep` first")
-  table, convention = fit_lib.load_table(str(root / "results.csv"), flops_per_param_token)
+  table, convention = fit_lib.load_table(str(root / "results.csv"), flops_per_param_token, loss_column)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     result = fit_lib.fit_table(

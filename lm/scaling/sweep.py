@@ -378,7 +378,7 @@ def aggregate(workdir: str) -> str:
   only its cooldown: the steps before it were its source's).
   """
   root = epath.Path(workdir)
-  results, curves = [], []
+  results, curves, extra_columns = [], [], {}
   for result_path in sorted(root.glob("*/result.json")):
     sub = result_path.parent
     record = json.loads(result_path.read_text())
@@ -408,8 +408,10 @@ def aggregate(workdir: str) -> str:
         "steps": last["step"],
         "wall_s": round(record["wall_s"], 2),
         "flags": ";".join(flags),
+        **eval_set_columns(last),
       }
     )
+    extra_columns.update(dict.fromkeys(eval_set_columns(last)))
     curves += [
       {"id": record["id"], "N": params["flop_params"], "D": r["tokens"], "C": r["flops"], "loss": r["eval/loss"]}
       for r in rows
@@ -417,7 +419,17 @@ def aggregate(workdir: str) -> str:
   if not results:
     raise UserError(f"{workdir} holds no finished sweep points (DIR/<id>/result.json)")
   _write_csv(root / "curves.csv", ("id", "N", "D", "C", "loss"), curves)
-  return _write_csv(root / "results.csv", RESULT_COLUMNS, results)
+  return _write_csv(root / "results.csv", RESULT_COLUMNS + tuple(extra_columns), results)
+
+
+def eval_set_columns(row: dict) -> dict:
+  """results.csv columns of a run's last eval: `bpb`, and `loss_NAME`, `bpb_NAME` for each eval source."""
+  columns = {"bpb": row.get("eval/bpb")}
+  for key, value in row.items():
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("loss", "bpb"):
+      columns[f"{parts[2]}_{parts[1]}"] = value
+  return columns
 
 
 def _write_csv(path: epath.Path, columns, rows: list[dict]) -> str:
