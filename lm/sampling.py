@@ -9,7 +9,8 @@ greedy and nucleus sampling:
   ones multiplied) and `frequency_penalty` (subtracted once per earlier occurrence), both
   counting the prompt's tokens too;
 - `stop_tokens` (ids; the EOS id stops too unless `ignore_eos`) and `stop_strings` (checked on the
-  host between chunks of the loop, and cut from the text);
+  host between chunks of the loop; the text ends where the first one begins, and the tokens and
+  log-probs end with the last token whose text begins before it, see `finish`);
 - `max_new_tokens` and `seed`: the same seed gives the same tokens, whatever else is in the batch.
 Returned log-probabilities are the model's own (log-softmax of the raw logits), whatever the
 filters, so they score the text rather than the sampler.
@@ -21,6 +22,7 @@ done; `stream` runs it in growing chunks and yields between them, so text shows 
 import dataclasses
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 
@@ -313,18 +315,44 @@ def stop_ids(request: SamplingParams, eos_id: int) -> tuple[int, ...]:
 
 
 def finish(tokenizer, request: SamplingParams, tokens: list[int], logprobs: list[float], eos_id: int) -> Generation:
-  """Cuts a row at its first stop token or stop string; the stop itself is not returned."""
+  """Cuts a row at its first stop token or stop string; the stop itself is not returned.
+
+  At a stop string the text ends where the string begins, and the tokens (and log-probs) are those whose
+  text begins before it (`text_starts`): tokens after the stop string, or inside it, are dropped; a token
+  that straddles its beginning is kept, and its share of the text (`token_texts`) is the part before it.
+  """
   reason, stops = "length", stop_ids(request, eos_id)
   for i, t in enumerate(tokens):
     if t in stops:
       tokens, reason = tokens[:i], "stop"
       break
   text = tokenizer.decode(tokens) if tokenizer is not None else ""
-  for s in request.stop_strings:
-    at = text.find(s)
-    if at >= 0:
-      text, reason = text[:at], "stop"
+  at = min((text.find(s) for s in request.stop_strings if s in text), default=-1)
+  if at >= 0:
+    kept = sum(start < at for start in text_starts(tokenizer, tokens, text)[:-1])
+    tokens, text, reason = tokens[:kept], text[:at], "stop"
   return Generation([int(t) for t in tokens], [float(x) for x in logprobs[: len(tokens)]], text, reason)
+
+
+def text_starts(tokenizer, tokens: list[int], text: str) -> list[int]:
+  """Where in `text` (the tokens' decoded text, or its beginning) each token's text starts, then where `text`
+  ends: 0 = b[0] <= b[1] <= ... <= b[n] = len(text).
+
+  b[k] is how far the decoded text of the first k tokens agrees with `text`, so a token that ends inside a
+  UTF-8 character (decoded alone as U+FFFD) leaves the character to the token that completes it.
+  """
+  if not tokens:
+    return [0]
+  starts = [0]
+  for k in range(1, len(tokens)):
+    starts.append(max(starts[-1], len(os.path.commonprefix([tokenizer.decode(tokens[:k]), text]))))
+  return [*starts, len(text)]
+
+
+def token_texts(tokenizer, tokens: list[int], text: str) -> list[str]:
+  """Each token's share of `text` (see `text_starts`); together they are `text`."""
+  b = text_starts(tokenizer, tokens, text)
+  return [text[b[k] : b[k + 1]] for k in range(len(tokens))]
 
 
 def encode_prompt(tokenizer, text: str, context: int, max_new_tokens: int, truncate: str = "none") -> list[int]:
@@ -442,7 +470,8 @@ def main(args) -> None:
           "finish_reason": g.finish_reason,
           "seed": r.seed,
           "tokens": [
-            {"id": t, "text": tok.decode([t]), "logprob": lp} for t, lp in zip(g.tokens, g.logprobs, strict=True)
+            {"id": t, "text": piece, "logprob": lp}
+            for t, piece, lp in zip(g.tokens, token_texts(tok, g.tokens, g.text), g.logprobs, strict=True)
           ],
         }
         for r, g in zip(requests, generations, strict=True)

@@ -85,8 +85,30 @@ def test_json_has_per_token_logprobs_and_a_seed_per_sample(run, capfd):
     assert s["finish_reason"] in ("stop", "length")
     assert 1 <= len(s["tokens"]) <= 6 and (len(s["tokens"]) == 6) == (s["finish_reason"] == "length")
     assert all(t["logprob"] <= 0 and isinstance(t["id"], int) for t in s["tokens"])
+    assert "".join(t["text"] for t in s["tokens"]) == s["text"]
   assert record["samples"][0]["tokens"] != record["samples"][1]["tokens"]
   assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # sampling writes nothing
+
+
+def test_json_tokens_end_where_the_text_ends_at_a_stop_string(run, capfd):
+  from lm.tokenizer import load_tokenizer  # noqa: PLC0415
+
+  args = ["--workdir", str(run), "--prompt", "the", "--max-new-tokens", "12", "--top-k", "20", "--seed", "5"]
+  status, out, err = sample(capfd, *args, "--num-samples", "2", "--json")
+  assert status == 0, err
+  full = json.loads(out)["samples"][0]
+  text = full["text"]
+  assert len(full["tokens"]) == 12 and len(text) >= 6
+  stop = text[len(text) // 2 : len(text) // 2 + 2]
+  status, out, err = sample(capfd, *args, "--num-samples", "2", "--json", "--stop", stop)
+  assert status == 0, err
+  cut = json.loads(out)["samples"][0]
+  assert cut["text"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
+  assert "".join(t["text"] for t in cut["tokens"]) == cut["text"]
+  ids = [t["id"] for t in cut["tokens"]]
+  assert ids == [t["id"] for t in full["tokens"]][: len(ids)] and len(ids) < 12
+  assert [t["logprob"] for t in cut["tokens"]] == [t["logprob"] for t in full["tokens"]][: len(ids)]
+  assert load_tokenizer(run).decode(ids) == cut["text"]  # byte tokens: no token straddles the stop string
 
 
 def test_truncate_left_keeps_the_end_of_a_long_prompt(run, capfd):

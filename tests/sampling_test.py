@@ -290,3 +290,42 @@ def test_sharded_params_on_the_training_mesh_give_the_single_device_samples(tiny
   assert mixed["tokens"] == [g.tokens for g in single] and [len(t) for t in mixed["tokens"]] == [12, 9]
   for got, want in zip(mixed["logprobs"], single, strict=True):
     np.testing.assert_allclose(got, want.logprobs, atol=1e-4)
+
+
+class PieceTokenizer:
+  """A tokenizer whose ids are the indices of multi-character pieces."""
+
+  def __init__(self, pieces):
+    self.pieces = pieces
+
+  def decode(self, ids):
+    return "".join(self.pieces[i] for i in ids)
+
+
+def test_a_stop_string_ends_the_tokens_with_the_last_one_that_begins_before_it():
+  tok = PieceTokenizer(["ab", "c\n", "\nd", "e", "\n\n", "x"])
+  request = sampling.SamplingParams(stop_strings=("\n\n",))
+  logprobs = [-0.1, -0.2, -0.3, -0.4, -0.5]
+  # "c\n" straddles the stop string's beginning: kept, with its share "c"; "\nd" lies inside it: dropped.
+  g = sampling.finish(tok, request, [0, 1, 2, 3], logprobs, eos_id=-1)
+  assert (g.text, g.tokens, g.logprobs, g.finish_reason) == ("abc", [0, 1], [-0.1, -0.2], "stop")
+  assert sampling.token_texts(tok, g.tokens, g.text) == ["ab", "c"]
+  # A token that is the whole stop string, and the ones after it, are dropped.
+  g = sampling.finish(tok, request, [0, 4, 5], logprobs, eos_id=-1)
+  assert (g.text, g.tokens, g.logprobs) == ("ab", [0], [-0.1])
+  g = sampling.finish(tok, request, [4, 5], logprobs, eos_id=-1)
+  assert (g.text, g.tokens, g.logprobs) == ("", [], [])
+  g = sampling.finish(tok, request, [0, 3, 5], logprobs, eos_id=-1)  # no stop: every token, its whole text
+  assert (g.text, g.tokens, g.finish_reason) == ("abex", [0, 3, 5], "length")
+  assert sampling.token_texts(tok, g.tokens, g.text) == ["ab", "e", "x"]
+
+
+def test_token_texts_give_a_split_character_to_the_token_that_completes_it():
+  from lm.tokenizer import ByteTokenizer
+
+  tok = ByteTokenizer()
+  ids = tok.encode(["a\u00e9b\n\nz"])[0]  # a, two bytes of é, b, \n, \n, z
+  request = sampling.SamplingParams(stop_strings=("\n\n",))
+  g = sampling.finish(tok, request, ids, [0.0] * len(ids), eos_id=-1)
+  assert g.text == "a\u00e9b" and g.tokens == ids[:4]
+  assert sampling.token_texts(tok, g.tokens, g.text) == ["a", "", "\u00e9", "b"]
