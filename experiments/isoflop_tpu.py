@@ -9,7 +9,7 @@ each run trains for C / (FLOPs per token x 256 x 2048 tokens) steps under `6N+at
 d_model 1024 scaled as 1/d_model. Cooldown branching (Hägele et al. 2024): per size, one WSD run for its
 largest budget, from which the smaller budgets branch off for their last 20% of steps.
 `--print-commands` prints the `lm train` lines in order for a cluster launcher: a branch's source appears
-once per branch, stopped (train.max_tokens) at the step the branch starts from, then in full.
+once per branch, stopped (train.stop_at_step) at the step the branch starts from, then in full.
 """
 
 from lm.config import default_config

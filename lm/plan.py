@@ -165,16 +165,14 @@ def program_key(cfg: ml_collections.ConfigDict) -> str:
   return json.dumps(kept, sort_keys=True, default=str)
 
 
-def planned_steps(cfg: ml_collections.ConfigDict, flops_per_token: float) -> int:
-  """The steps `lm train` runs: train.steps, capped by train.max_tokens and train.max_flops."""
-  t = cfg.train
-  tokens_per_step = t.batch_size * cfg.data.seq_len
-  steps = t.steps
-  if t.max_tokens:
-    steps = min(steps, math.ceil(t.max_tokens / tokens_per_step))
-  if t.max_flops:
-    steps = min(steps, math.ceil(t.max_flops / (flops_per_token * tokens_per_step)))
-  return steps
+def planned_steps(cfg: ml_collections.ConfigDict) -> int:
+  """The steps `lm train` runs: the run's length (`lm.optim.run_steps`), or fewer with train.stop_at_step."""
+  from lm import optim  # noqa: PLC0415
+  from lm.model import ModelConfig  # noqa: PLC0415
+  from lm.scaling import accounting  # noqa: PLC0415
+
+  steps = optim.run_steps(cfg, ModelConfig.from_config(cfg, accounting.vocab_size(cfg)))
+  return min(steps, cfg.train.stop_at_step) if cfg.train.stop_at_step else steps
 
 
 @dataclasses.dataclass
@@ -217,7 +215,7 @@ class Planner:
     acc = accounting.accounting(cfg)
     flops_per_token = acc["flops_per_token"][cfg.train.flops_convention]
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    steps = planned_steps(cfg, flops_per_token)
+    steps = planned_steps(cfg)
     chips = len(self.devices) // self.chip.devices_per_chip
     step_s = program["step_s"]
     model_flops = flops_per_token * tokens_per_step

@@ -496,6 +496,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
   pipeline.prepare_all(cfg)  # data errors surface before the workdir is touched
   path = check_workdir(cfg, workdir)
   tok = load_or_train_tokenizer(cfg, path)
+  proc, nproc = jax.process_index(), jax.process_count()
+  data = pipeline.make_train_iterator(cfg, tok, proc, nproc)  # tokenizes the train split: errors before writes
   mesh = partitioning.make_mesh(cfg)
   setup = build(cfg, tok.vocab_size, mesh)
   with setup.context():
@@ -520,9 +522,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
   train_step = make_train_step(setup)
   eval_step = make_eval_step(setup, tok.token_bytes)
   ckpt = checkpoint_lib.Checkpointer(str(path), keep=cfg.train.keep_checkpoints)
-  proc, nproc = jax.process_index(), jax.process_count()
   batch_sharding = partitioning.batch_sharding(mesh)
-  data = pipeline.make_train_iterator(cfg, tok, proc, nproc)
 
   with setup.context():
     if restored is None:

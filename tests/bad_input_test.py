@@ -157,8 +157,13 @@ CASES = {
   "invalid JSON line": (["--config.data.source=jsonl:{root}/bad.jsonl"], "bad.jsonl:2: invalid JSON", "run"),
   "missing text field": (["--config.data.source=jsonl:{root}/other_field.jsonl"], "no string field 'text'", "run"),
   "too few documents to hold out": (
-    ["--config.data.source=text:{root}/two_*.txt", "--config.data.eval_fraction=0.6"],
+    ["--config.data.source=text:{root}/two_*.txt", "--config.data.eval_fraction=0.6", "--config.data.eval_split=tail"],
     "has 2 documents: too few to hold out",
+    "fresh",
+  ),
+  "train split smaller than a batch": (
+    ["--config.data.source=text:{root}/two_*.txt", "--config.data.eval_fraction=0.4"],
+    "fewer than one batch of train.batch_size=8",
     "fresh",
   ),
   # tokenizer

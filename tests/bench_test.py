@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from lm import bench
+from lm import bench, cli
 from lm.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, write_experiment
 
 
 def test_ref_preset_is_the_shared_reference_model():
@@ -109,3 +109,16 @@ def test_bench_matmul_times_the_step_shapes_and_reports_a_missing_peer():
     assert "torch" in record["torch_error"]
   else:
     assert record["decode_b8_mlp"]["torch_ms"] > 0
+
+
+def test_bench_data_times_both_pipelines_from_a_fresh_cache(tmp_path, capsys, text_corpus):
+  exp = write_experiment(
+    tmp_path / "exp.py",
+    **{"data.source": text_corpus, "tokenizer.kind": "byte", "data.seq_len": 32, "train.batch_size": 4},
+  )
+  assert cli.main(["bench", "data", "--config", exp, "--batches", "5"]) == 0
+  record = json.loads(capsys.readouterr().out)
+  assert record["train_tokens"] > 10_000 and record["token_file_mb"] == record["train_tokens"] * 2 / 2**20
+  for shuffle in ("global", "window"):
+    assert record[f"{shuffle}_tokens_per_s"] > 0 and record[f"{shuffle}_first_batch_s"] > 0
+  assert cli.main(["bench", "data"]) == 2

@@ -1,5 +1,9 @@
 """End to end: the eval sets a run logs, and train and eval losses that measure the same thing."""
 
+import json
+
+import flax
+import jax
 import numpy as np
 from train_test import markov_text
 
@@ -50,3 +54,8 @@ def test_train_and_eval_losses_agree_and_eval_sources_are_logged(tmp_path):
   # The other domain's chain is not the one learned.
   assert final["eval/other/loss"] > final["eval/loss"] + 0.2
   assert plots.eval_source_names(rows) == ["other"]
+  # The model FLOPs (6N+attn, dense attention) exceed what the blocked causal step computes.
+  logged = [r for r in rows if "mfu" in r]
+  assert logged and all(0 < r["mfu_computed"] < r["mfu"] for r in logged)
+  versions = json.loads((tmp_path / "run" / "environment.json").read_text())
+  assert versions["jax"] == jax.__version__ and versions["flax"] == flax.__version__

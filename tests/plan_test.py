@@ -107,11 +107,13 @@ def test_scanned_layers_and_accumulation_count_every_iteration(planner, fsdp_pla
   assert r["step_s"] > 2 * unrolled["step_s"]
 
 
-def test_planned_steps_honour_max_tokens_and_max_flops():
+def test_planned_steps_honour_budgets_and_stops():
   cfg = tiny_config(**{"train.steps": 1000, "train.max_tokens": 10 * 8 * 32 + 1})
-  assert plan.planned_steps(cfg, 100.0) == 11
-  config = tiny_config(**{"train.steps": 1000, "train.max_flops": 5 * 256 * 100.0})
-  assert plan.planned_steps(config, 100.0) == 5
+  assert plan.planned_steps(cfg) == 11
+  flops_per_token = accounting.accounting(cfg)["flops_per_token"][cfg.train.flops_convention]
+  config = tiny_config(**{"train.steps": 1000, "train.max_flops": 5 * 256 * flops_per_token})
+  assert plan.planned_steps(config) == 5
+  assert plan.planned_steps(tiny_config(**{"train.steps": 1000, "train.stop_at_step": 3})) == 3
 
 
 def test_a_config_that_does_not_fit_prints_its_report_then_names_its_largest_buffers(tmp_path, capsys):

@@ -7,7 +7,7 @@ from lm.model import ModelConfig
 
 
 def vocab_size(cfg: ml_collections.ConfigDict) -> int:
-  """The vocabulary a config's tokenizer produces: 256 bytes + 3 specials, or the sentencepiece size."""
+  """The vocabulary of a config's tokenizer: 256 bytes + the specials of `lm.tokenizer`, or the sentencepiece size."""
   from lm import tokenizer as tokenizer_lib  # noqa: PLC0415
 
   if cfg.tokenizer.kind == "byte":
