@@ -1,7 +1,8 @@
 """Loss-curve figures: train and eval loss against tokens and FLOPs, on log axes.
 
 Each eval source (`eval/NAME/loss`) is drawn beside the validation split's `eval/loss`, dashed
-and with its own marker, in the run's colour.
+and with its own marker, in the run's colour; crosses mark the loss of the next train batches
+before they were trained on, which the train curve should meet.
 """
 
 import matplotlib
@@ -33,6 +34,9 @@ def plot_runs(workdirs: list[str], out_dir: str, labels: list[str] | None = None
         ax.plot(tx, ty, color=color, alpha=0.45, lw=1, label=f"{prefix}train")
       if ex:
         ax.plot(ex, ey, color=color, marker="o", ms=3, lw=1.5, label=f"{prefix}eval")
+      nx, ny = series(rows, "eval/next_train_batches_loss", x)
+      if nx:
+        ax.plot(nx, ny, color=color, marker="x", ms=4, lw=0, label=f"{prefix}next train batches (unseen)")
       for j, name in enumerate(eval_source_names(rows)):
         sx, sy = series(rows, f"eval/{name}/loss", x)
         marker = "s^vD<>"[j % 6]
