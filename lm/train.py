@@ -273,13 +273,12 @@ def evaluate(eval_step, params, batches: list[dict], prefix: str = "eval/") -> d
   }
 
 
-def next_train_batches(cfg, tok, data, n: int, sharding) -> list[dict]:
-  """The `n` train batches that `data` will give next, read by a copy of it (`data` does not move).
+def next_train_batches(copy, data, n: int, sharding) -> list[dict]:
+  """The `n` train batches that `data` will give next, read by `copy`, a second iterator of the same data.
 
-  Their loss, under parameters that have not trained on them yet, is what the logged train loss
-  should match if batches are independent of each other.
+  `data` does not move. Their loss, under parameters that have not trained on them yet, is what the
+  logged train loss should match if batches are independent of each other.
   """
-  copy = pipeline.make_train_iterator(cfg, tok, jax.process_index(), jax.process_count())
   copy.set_state(data.get_state())
   return [pipeline.global_batch(next(copy), sharding) for _ in range(n)]
 
@@ -498,6 +497,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
   tok = load_or_train_tokenizer(cfg, path)
   proc, nproc = jax.process_index(), jax.process_count()
   data = pipeline.make_train_iterator(cfg, tok, proc, nproc)  # tokenizes the train split: errors before writes
+  lookahead = pipeline.make_train_iterator(cfg, tok, proc, nproc) if cfg.train.eval_next_train_batches else None
   mesh = partitioning.make_mesh(cfg)
   setup = build(cfg, tok.vocab_size, mesh)
   with setup.context():
@@ -538,7 +538,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
       sample = pipeline.make_train_iterator(cfg, tok, proc, nproc)
       baseline = unigram_loss((next(sample) for _ in range(32)), local_sets[""].batches, tok.vocab_size)
     return _loop(
-      cfg, setup, state, start, train_step, eval_step, eval_sets, eval_sizes, data, ckpt, tok, path, progress, baseline
+      cfg,
+      setup,
+      state,
+      start,
+      train_step,
+      eval_step,
+      eval_sets,
+      eval_sizes,
+      data,
+      lookahead,
+      ckpt,
+      tok,
+      path,
+      progress,
+      baseline,
     )
 
 
@@ -554,7 +568,21 @@ def _check_streak(streak, step: int, max_bad: int, ckpt: checkpoint_lib.Checkpoi
 
 
 def _loop(
-  cfg, setup, state, start, train_step, eval_step, eval_sets, eval_sizes, data, ckpt, tok, path, progress, baseline
+  cfg,
+  setup,
+  state,
+  start,
+  train_step,
+  eval_step,
+  eval_sets,
+  eval_sizes,
+  data,
+  lookahead,
+  ckpt,
+  tok,
+  path,
+  progress,
+  baseline,
 ) -> dict:
   from tqdm import tqdm  # noqa: PLC0415
 
@@ -622,8 +650,8 @@ def _loop(
         for name, eval_batches in eval_sets.items():
           row.update(evaluate(eval_step, state.params, eval_batches, eval_prefix(name)))
         row.update(eval_sizes)
-        if cfg.train.eval_next_train_batches:
-          upcoming = next_train_batches(cfg, tok, data, len(eval_sets[""]), batch_sharding)
+        if lookahead is not None:
+          upcoming = next_train_batches(lookahead, data, len(eval_sets[""]), batch_sharding)
           row["eval/next_train_batches_loss"] = evaluate(eval_step, state.params, upcoming)["eval/loss"]
         if baseline is not None:
           row["eval/unigram_loss"], baseline = baseline, None  # logged once, with the first eval

@@ -131,8 +131,11 @@ def test_global_rows_cover_the_train_split_once_per_epoch(tmp_path):
   # Every target of the split once, but BOS (never a target) and the one target cut by an odd last pair.
   counts = np.bincount(expected[1:], minlength=300) - np.bincount(targets, minlength=300)
   assert counts[BOS_ID] == len(train) - 1 and counts.sum() - counts[BOS_ID] <= 8
-  seen = sorted(int(b["inputs"][r, 0]) for b in epoch for r in range(2))
-  assert len(seen) == len(epoch) * 2
+  # The epoch's rows are distinct rows of the file: a permutation, no row twice.
+  order = [tokens.shuffled_index(i, len(rows), cfg.train.seed) for i in range(len(rows))]
+  assert sorted(order) == list(range(len(rows)))
+  first_rows = [rows[r]["tokens"][:-1] for r in order[: len(epoch) * 2]]
+  np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in epoch]), np.stack(first_rows))
 
 
 @pytest.mark.parametrize("steps", [0, 3, 11, 40])
@@ -214,9 +217,27 @@ def test_eval_sources_are_held_out_by_their_own_hash_or_whole(tmp_path):
     pipeline.prepare_all(cfg)
 
 
-def test_token_file_is_built_once_and_shared(long_doc_cfg):
+def test_token_file_is_built_once_and_shared(long_doc_cfg, monkeypatch):
   first = tokens.token_file(long_doc_cfg, BYTES, "train")
+  monkeypatch.setattr(tokens, "write_token_file", lambda *args: pytest.fail("tokenized twice"))
   again = tokens.token_file(long_doc_cfg, BYTES, "train")
   assert first.tokens.filename == again.tokens.filename
   assert first.documents == len(corpus_builder.prepare(long_doc_cfg)["train"])
   assert first.tokens[0] == BOS_ID and first.tokens[-1] == EOS_ID
+
+
+def test_hash_fallback_holds_out_one_document_of_duplicates_and_trains_on_the_rest(tmp_path):
+  (tmp_path / "a.jsonl").write_text("".join(json.dumps({"id": 7, "text": f"same id {i}"}) + "\n" for i in range(3)))
+  cfg = make_cfg(tmp_path, f"jsonl:{tmp_path}/a.jsonl", eval_fraction=0.001)
+  splits = corpus_builder.prepare(cfg)
+  assert len(splits["validation"]) == 1 and len(splits["train"]) == 2
+
+
+def test_an_interrupted_tokenization_leaves_no_staging_directory(long_doc_cfg, monkeypatch):
+  def fail(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(BYTES, "encode", fail)
+  with pytest.raises(KeyboardInterrupt):
+    tokens.token_file(long_doc_cfg, BYTES, "train")
+  assert not [p for p in os.listdir(tokens.cache_root(long_doc_cfg)) if ".tmp" in p]

@@ -76,7 +76,10 @@ def unit_hash(identity: str) -> float:
 
 
 def unit_hash_indices(n: int) -> np.ndarray:
-  """`unit_hash` of the record indices 0..n-1 of a TFDS split (splitmix64, vectorised)."""
+  """Numbers in [0, 1) for the record indices 0..n-1 of a TFDS split: splitmix64, vectorised (not SHA-256).
+
+  The split's masks and index arrays cost a few bytes per record: GBs at 1e8 records.
+  """
   z = np.arange(n, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
   with np.errstate(over="ignore"):
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -100,14 +103,14 @@ def split_documents(cfg) -> tuple[Iterator[str], Iterator[str]]:
   counts the documents first.
   """
   fraction = cfg.data.eval_fraction
-  held, n, best = [], 0, (2.0, None)
+  held, n, best = [], 0, (2.0, -1, "")  # best: (hash, position, text) of the smallest hash
   for identity, text in sources.identified_documents(cfg):
     h = unit_hash(identity) if cfg.data.eval_split == "hash" else 2.0
-    n += 1
     if h < fraction:
       held.append(text)
     elif h < best[0]:
-      best = (h, text)
+      best = (h, n, text)
+    n += 1
   if n == 1:
     text = next(sources.documents(cfg))
     cut = int(len(text) * (1 - fraction))
@@ -126,8 +129,8 @@ def split_documents(cfg) -> tuple[Iterator[str], Iterator[str]]:
     if held:
       train = (t for i, t in sources.identified_documents(cfg) if unit_hash(i) >= fraction)
     else:  # nothing hashed below the fraction: hold out the document with the smallest hash
-      held = [best[1]]
-      train = (t for i, t in sources.identified_documents(cfg) if unit_hash(i) != best[0])
+      held = [best[2]]
+      train = (t for j, (_, t) in enumerate(sources.identified_documents(cfg)) if j != best[1])
     return train, iter(held)
   raise UserError(
     f"data.source {cfg.data.source!r} has {n} documents: too few to hold out "

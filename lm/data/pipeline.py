@@ -35,6 +35,8 @@ def make_global_iterator(cfg, tokenizer: Tokenizer, process_index: int = 0, proc
   Global batch b holds shuffled rows [b * B, (b + 1) * B); a process reads its contiguous block
   of them, so the batches do not depend on the process count.
   """
+  if cfg.train.batch_size % process_count:
+    raise UserError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {process_count} processes")
   rows = tokens.Rows(tokens.token_file(cfg, tokenizer, "train"), cfg.data.seq_len)
   if len(rows) < cfg.train.batch_size:
     raise UserError(
@@ -135,7 +137,7 @@ class EvalSet:
 
   batches: list[dict]
   tokens: int  # target tokens counted by the loss, over all processes' rows
-  documents: int  # documents whose beginning the set holds
+  documents: int  # documents the set's inputs hold tokens of
 
 
 def prepare_all(cfg) -> None:

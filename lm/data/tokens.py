@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 
 import grain
@@ -66,7 +67,8 @@ def corpus_key(cfg) -> str:
   kind, _ = sources.parse(cfg.data.source)
   if kind != "tfds":
     return corpus_builder.fingerprint(cfg)
-  key = json.dumps([cfg.data.source, cfg.data.eval_fraction, cfg.data.eval_split, cfg.data.max_bytes])
+  d = cfg.data
+  key = json.dumps([d.source, d.eval_fraction, d.eval_split, d.max_bytes, d.text_field, sources.data_dir(cfg)])
   return "t" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -83,8 +85,19 @@ def write_token_file(directory: str, tokenizer: Tokenizer, texts, order, max_tok
   start = time.time()
   staging = f"{directory}.tmp{os.getpid()}"
   os.makedirs(staging, exist_ok=True)
+  try:
+    total = _write_tokens(staging, tokenizer, texts, order, max_tokens, description)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  os.replace(staging, directory)
+  logging.info("%s: %d tokens in %.1f s", description, total, time.time() - start)
+
+
+def _write_tokens(staging: str, tokenizer: Tokenizer, texts, order, max_tokens: int, description: str) -> int:
+  """Writes tokens.bin, starts.npy and meta.json into `staging`; returns the token count."""
   dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-  lengths = []
+  lengths, total = [], 0
   with open(os.path.join(staging, "tokens.bin"), "wb") as f:
     bar = tqdm(total=len(order), desc=description, unit="doc", leave=False, disable=None)
     for lo in range(0, len(order), ENCODE_BATCH):
@@ -94,15 +107,15 @@ def write_token_file(directory: str, tokenizer: Tokenizer, texts, order, max_tok
         tokens[0], tokens[1:-1], tokens[-1] = BOS_ID, ids, EOS_ID
         f.write(tokens.tobytes())
         lengths.append(len(tokens))
+        total += len(tokens)
       bar.update(len(batch))
-      if max_tokens and sum(lengths) >= max_tokens:
+      if max_tokens and total >= max_tokens:
         break
     bar.close()
   np.save(os.path.join(staging, "starts.npy"), np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
   with open(os.path.join(staging, "meta.json"), "w") as f:
-    json.dump({"dtype": np.dtype(dtype).name, "documents": len(lengths), "tokens": int(sum(lengths))}, f)
-  os.replace(staging, directory)
-  logging.info("%s: %d documents, %d tokens in %.1f s", description, len(lengths), sum(lengths), time.time() - start)
+    json.dump({"dtype": np.dtype(dtype).name, "documents": len(lengths), "tokens": total}, f)
+  return total
 
 
 class Concat:
@@ -145,11 +158,11 @@ class Rows:
     return row
 
   def documents(self, rows) -> int:
-    """How many distinct documents the rows at indices `rows` hold tokens of."""
+    """How many distinct documents the inputs of the rows at indices `rows` hold tokens of."""
     seen = set()
     for r in rows:
       lo = int(r) * self.seq_len
-      hi = min(lo + self.seq_len, len(self.file.tokens) - 1)
+      hi = min(lo + self.seq_len - 1, len(self.file.tokens) - 2)
       first, last = np.searchsorted(self.file.starts, [lo, hi], side="right") - 1
       seen.update(range(int(first), int(last) + 1))
     return len(seen)

@@ -73,7 +73,7 @@ def load_table(
     try:
       table[col] = np.array([float(r[source]) for r in rows], np.float64)
     except ValueError as e:
-      raise UserError(f"{path}: column {col} holds a non-number: {e}") from e
+      raise UserError(f"{path}: column {source} holds a non-number: {e}") from e
   for col, values in table.items():
     if not np.all(np.isfinite(values) & (values > 0)):
       raise UserError(f"{path}: column {col} must hold positive finite numbers")

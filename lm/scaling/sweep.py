@@ -360,10 +360,11 @@ def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.Conf
   """Copies the tokenizer of an earlier point with the same tokenizer and data config into `sub`."""
   if (sub / "tokenizer.json").exists() or cfg.tokenizer.kind == "byte":
     return
-  key = (cfg.tokenizer.to_dict(), cfg.data.source, cfg.data.max_bytes)
+  key = (cfg.tokenizer.to_dict(), cfg.data.source, cfg.data.max_bytes, cfg.data.eval_fraction, cfg.data.eval_split)
   for other in sorted(root.glob("*/tokenizer.json")):
     other_cfg = config_lib.from_json((other.parent / "config.json").read_text())
-    if (other_cfg.tokenizer.to_dict(), other_cfg.data.source, other_cfg.data.max_bytes) == key:
+    d = other_cfg.data
+    if (other_cfg.tokenizer.to_dict(), d.source, d.max_bytes, d.eval_fraction, d.eval_split) == key:
       sub.mkdir(parents=True, exist_ok=True)
       for name in ("tokenizer.json", "tokenizer.model"):
         if (other.parent / name).exists():
