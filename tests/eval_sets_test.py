@@ -9,6 +9,7 @@ from train_test import markov_text
 
 from lm import metrics as metrics_lib
 from lm import plots, train
+from lm.data import pipeline
 
 from conftest import tiny_config
 
@@ -59,3 +60,16 @@ def test_train_and_eval_losses_agree_and_eval_sources_are_logged(tmp_path):
   assert logged and all(0 < r["mfu_computed"] < r["mfu"] for r in logged)
   versions = json.loads((tmp_path / "run" / "environment.json").read_text())
   assert versions["jax"] == jax.__version__ and versions["flax"] == flax.__version__
+
+
+def test_each_eval_set_is_described_once_and_a_small_one_gets_a_warning(capsys):
+  cfg = tiny_config(**{"data.source": "text:/corpus/*.txt", "data.eval_sources": ("code=all:text:/code.txt",)})
+  cfg.data.eval_min_tokens = 1_000
+  sets = {"": pipeline.EvalSet([{}] * 4, 4_000, 12), "code": pipeline.EvalSet([{}], 999, 1)}
+  sizes = train.describe_eval_sets(cfg, sets)
+  assert sizes == {"eval/tokens": 4_000, "eval/documents": 12, "eval/code/tokens": 999, "eval/code/documents": 1}
+  err = capsys.readouterr().err.splitlines()
+  assert err[0] == "lm: eval set eval (text:/corpus/*.txt): 4,000 tokens of 12 documents in 4 batches"
+  assert err[1] == "lm: eval set eval/code (text:/code.txt): 999 tokens of 1 documents in 1 batches"
+  assert err[2].startswith("lm: warning: eval set eval/code holds 999 tokens, fewer than data.eval_min_tokens=1,000")
+  assert len(err) == 3
