@@ -5,8 +5,10 @@
 A sentencepiece BPE tokenizer (4,096 tokens) is trained on the `stdlib` corpus, then a 4-layer
 decoder (d_model 128, grouped-query attention with 4 query and 2 kv heads) trains for 250 steps of
 32 x 128 tokens (1.02M tokens) with AdamW and a cosine schedule.
-Measured: eval loss 4.782 nats/token (2.143 bits per byte) at step 250, against a unigram
-baseline of 6.60 nats/token; wall time on 2 cores in README ("What it reaches").
+Measured: eval loss 4.136 nats/token (1.944 bits per byte) at step 250 on rows drawn at random from
+the 82 held-out files, against a unigram baseline of 6.235; 5.071 on the docstrings; the logged train
+loss (3.853, last 10 logs) agrees with unseen train batches (3.772). 248 s on 2 cores; README ("What it
+reaches") has the rest.
 """
 
 from lm.config import default_config
