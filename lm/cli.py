@@ -5,6 +5,7 @@ lm plot DIR [DIR ...] [--out DIR]
 lm bench train [--preset ref] [--config.KEY=VALUE ...]
 lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P ...]
 lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON]
+lm study --config FILE --workdir DIR   (a chain of dependent runs and steps, then its report)
 lm sweep --config FILE --workdir DIR [--print-commands]; lm scaling fit|plot|report ...; lm bench fit [--table CSV]
 lm plan --config FILE --topology v5p:2x2x4 [--json]   (ahead-of-time compile for a TPU slice: memory, time, cost)
 """
@@ -97,6 +98,11 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt, decoded as one batch")
   p.add_argument("--json", action="store_true", help="print one JSON line: texts and per-token log-probs")
   p.add_argument("--truncate", choices=["none", "left"], default="none", help="left: keep a long prompt's end")
+  p = sub.add_parser("study", help="run the stages of an experiment's get_study() in order, then its report")
+  p.add_argument("--config", required=True, help="study file defining get_study(workdir) (and get_report)")
+  p.add_argument("--workdir", required=True, help="study directory: one sub-directory per stage, report/")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  distributed.add_flags(p)
   scaling_cli.add_parsers(sub)
   plan.add_parser(sub)
   return parser
@@ -131,6 +137,13 @@ def run(argv: list[str]) -> int:
       print(path)
   elif args.command == "plan":
     return plan.run(args, overrides)
+  elif args.command == "study":
+    from lm import study  # noqa: PLC0415
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.dist_timeout)
+    report = study.run_study(args.config, args.workdir, overrides, progress=not args.no_progress)
+    if os.path.exists(report):
+      print(report)
   elif args.command in ("sweep", "scaling") or (args.command == "bench" and args.what == "fit"):
     return scaling_cli.run(args, overrides)
   elif args.command == "bench":

@@ -308,14 +308,10 @@ def run_sweep(path: str, workdir: str, overrides: list[str] = (), progress: bool
   import jax  # noqa: PLC0415
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
-  from lm import train  # noqa: PLC0415
-
   lead = jax.process_index() == 0  # in a multi-process sweep, process 0 alone prints and writes sweep files
   say = print if lead else (lambda *_: None)
   root = epath.Path(workdir)
-  if "://" not in workdir and not jax.config.jax_compilation_cache_dir:
-    # Runs of one size, and a source's segments and branches, compile the same programs: compile them once.
-    jax.config.update("jax_compilation_cache_dir", str(root.absolute() / "jax_cache"))
+  share_compilation_cache(workdir)
   started_here = set()
   for run in plan(load_sweep(path, overrides, workdir)):
     sub = root / run.point_id
@@ -334,26 +330,53 @@ def run_sweep(path: str, workdir: str, overrides: list[str] = (), progress: bool
       say(f"sweep: branching {run.point_id} from {run.cfg.train.init_from}")
     else:
       say(f"sweep: training {run.point_id}")
-    progress_path = sub / "sweep.json"
-    record = json.loads(progress_path.read_text()) if progress_path.exists() else {"wall_s": 0.0, "resumed": False}
-    record["resumed"] |= run.point_id not in started_here and _newest_checkpoint(sub) is not None
-    started_here.add(run.point_id)
-    if lead:
-      _share_tokenizer(root, sub, run.cfg)
-    multihost_utils.sync_global_devices(f"lm sweep: {run.point_id} set up")  # every process sees the shared tokenizer
-    start = time.perf_counter()
-    final = train.train(run.cfg, str(sub), progress=progress)
-    record["wall_s"] += time.perf_counter() - start
-    if lead:
-      progress_path.write_text(json.dumps(record))
+    final = train_point(root, run.point_id, run.cfg, progress, started_here, finishes=run.stop_step is None)
     if "stopped_by" in final:
       say(f"sweep: stopped by {final['stopped_by']} in {run.point_id}; run the same command again to resume")
       break
-    if run.stop_step is None and lead:
-      (sub / "result.json").write_text(json.dumps({"id": run.point_id, "final": final, **record}, indent=2))
   path = aggregate(workdir) if lead else str(root / "results.csv")
   multihost_utils.sync_global_devices("lm sweep: done")  # no process looks at the results before they exist
   return path
+
+
+def share_compilation_cache(workdir: str) -> None:
+  """Runs of one size, and a source's segments and branches, compile the same programs: compile them once."""
+  import jax  # noqa: PLC0415
+
+  if "://" not in workdir and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(epath.Path(workdir).absolute() / "jax_cache"))
+
+
+def train_point(
+  root: epath.Path, point_id: str, cfg: ml_collections.ConfigDict, progress: bool, started_here: set, finishes: bool
+) -> dict:
+  """Trains or resumes the run `root/point_id`; returns `lm.train.train`'s final metrics.
+
+  `sweep.json` keeps the wall time of all its invocations and whether one resumed another's checkpoint;
+  when the run ends (`finishes`, and no signal stopped it) `result.json` marks it finished for later
+  invocations and for `aggregate`. `started_here` holds the ids this command has started (updated)."""
+  import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  from lm import train  # noqa: PLC0415
+
+  lead = jax.process_index() == 0
+  sub = root / point_id
+  progress_path = sub / "sweep.json"
+  record = json.loads(progress_path.read_text()) if progress_path.exists() else {"wall_s": 0.0, "resumed": False}
+  record["resumed"] |= point_id not in started_here and _newest_checkpoint(sub) is not None
+  started_here.add(point_id)
+  if lead:
+    _share_tokenizer(root, sub, cfg)
+  multihost_utils.sync_global_devices(f"lm sweep: {point_id} set up")  # every process sees the shared tokenizer
+  start = time.perf_counter()
+  final = train.train(cfg, str(sub), progress=progress)
+  record["wall_s"] += time.perf_counter() - start
+  if lead:
+    progress_path.write_text(json.dumps(record))
+    if finishes and "stopped_by" not in final:
+      (sub / "result.json").write_text(json.dumps({"id": point_id, "final": final, **record}, indent=2))
+  return final
 
 
 def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.ConfigDict) -> None:
