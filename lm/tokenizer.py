@@ -1,34 +1,44 @@
 """Tokenizers: a sentencepiece BPE trained on the corpus, or raw UTF-8 bytes.
 
-Both kinds reserve the same special ids at the start of the vocab, so data and model code never
-ask which kind they hold. Special tokens never come from text: `encode` turns the text
-"<|user|>" into ordinary tokens, and chat code inserts `special["<|user|>"]` itself. Decoding is
-exact: `decode(encode([x])[0]) == x` for any text x.
+Both kinds trained by lm reserve the same special ids at the start of the vocab (SPECIAL_TOKENS),
+so data and model code never ask which kind they hold. Special tokens never come from text:
+`encode` turns the text "<|user|>" into ordinary tokens, and chat code inserts
+`tok.special["<|user|>"]` itself. Decoding is exact: `decode(encode([x])[0]) == x` for any text x.
+
+A tokenizer saved before a special token existed (its tokenizer.json lacks `<|tool|>`), or one
+made elsewhere, loads with the missing tokens added at the end of its vocab (ids vocab_size,
+vocab_size + 1, ...; `tok.added` names them and `save` records them). `tok.loaded_vocab_size` is the
+vocab it was saved with, so a model trained with it can be grown to match (`grow_vocab`).
 """
 
 import abc
 import io
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import sentencepiece
 from etils import epath
 
 from lm.errors import UserError
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-special = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>")
+special = {name: i for i, name in enumerate(SPECIAL_TOKENS)}  # the ids a tokenizer trained by lm reserves
 PAD_ID, BOS_ID, EOS_ID = special["<pad>"], special["<bos>"], special["<eos>"]
 CHUNK_CHARS = 4096  # longer lines are cut: sentencepiece skips long training sentences
 SP_SPACE = "\u2581"  # sentencepiece's stand-in for a space; a real one in text must go as bytes
 
 
 class Tokenizer(abc.ABC):
-  """Text <-> ids. Subclasses set `kind`, `vocab_size`, `token_bytes` and the methods below."""
+  """Text <-> ids. Subclasses set `kind`, the trained `vocab_size` and `token_bytes`, call `_init_special`
+  and define the methods below."""
 
   kind: str
-  vocab_size: int
+  vocab_size: int  # every id: the trained vocabulary, then the specials added after it
   token_bytes: np.ndarray  # int32 [vocab_size]: UTF-8 bytes each id decodes to, 0 for specials
+  special: dict[str, int]  # each special token's id; <pad>, <bos> and <eos> are always 0, 1 and 2
+  added: tuple[str, ...]  # the specials appended after the trained vocabulary, in id order
+  loaded_vocab_size: int  # vocab_size as saved, before loading added the missing specials
 
   @abc.abstractmethod
   def encode(self, texts: list[str]) -> list[list[int]]:
@@ -42,19 +52,39 @@ class Tokenizer(abc.ABC):
   def model_bytes(self) -> bytes:
     """The trained model file, empty when there is none."""
 
+  def _init_special(self, reserved: dict[str, int]) -> None:
+    """Takes `reserved` (name -> id, inside the trained vocabulary) as the special tokens, none added yet."""
+    for name, i in (("<pad>", PAD_ID), ("<bos>", BOS_ID), ("<eos>", EOS_ID)):
+      if reserved.get(name) != i:
+        raise UserError(f"this {self.kind} tokenizer has {name} at id {reserved.get(name)}; lm needs it at id {i}")
+    self.special, self.added = dict(reserved), ()
+    self._names = {i: name for name, i in self.special.items()}
+    self.loaded_vocab_size = self.vocab_size
+
+  def add_special(self, names) -> None:
+    """Appends the special tokens `names` (not yet held) after the vocabulary: ids vocab_size, vocab_size + 1, ..."""
+    for name in names:
+      assert name not in self.special, name
+      self.special[name], self._names[self.vocab_size] = self.vocab_size, name
+      self.vocab_size += 1
+      self.added += (name,)
+    self.token_bytes = np.concatenate([self.token_bytes, np.zeros(self.vocab_size - len(self.token_bytes), np.int32)])
+
   def decode(self, ids) -> str:
     """Text of `ids`, skipping pad/bos/eos and writing chat markers as their names."""
     parts, run = [], []
     for i in map(int, ids):
-      if i >= len(SPECIAL_TOKENS):
+      name = self._names.get(i)
+      if name is None:
         run.append(i)
       elif i not in (PAD_ID, BOS_ID, EOS_ID):
-        parts += [self.decode_plain(run), SPECIAL_TOKENS[i]]
+        parts += [self.decode_plain(run), name]
         run = []
     return "".join(parts) + self.decode_plain(run)
 
   def metadata(self) -> dict:
-    return {"kind": self.kind, "vocab_size": self.vocab_size, "special": special}
+    """{kind, vocab_size, special: name -> id, added: the names of `added`}, as tokenizer.json holds it."""
+    return {"kind": self.kind, "vocab_size": self.vocab_size, "special": self.special, "added": list(self.added)}
 
   def save(self, directory) -> None:
     """Writes `tokenizer.json` (kind and metadata) and, for sentencepiece, `tokenizer.model`."""
@@ -76,37 +106,47 @@ class Tokenizer(abc.ABC):
 
 
 class ByteTokenizer(Tokenizer):
-  """One id per UTF-8 byte, after the specials; invalid UTF-8 decodes with errors='replace'."""
+  """One id per UTF-8 byte, after the reserved specials; invalid UTF-8 decodes with errors='replace'."""
 
   kind = "byte"
-  vocab_size = len(SPECIAL_TOKENS) + 256
+  vocab_size = len(SPECIAL_TOKENS) + 256  # with lm's reserved specials (`reserved` defaults to them)
 
-  def __init__(self):
-    self.token_bytes = np.array([0] * len(SPECIAL_TOKENS) + [1] * 256, np.int32)
+  def __init__(self, reserved: dict[str, int] | None = None):
+    reserved = special if reserved is None else reserved
+    if sorted(reserved.values()) != list(range(len(reserved))):
+      raise UserError(f"a byte tokenizer's specials are ids 0..{len(reserved) - 1}, not {sorted(reserved.values())}")
+    self.offset = len(reserved)  # the id of byte 0
+    self.vocab_size = self.offset + 256
+    self.token_bytes = np.array([0] * self.offset + [1] * 256, np.int32)
+    self._init_special(reserved)
 
   def encode(self, texts: list[str]) -> list[list[int]]:
-    offset = len(SPECIAL_TOKENS)
-    return [(np.frombuffer(t.encode(), np.uint8).astype(np.int32) + offset).tolist() for t in texts]
+    return [(np.frombuffer(t.encode(), np.uint8).astype(np.int32) + self.offset).tolist() for t in texts]
 
   def decode_plain(self, ids: list[int]) -> str:
-    return bytes(i - len(SPECIAL_TOKENS) for i in ids).decode("utf-8", errors="replace")
+    return bytes(i - self.offset for i in ids).decode("utf-8", errors="replace")
 
   def model_bytes(self) -> bytes:
     return b""
 
 
 class SentencePieceTokenizer(Tokenizer):
-  """A sentencepiece BPE model with byte fallback and identity normalization."""
+  """A sentencepiece BPE model with byte fallback and identity normalization; its specials are control symbols."""
 
   kind = "sentencepiece"
 
-  def __init__(self, model: bytes):
+  def __init__(self, model: bytes, reserved: dict[str, int] | None = None):
+    reserved = special if reserved is None else reserved
     self._model = model
     self._sp = sentencepiece.SentencePieceProcessor(model_proto=model)
     self.vocab_size = self._sp.vocab_size()
-    assert [self._sp.id_to_piece(i) for i in range(len(SPECIAL_TOKENS))] == list(SPECIAL_TOKENS)
+    for name, i in reserved.items():
+      piece = self._sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
+      if piece != name or not self._sp.is_control(i):
+        raise UserError(f"the sentencepiece model does not hold the special token {name} as a control symbol at id {i}")
     self.token_bytes = np.array([self._piece_bytes(i) for i in range(self.vocab_size)], np.int32)
     self._space_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in SP_SPACE.encode()]
+    self._init_special(reserved)
 
   def _piece_bytes(self, i: int) -> int:
     if self._sp.is_control(i) or self._sp.is_unknown(i):
@@ -200,21 +240,55 @@ def training_sentences(documents, max_bytes: int):
         return
 
 
-def from_metadata(meta: dict, model: bytes) -> Tokenizer:
-  """Rebuilds a tokenizer from its `metadata()` and model file."""
-  assert meta["special"] == special, meta["special"]
-  return ByteTokenizer() if meta["kind"] == "byte" else SentencePieceTokenizer(model)
+def from_metadata(meta: dict, model: bytes, add_missing: bool = True) -> Tokenizer:
+  """Rebuilds a tokenizer from its `metadata()` and model file.
+
+  With `add_missing`, the SPECIAL_TOKENS it lacks (a tokenizer saved before they existed) are
+  appended after its vocabulary; its `loaded_vocab_size` stays the saved `vocab_size`.
+  """
+  added = list(meta.get("added", ()))  # tokenizer.json files from before added specials hold none
+  reserved = {name: i for name, i in meta["special"].items() if name not in added}
+  tok = ByteTokenizer(reserved) if meta["kind"] == "byte" else SentencePieceTokenizer(model, reserved)
+  tok.add_special(added)
+  assert {name: tok.special[name] for name in meta["special"]} == meta["special"], meta
+  assert tok.vocab_size == meta["vocab_size"], meta
+  tok.loaded_vocab_size = tok.vocab_size
+  if add_missing:
+    tok.add_special([name for name in SPECIAL_TOKENS if name not in tok.special])
+  return tok
 
 
-def load_tokenizer(workdir) -> Tokenizer:
-  """The tokenizer that `Tokenizer.save(workdir)` wrote."""
+def load_tokenizer(workdir, add_missing: bool = True) -> Tokenizer:
+  """The tokenizer that `Tokenizer.save(workdir)` wrote, with missing specials added (see `from_metadata`)."""
   workdir = epath.Path(workdir)
   meta_path, model_path = workdir / "tokenizer.json", workdir / "tokenizer.model"
   if not meta_path.exists():
     raise UserError(f"no tokenizer in {workdir}: {meta_path} is missing")
   meta = json.loads(meta_path.read_text())
   if meta["kind"] == "byte":
-    return from_metadata(meta, b"")
+    return from_metadata(meta, b"", add_missing)
   if not model_path.exists():
     raise UserError(f"sentencepiece tokenizer in {workdir} is incomplete: {model_path} is missing")
-  return from_metadata(meta, model_path.read_bytes())
+  return from_metadata(meta, model_path.read_bytes(), add_missing)
+
+
+def grow_vocab(params: dict, old_vocab_size: int, new_vocab_size: int) -> dict:
+  """A copy of a model's params (`lm.model.Transformer`'s "params" collection) for `new_vocab_size` ids.
+
+  The embedding `embed` [V, D] gets new_vocab_size - old_vocab_size rows appended, and the output
+  head `head` [D, V] (absent when tied to the embedding) as many columns, each the mean of the
+  existing ones, so a token added to the tokenizer (`Tokenizer.added`) starts as an average token.
+  Other leaves are the same arrays. The new arrays are the caller's to place on its shardings.
+  """
+  assert params["embed"].shape[0] == old_vocab_size <= new_vocab_size, (params["embed"].shape, old_vocab_size)
+  if new_vocab_size == old_vocab_size:
+    return params
+  new = new_vocab_size - old_vocab_size
+  embed_VxD = params["embed"]
+  mean_1xD = jnp.mean(embed_VxD, axis=0, keepdims=True, dtype=jnp.float32).astype(embed_VxD.dtype)
+  grown = {**params, "embed": jnp.concatenate([embed_VxD, jnp.repeat(mean_1xD, new, axis=0)], axis=0)}
+  if "head" in params:
+    head_DxV = params["head"]
+    mean_Dx1 = jnp.mean(head_DxV, axis=1, keepdims=True, dtype=jnp.float32).astype(head_DxV.dtype)
+    grown["head"] = jnp.concatenate([head_DxV, jnp.repeat(mean_Dx1, new, axis=1)], axis=1)
+  return grown

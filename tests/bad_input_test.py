@@ -176,7 +176,7 @@ CASES = {
   "tokenizer unreadable": ([], "cannot read the tokenizer in", garbage("tokenizer.json")),
   "tokenizer of another kind": (
     ["--config.tokenizer.kind=sentencepiece", "--config.tokenizer.vocab_size=300"],
-    "holds a byte tokenizer of 263 tokens, not the configured sentencepiece tokenizer of 300 tokens",
+    "holds a byte tokenizer of 264 tokens, not the configured sentencepiece tokenizer of 300 tokens",
     checkpoints_only,
   ),
   # workdir

@@ -87,7 +87,7 @@ def test_reports_sharded_memory_compiled_flops_mfu_and_chip_hours(fsdp_plan):
   assert r["flops_per_device"] > 0 and r["flops_per_step"] == 8 * r["flops_per_device"]
   assert r["flops_per_step"] == pytest.approx(r["model_flops_per_step"], rel=0.25)  # the whole train step
   tokens = cfg.train.batch_size * cfg.data.seq_len
-  assert r["model_flops_per_step"] == flops.flops_per_token(ModelConfig.from_config(cfg, 263), 32) * tokens
+  assert r["model_flops_per_step"] == flops.flops_per_token(ModelConfig.from_config(cfg, 264), 32) * tokens
   assert r["step_s"] > 0 and 0 < r["mfu"] <= 1
   assert r["mfu"] == pytest.approx(r["model_flops_per_step"] / (r["step_s"] * 8 * 197e12))
   assert r["tokens_per_s"] == pytest.approx(tokens / r["step_s"])

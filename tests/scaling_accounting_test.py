@@ -15,7 +15,7 @@ def small_config(**overrides):
 
 
 def test_untied_grouped_query_config_by_hand():
-  # Byte vocabulary V = 263, D = 32, L = 2, 4 query heads and 2 KV heads of E = 8, F = 96, T = 16.
+  # Byte vocabulary V = 264, D = 32, L = 2, 4 query heads and 2 KV heads of E = 8, F = 96, T = 16.
   cfg = small_config(
     **{
       "tokenizer.kind": "byte",
@@ -34,20 +34,20 @@ def test_untied_grouped_query_config_by_hand():
   assert block == 12_352
   non_embedding = 2 * block + 32  # + final norm
   acc = accounting.accounting(cfg)
-  assert accounting.vocab_size(cfg) == 256 + 7  # bytes + lm.tokenizer.SPECIAL_TOKENS
+  assert accounting.vocab_size(cfg) == 256 + 8  # bytes + lm.tokenizer.SPECIAL_TOKENS
   assert acc["params"] == {
-    "total": 41_568,  # 24_736 + embedding 8_416 + head 8_416
-    "embedding": 263 * 32,
-    "head": 32 * 263,
+    "total": 41_632,  # 24_736 + embedding 8_448 + head 8_448
+    "embedding": 264 * 32,
+    "head": 32 * 264,
     "non_embedding": non_embedding,
-    "flop_params": 33_152,  # 24_736 + head 8_416
+    "flop_params": 33_184,  # 24_736 + head 8_448
   }
   assert non_embedding == 24_736
   attn = 12 * 2 * 16 * 32  # score and value matmuls over all T keys: 12 * L * T * D = 12_288
   assert acc["flops_per_token"] == {
-    "6N": 6 * 33_152,
-    "6N+attn": 198_912 + attn,
-    "6N+attn_causal": 198_912 + attn / 2,
+    "6N": 6 * 33_184,
+    "6N+attn": 199_104 + attn,
+    "6N+attn_causal": 199_104 + attn / 2,
     "6N_nohead": 6 * 24_736,
     "6N_nohead+attn": 148_416 + attn,
     "6N_nohead+attn_causal": 148_416 + attn / 2,

@@ -97,7 +97,7 @@ def long_doc_cfg(tmp_path):
 
 def long_doc_batches(batches: list[dict]) -> list[int]:
   """The indices of the batches holding tokens of document 30 (tag '030')."""
-  tag = [t + 7 for t in b"030"]  # byte ids are offset by the 7 special tokens
+  tag = [t + 8 for t in b"030"]  # byte ids are offset by the 8 special tokens
   return [i for i, b in enumerate(batches) if any(tag == list(r[j : j + 3]) for r in b["inputs"] for j in range(14))]
 
 

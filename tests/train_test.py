@@ -91,7 +91,7 @@ def test_run_leaves_metrics_plots_events_and_checkpoints(finished_run):
   assert (workdir / "plots" / "loss_vs_flops.png").stat().st_size > 1000
   assert list((workdir / "tb").glob("events.out.tfevents.*"))
   assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 32
-  assert tokenizer_lib.load_tokenizer(workdir).vocab_size == 263
+  assert tokenizer_lib.load_tokenizer(workdir).vocab_size == 264
   ckpt = checkpoint_lib.Checkpointer(str(workdir))
   assert ckpt.latest_step() == 10
   meta = ckpt.restore_meta(10)
