@@ -89,12 +89,14 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
 
   from lm import config as config_lib  # noqa: PLC0415
   from lm import flops as flops_lib  # noqa: PLC0415
-  from lm import partitioning, train  # noqa: PLC0415
+  from lm import partitioning  # noqa: PLC0415
+  from lm import state as state_lib  # noqa: PLC0415
+  from lm import step as step_lib  # noqa: PLC0415
 
   config_lib.validate(cfg, jax.device_count())
   vocab = cfg.tokenizer.vocab_size
   mesh = partitioning.make_mesh(cfg)
-  setup = train.build(cfg, vocab, mesh)
+  setup = state_lib.build(cfg, vocab, mesh)
   b, t = cfg.train.batch_size, cfg.data.seq_len
   tokens_BxT1 = fixed_tokens(vocab, b, t)
   batch = {
@@ -108,7 +110,7 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
   with setup.context():
     state = setup.init_state()
     t0 = time.perf_counter()
-    lowered = train.make_train_step(setup).lower(state, batch)
+    lowered = step_lib.make_train_step(setup).lower(state, batch)
     step_fn = lowered.compile()
     state, metrics = step_fn(state, batch)
     jax.block_until_ready(metrics)

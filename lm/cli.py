@@ -119,7 +119,7 @@ def run(argv: list[str]) -> int:
     from lm import train  # noqa: PLC0415
 
     final = train.train(cfg, args.workdir, progress=not args.no_progress)
-    if not train.is_lead():
+    if not distributed.is_lead():
       return 0
     if "stopped_by" in final:
       print(
@@ -151,9 +151,9 @@ def run(argv: list[str]) -> int:
 
     bench.main(args, overrides)
   elif args.command == "sample":
-    from lm import sampling  # noqa: PLC0415
+    from lm import sample_cli  # noqa: PLC0415
 
-    sampling.main(args)
+    sample_cli.main(args)
   return 0
 
 

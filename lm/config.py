@@ -73,7 +73,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.max_bad_steps = 5  # stop after this many consecutive steps with a non-finite loss or gradient
   c.train.min_free_bytes = -1  # refuse to start with less free disk in the workdir; -1: two checkpoints, 0: off
   c.train.debug_nan_steps = ""  # fault injection: comma-separated steps whose batch is poisoned with NaN
-  c.train.init_from = ""  # WORKDIR/checkpoints/STEP: a new run starts from this state (a cooldown branch)
+  c.train.objective = "lm"  # what the run learns: a name in lm.objectives.REGISTRY (lm: next-token prediction)
+  # A new run starts from another: DIR (a run directory) gives the params of its newest good checkpoint, the
+  # optimizer and step starting fresh; DIR/checkpoints/STEP continues that state exactly (a cooldown branch).
+  c.train.init_from = ""
   c.train.sample_prompts = ()  # texts completed at every eval, logged as samples/i; empty: no samples
   c.train.sample_tokens = 32  # new tokens per sample (a prompt too long for the context keeps its end)
   c.train.sample_temperature = 0.0  # 0: greedy
@@ -292,8 +295,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if t.min_free_bytes < -1:
     raise UserError(f"train.min_free_bytes must be >= -1, got {t.min_free_bytes}")
   debug_nan_steps(cfg)
-  if t.init_from and not re.fullmatch(r".+/checkpoints/\d+/?", t.init_from):
-    raise UserError(f"train.init_from must name a checkpoint as WORKDIR/checkpoints/STEP, got {t.init_from!r}")
+  if t.init_from != t.init_from.strip():
+    raise UserError(f"train.init_from must be a run directory or DIR/checkpoints/STEP, got {t.init_from!r}")
+  from lm import objectives  # noqa: PLC0415 (import-light: the registry holds names)
+
+  objectives.check(cfg)
   if t.max_tokens < 0 or t.max_flops < 0:
     raise UserError("train.max_tokens and train.max_flops must be >= 0")
   if t.stop_at_step < 0:
@@ -346,6 +352,14 @@ def eval_sources(cfg: ml_collections.ConfigDict) -> dict[str, tuple[str, bool]]:
       raise UserError(f"data.eval_sources names {name!r} twice")
     out[name] = (source, whole)
   return out
+
+
+def init_from(cfg: ml_collections.ConfigDict) -> tuple[str, int | None]:
+  """`train.init_from` as (run directory, step): STEP for DIR/checkpoints/STEP (a branch that continues that
+  state), None for a run directory (the new run takes the params of its newest good checkpoint)."""
+  text = cfg.train.init_from.rstrip("/")
+  branch = re.fullmatch(r"(.+)/checkpoints/(\d+)", text)
+  return (branch[1], int(branch[2])) if branch else (text, None)
 
 
 def debug_nan_steps(cfg: ml_collections.ConfigDict) -> frozenset[int]:

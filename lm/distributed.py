@@ -172,6 +172,13 @@ def active() -> bool:
   return _state["active"]
 
 
+def is_lead() -> bool:
+  """Whether this process writes the run's files and console output (process 0 of a multi-process run)."""
+  import jax  # noqa: PLC0415 (this module is imported before JAX may start)
+
+  return jax.process_index() == 0
+
+
 def _client():
   from jax._src import distributed  # noqa: PLC0415 (the coordinator's key-value store has no public API)
 

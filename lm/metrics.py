@@ -9,7 +9,7 @@ from lm.errors import UserError
 
 
 class MetricsWriter:
-  """Appends `{"step", "tokens", "flops", name: value, ...}` rows; TensorBoard events go to `tb/`."""
+  """Appends `{"step", "tokens", "flops", name: value, ...}` rows; TensorBoard events go to `tb/` (texts as text)."""
 
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
     self.enabled = enabled
@@ -33,7 +33,9 @@ class MetricsWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
     for name, value in row.items():
-      if name not in ("step",) and isinstance(value, float | int):
+      if isinstance(value, str):  # a text (a sample); a code block keeps its whitespace
+        self.tb.add_text(name, f"```\n{value}\n```", global_step=int(step))
+      elif name not in ("step",) and isinstance(value, float | int):
         self.tb.add_scalar(name, value, global_step=int(step))
 
   def close(self) -> None:

@@ -2,7 +2,7 @@
 
 lm plan --config FILE --topology v5p:2x2x4 [--json] [--config.KEY=VALUE ...]
 
-libtpu's compiler builds the step `lm train` would run (`lm.train.make_train_step`: same mesh,
+libtpu's compiler builds the step `lm train` would run (`lm.step.make_train_step`: same mesh,
 shardings and donation) for the devices of a named topology, as MaxText's train_compile.py does.
 Nothing is trained, no tokenizer is trained and no data is read. Reported per device (a chip; a
 TensorCore on v3, whose two cores are two JAX devices):
@@ -73,7 +73,9 @@ COST_OPTIONS = {
 }
 
 # Keys that change neither the shapes nor the cost of the compiled step: points of a sweep that differ
-# only in these (steps, budget, lr schedule) share one compile. train.batch_size and data.seq_len do count.
+# only in these (steps, budget, lr schedule) share one compile. train.batch_size, train.objective and
+# data.seq_len do count.
+PROGRAM_KEYS = ("train.batch_size", "train.objective", "data.seq_len")
 RUN_ONLY_KEYS = (
   "train.",
   "data.",
@@ -161,7 +163,7 @@ def _libtpu_environment():
 def program_key(cfg: ml_collections.ConfigDict) -> str:
   """The config values that determine the compiled train step (everything but `RUN_ONLY_KEYS`)."""
   flat = config_lib.flatten(cfg.to_dict())
-  kept = {k: v for k, v in flat.items() if k in ("train.batch_size", "data.seq_len") or not k.startswith(RUN_ONLY_KEYS)}
+  kept = {k: v for k, v in flat.items() if k in PROGRAM_KEYS or not k.startswith(RUN_ONLY_KEYS)}
   return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -246,11 +248,11 @@ class Planner:
     """Memory per device and cost of one step of `cfg`'s program; the part of a report points can share."""
     import jax  # noqa: PLC0415
 
-    from lm import partitioning, train  # noqa: PLC0415
+    from lm import partitioning, state  # noqa: PLC0415
     from lm.scaling import accounting  # noqa: PLC0415
 
     mesh = partitioning.make_mesh(cfg, devices=self.devices)
-    setup = train.build(cfg, accounting.vocab_size(cfg), mesh)
+    setup = state.build(cfg, accounting.vocab_size(cfg), mesh)
     batch = abstract_batch(cfg, mesh)
     leaves = jax.tree_util.tree_flatten_with_path(setup.abstract_state)[0]
     buffers = sorted(
@@ -324,7 +326,7 @@ class Planner:
     """Compiles `cfg`'s train step for the topology (once per program); `for_cost`: with `COST_OPTIONS`."""
     import jax  # noqa: PLC0415
 
-    from lm import partitioning, train  # noqa: PLC0415
+    from lm import partitioning, state, step  # noqa: PLC0415
     from lm.scaling import accounting  # noqa: PLC0415
 
     key = program_key(cfg) + (" for cost" if for_cost else "")
@@ -332,7 +334,7 @@ class Planner:
       return self._compiled[key]
     if setup is None:
       mesh = partitioning.make_mesh(cfg, devices=self.devices)
-      setup, batch = train.build(cfg, accounting.vocab_size(cfg), mesh), abstract_batch(cfg, mesh)
+      setup, batch = state.build(cfg, accounting.vocab_size(cfg), mesh), abstract_batch(cfg, mesh)
     m = cfg.model
     self.log(
       f"compiling the train step of d_model={m.d_model} n_layers={m.n_layers} scan_layers={m.scan_layers} "
@@ -340,7 +342,7 @@ class Planner:
       + (" (for XLA's cost model)" if for_cost else "")
     )
     with setup.context(), _no_persistent_cache_writes():
-      lowered = train.make_train_step(setup).lower(setup.abstract_state, batch)
+      lowered = step.make_train_step(setup).lower(setup.abstract_state, batch)
       try:
         executable = lowered.compile(COST_OPTIONS if for_cost else None)
       except jax.errors.JaxRuntimeError as e:

@@ -2,14 +2,15 @@ import jax
 import numpy as np
 
 from lm import checkpoint as checkpoint_lib
-from lm import partitioning, train
+from lm import partitioning
+from lm import state as state_lib
 
 from conftest import tiny_config
 
 
 def test_state_data_and_meta_round_trip(tmp_path):
   cfg = tiny_config()
-  setup = train.build(cfg, 64, partitioning.make_mesh(cfg, jax.devices()[:1]))
+  setup = state_lib.build(cfg, 64, partitioning.make_mesh(cfg, jax.devices()[:1]))
   with setup.context():
     state = setup.init_state()
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)

@@ -10,6 +10,7 @@ from train_test import markov_text
 from lm import metrics as metrics_lib
 from lm import plots, train
 from lm.data import pipeline
+from lm.objectives import lm as next_token
 
 from conftest import tiny_config
 
@@ -66,7 +67,7 @@ def test_each_eval_set_is_described_once_and_a_small_one_gets_a_warning(capsys):
   cfg = tiny_config(**{"data.source": "text:/corpus/*.txt", "data.eval_sources": ("code=all:text:/code.txt",)})
   cfg.data.eval_min_tokens = 1_000
   sets = {"": pipeline.EvalSet([{}] * 4, 4_000, 12), "code": pipeline.EvalSet([{}], 999, 1)}
-  sizes = train.describe_eval_sets(cfg, sets)
+  sizes = next_token.describe_eval_sets(cfg, sets)
   assert sizes == {"eval/tokens": 4_000, "eval/documents": 12, "eval/code/tokens": 999, "eval/code/documents": 1}
   err = capsys.readouterr().err.splitlines()
   assert err[0] == "lm: eval set eval (text:/corpus/*.txt): 4,000 tokens of 12 documents in 4 batches"

@@ -13,6 +13,7 @@ import pytest
 from lm import checkpoint as checkpoint_lib
 from lm import metrics as metrics_lib
 from lm import partitioning, train
+from lm import state as state_lib
 from lm.errors import UserError
 
 from conftest import tiny_config
@@ -58,7 +59,7 @@ def copy_run(finished_run, tmp_path):
 
 def restore_steps(cfg, workdir, steps) -> dict:
   ckpt = checkpoint_lib.Checkpointer(str(workdir), keep=10)
-  abstract_state = train.build(cfg, 264, partitioning.make_mesh(cfg)).abstract_state
+  abstract_state = state_lib.build(cfg, 264, partitioning.make_mesh(cfg)).abstract_state
   states = {s: jax.device_get(ckpt.restore(s, abstract_state)[0]) for s in steps}
   ckpt.close()
   return states
@@ -66,7 +67,7 @@ def restore_steps(cfg, workdir, steps) -> dict:
 
 def restore_latest(finished_run, workdir):
   cfg = run_config(finished_run[0])
-  setup = train.build(cfg, 264, partitioning.make_mesh(cfg))
+  setup = state_lib.build(cfg, 264, partitioning.make_mesh(cfg))
   with setup.context():
     return checkpoint_lib.restore_latest(str(workdir), setup.abstract_state)
 

@@ -25,7 +25,7 @@ def xla_training_flops(cfg: ModelConfig, batch: int, length: int) -> float:
 
 
 def xla_train_step_flops(cfg: ModelConfig, batch: int, length: int) -> float:
-  """XLA's count of the train step's gradient (`lm.train.make_train_step`): hidden states, then `head_loss`."""
+  """XLA's count of the train step's gradient (`lm.objectives.lm` in `lm.step`): hidden states, then `head_loss`."""
   model = Transformer(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, length), jnp.int32))["params"]
   data = random_batch(batch, length, cfg.vocab_size)

@@ -8,6 +8,8 @@ from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
 from lm import metrics as metrics_lib
 from lm import optim, partitioning, train
+from lm import state as state_lib
+from lm import step as step_lib
 from lm import tokenizer as tokenizer_lib
 from lm.flops import flops_per_token
 from lm.model import ModelConfig
@@ -65,8 +67,8 @@ def test_weight_decay_skips_norms_and_embeddings_by_default():
 
 def run_steps(cfg, batches):
   mesh = partitioning.make_mesh(cfg, jax.devices()[:1])
-  setup = train.build(cfg, 64, mesh)
-  step = train.make_train_step(setup)
+  setup = state_lib.build(cfg, 64, mesh)
+  step = step_lib.make_train_step(setup)
   with setup.context():
     state = setup.init_state()
     for batch in batches:
@@ -138,7 +140,7 @@ def test_a_budget_capped_run_reaches_the_final_lr_at_its_last_step(tmp_path, tex
 
 
 def restore(cfg, workdir):
-  setup = train.build(cfg, tokenizer_lib.load_tokenizer(workdir).vocab_size, partitioning.make_mesh(cfg))
+  setup = state_lib.build(cfg, tokenizer_lib.load_tokenizer(workdir).vocab_size, partitioning.make_mesh(cfg))
   with setup.context():
     return checkpoint_lib.restore_latest(str(workdir), setup.abstract_state).state
 
@@ -210,8 +212,8 @@ def test_a_second_resume_stretches_the_stretched_schedule_and_an_ended_run_stays
 def train_states(cfg, batches):
   """The state after the batches, on host, and each step's loss."""
   mesh = partitioning.make_mesh(cfg, jax.devices()[:1])
-  setup = train.build(cfg, 64, mesh)
-  step = train.make_train_step(setup)
+  setup = state_lib.build(cfg, 64, mesh)
+  step = step_lib.make_train_step(setup)
   losses = []
   with setup.context():
     state = setup.init_state()

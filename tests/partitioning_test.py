@@ -9,14 +9,16 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
 from conftest import tiny_config, random_batch
-from lm import partitioning, train
+from lm import partitioning
+from lm import state as state_lib
+from lm import step as step_lib
 
 def losses(mesh_shape, n_devices, **overrides):
   cfg = tiny_config(**{"mesh.data": mesh_shape[0], "mesh.fsdp": mesh_shape[1], "mesh.tensor": mesh_shape[2],
                        "model.d_model": 64, "model.d_ff": 128, **overrides})
   mesh = partitioning.make_mesh(cfg, jax.devices()[:n_devices])
-  setup = train.build(cfg, 128, mesh)
-  step = train.make_train_step(setup)
+  setup = state_lib.build(cfg, 128, mesh)
+  step = step_lib.make_train_step(setup)
   out, specs = [], {}
   with setup.context():
     state = setup.init_state()

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from lm import checkpoint as checkpoint_lib
+from lm import loop, partitioning, train
 from lm import metrics as metrics_lib
-from lm import partitioning, train
+from lm import state as state_lib
 from lm import tokenizer as tokenizer_lib
+from lm import workdir as workdir_lib
 
 from conftest import REPO, run_devices_script, tiny_config
 
@@ -176,8 +178,8 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_losses(experiment
 
 def state_at(workdir, step: int):
   """Checkpoint `step` of the run in `workdir`, restored on host."""
-  cfg, tok = train.load_run(str(workdir))
-  setup = train.build(cfg, tok.vocab_size, partitioning.make_mesh(cfg))
+  cfg, tok = workdir_lib.load_run(str(workdir))
+  setup = state_lib.build(cfg, tok.vocab_size, partitioning.make_mesh(cfg))
   ckpt = checkpoint_lib.Checkpointer(str(workdir))
   with setup.context():
     state, _, _ = ckpt.restore(step, setup.abstract_state)
@@ -186,7 +188,7 @@ def state_at(workdir, step: int):
 
 
 def test_the_first_signal_stops_gracefully_and_the_second_falls_through():
-  stop = train._StopFlag()
+  stop = loop.StopFlag()
   previous = signal.getsignal(signal.SIGINT)
   stop.install()
   try:
@@ -204,7 +206,7 @@ def shard_shapes(result: dict) -> set:
 def digest(cfg, workdir) -> dict:
   """The newest checkpoint restored onto `cfg`'s mesh: its step, a hash per state leaf, wq's shard shapes."""
   tok = tokenizer_lib.load_tokenizer(workdir)
-  setup = train.build(cfg, tok.vocab_size, partitioning.make_mesh(cfg))
+  setup = state_lib.build(cfg, tok.vocab_size, partitioning.make_mesh(cfg))
   with setup.context():
     restored = checkpoint_lib.restore_latest(str(workdir), setup.abstract_state)
   leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(restored.state)]

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from lm import cli, sampling
+from lm import cli, sample_cli, sampling
 
 EXPERIMENT = """
 from lm.config import default_config
@@ -140,7 +140,7 @@ def test_streamed_text_arrives_in_pieces_one_sample_after_another(monkeypatch):
       writes.append(self.getvalue())
 
   monkeypatch.setattr("sys.stdout", Recorder())
-  sampling._print_stream(iter(steps), tok, "P:", requests)
+  sample_cli._print_stream(iter(steps), tok, "P:", requests)
   assert writes == [
     "=== sample 1 of 2 (seed 3) ===\nP:ab",
     "=== sample 1 of 2 (seed 3) ===\nP:ab\n=== sample 2 of 2 (seed 4) ===\nP:xyz",
@@ -168,7 +168,7 @@ CASES = {
   "prompt longer than the context": (["--prompt", "x" * 40], "prompt (41 tokens) + max_new_tokens (16) exceeds"),
   "prompt and prompt file": (["--prompt-file", "{tmp}/empty.txt", "--prompt", "a"], "not allowed with argument"),
   "not a run directory": (["--workdir", "{tmp}"], "is not a run directory (no config.json)"),
-  "workdir without a checkpoint": (["--workdir", no_checkpoint], "has no checkpoint to sample from"),
+  "workdir without a checkpoint": (["--workdir", no_checkpoint], "has no checkpoint to load"),
 }
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import sampling
+from lm import sample_cli, sampling
 from lm.errors import UserError
 
 
@@ -219,11 +219,11 @@ def test_frequency_penalty_in_the_decode_loop_forbids_repeats(tiny):
 
 def test_printable_text_holds_back_partial_characters_and_stop_strings():
   request = sampling.SamplingParams(stop_strings=("\n\n", "END"))
-  assert sampling._shown("abc\ufffd", request, final=False) == "abc"
-  assert sampling._shown("abc\n", request, final=False) == "abc"
-  assert sampling._shown("abcEN", request, final=False) == "abc"
-  assert sampling._shown("abcE!", request, final=False) == "abcE!"
-  assert sampling._shown("abc\n", request, final=True) == "abc\n"
+  assert sample_cli._shown("abc\ufffd", request, final=False) == "abc"
+  assert sample_cli._shown("abc\n", request, final=False) == "abc"
+  assert sample_cli._shown("abcEN", request, final=False) == "abc"
+  assert sample_cli._shown("abcE!", request, final=False) == "abcE!"
+  assert sample_cli._shown("abc\n", request, final=True) == "abc\n"
 
 
 def test_encode_prompt_checks_and_truncates():

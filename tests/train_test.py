@@ -8,6 +8,8 @@ import pytest
 from lm import checkpoint as checkpoint_lib
 from lm import metrics as metrics_lib
 from lm import optim, partitioning, train
+from lm import state as state_lib
+from lm import step as step_lib
 from lm import tokenizer as tokenizer_lib
 from lm.errors import UserError
 
@@ -157,7 +159,7 @@ def test_resuming_with_more_steps_continues_the_lr_without_a_jump(tmp_path, text
 
 
 def checkpoint_state(cfg, workdir, step: int):
-  setup = train.build(cfg, tokenizer_lib.load_tokenizer(workdir).vocab_size, partitioning.make_mesh(cfg))
+  setup = state_lib.build(cfg, tokenizer_lib.load_tokenizer(workdir).vocab_size, partitioning.make_mesh(cfg))
   ckpt = checkpoint_lib.Checkpointer(str(workdir))
   with setup.context():
     state, _, _ = ckpt.restore(step, setup.abstract_state)
@@ -167,8 +169,8 @@ def checkpoint_state(cfg, workdir, step: int):
 
 def test_the_rng_advances_every_step(text_corpus):
   cfg = tiny_config(**{"data.source": text_corpus})
-  setup = train.build(cfg, 64, partitioning.make_mesh(cfg, jax.devices()[:1]))
-  step = train.make_train_step(setup)
+  setup = state_lib.build(cfg, 64, partitioning.make_mesh(cfg, jax.devices()[:1]))
+  step = step_lib.make_train_step(setup)
   keys = []
   with setup.context():
     state = setup.init_state()

@@ -1,0 +1,103 @@
+"""`lm sample`: completes a prompt with the newest checkpoint of a run, streaming the text or printing JSON.
+
+The engine is `lm.sampling`; this module opens the run (`lm.workdir.load_params`) and prints.
+"""
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+
+from lm import workdir as workdir_lib
+from lm.errors import UserError
+from lm.sampling import Progress, Sampler, SamplingParams, encode_prompt, finish, token_texts
+from lm.tokenizer import BOS_ID, EOS_ID
+
+
+def _shown(text: str, request: SamplingParams, final: bool) -> str:
+  """The part of a row's text that is safe to print: not a partial UTF-8 character or stop string."""
+  if final:
+    return text
+  text = text.rstrip("\ufffd")
+  held = max((k for s in request.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+  return text[: len(text) - held]
+
+
+def main(args) -> None:
+  """`lm sample`: completes a prompt from the newest checkpoint of a run, streaming text to stdout."""
+  cfg, tok = workdir_lib.load_run(args.workdir)
+  context = cfg.data.seq_len
+  if args.prompt_file is not None:
+    try:
+      with open(args.prompt_file, encoding="utf-8") as f:
+        text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"cannot read prompt file {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+  else:
+    text = args.prompt
+  if args.num_samples < 1:
+    raise UserError(f"num_samples must be at least 1, got {args.num_samples}")
+  base = SamplingParams(
+    max_new_tokens=min(128, context // 2) if args.max_new_tokens is None else args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    min_p=args.min_p,
+    repetition_penalty=args.repetition_penalty,
+    frequency_penalty=args.frequency_penalty,
+    stop_strings=tuple(args.stop),
+    seed=args.seed,
+  )
+  requests = [dataclasses.replace(base, seed=args.seed + i) for i in range(args.num_samples)]
+  for r in requests:
+    r.validate(context)
+  ids = encode_prompt(tok, text, context, base.max_new_tokens, args.truncate)
+  _, _, setup, params = workdir_lib.load_params(args.workdir)
+  sampler = Sampler.for_model(setup.model, context, tok)
+  prompts = [ids] * len(requests)
+  with setup.context():
+    if args.json:
+      generations = sampler.generate(params, prompts, requests)
+      samples = [
+        {
+          "text": g.text,
+          "finish_reason": g.finish_reason,
+          "seed": r.seed,
+          "tokens": [
+            {"id": t, "text": piece, "logprob": lp}
+            for t, piece, lp in zip(g.tokens, token_texts(tok, g.tokens, g.text), g.logprobs, strict=True)
+          ],
+        }
+        for r, g in zip(requests, generations, strict=True)
+      ]
+      truncated = ids[0] != BOS_ID  # cutting a prompt drops its BOS
+      record = {"prompt": tok.decode(ids), "prompt_tokens": len(ids), "truncated": truncated, "samples": samples}
+      print(json.dumps(record))
+      return
+    _print_stream(sampler.stream(params, prompts, requests), tok, tok.decode(ids), requests)
+
+
+def _print_stream(progress: Iterator[Progress], tok, prompt: str, requests: list[SamplingParams]) -> None:
+  """Prints each sample (prompt, then completion) as its tokens arrive, one sample after another."""
+  out, current, printed = sys.stdout, 0, ""
+
+  def start(i):
+    if len(requests) > 1:
+      out.write(f"=== sample {i + 1} of {len(requests)} (seed {requests[i].seed}) ===\n")
+    out.write(prompt)
+
+  start(0)
+  for p in progress:
+    while current < len(requests):
+      final = p.finished[current] or all(p.finished)
+      r = requests[current]
+      text = _shown(finish(tok, r, p.tokens[current], p.logprobs[current], EOS_ID).text, r, final)
+      out.write(text[len(printed) :])
+      printed = text
+      if not final:
+        break
+      out.write("\n")
+      current, printed = current + 1, ""
+      if current < len(requests):
+        start(current)
+    out.flush()

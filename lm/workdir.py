@@ -1,0 +1,303 @@
+"""What a run directory holds, and how it is checked, opened and started.
+
+A workdir holds `config.json`, `environment.json`, the tokenizer (`tokenizer.json`, and
+`tokenizer.model` for sentencepiece), `checkpoints/`, `metrics.jsonl`, `tb/` and `plots/`; a run
+started from another's params (`train.init_from = DIR`) also `init_from.json`. Everything here
+checks before anything is written: a run refuses to start, in one line, rather than damage a workdir.
+"""
+
+import dataclasses
+import functools
+import json
+import shutil
+import sys
+
+import jax
+import ml_collections
+from etils import epath
+from flax import traverse_util
+
+from lm import checkpoint as checkpoint_lib
+from lm import config as config_lib
+from lm import distributed, environment, partitioning, state
+from lm import metrics as metrics_lib
+from lm import tokenizer as tokenizer_lib
+from lm.data import corpus_builder
+from lm.errors import UserError
+
+
+def _nearest_existing(path: epath.Path) -> epath.Path:
+  path = path.absolute()
+  while not path.exists() and path != path.parent:
+    path = path.parent
+  return path
+
+
+def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> epath.Path:
+  """Checks, writing nothing, that `workdir` is new or holds a run that `cfg` can resume."""
+  path = epath.Path(workdir)
+  existing = _nearest_existing(path)
+  if not existing.is_dir():
+    if existing == path.absolute():
+      raise UserError(f"workdir {workdir} exists and is not a directory")
+    raise UserError(f"workdir {workdir} cannot be created: {existing} is not a directory")
+  saved = path / "config.json"
+  if saved.exists():
+    try:
+      previous = config_lib.from_json(saved.read_text())
+    except (ValueError, TypeError, UserError) as e:
+      raise UserError(f"cannot read {saved}: {e}") from None
+    changed = config_lib.incompatible_changes(previous, cfg)
+    if changed:
+      raise UserError(f"workdir {workdir} holds a run with a different config: {', '.join(changed)}")
+  metrics_lib.read_metrics(workdir)  # a corrupt metrics.jsonl stops the run here, not after the first write
+  if cfg.train.init_from and _same_directory(config_lib.init_from(cfg)[0], workdir):
+    raise UserError(f"train.init_from names the run's own workdir {workdir}")
+  return path
+
+
+def _same_directory(a: str, b: str) -> bool:
+  return epath.Path(a).absolute() == epath.Path(b).absolute()
+
+
+def resolve_shards(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`cfg` with `data.shards` fixed: the run's own if it has started before, else the process count.
+
+  A run keeps its shard count for life, so its batches do not depend on how many processes
+  resume it; runs from before sharded reading read one shard. A branch (DIR/checkpoints/STEP)
+  reads its data as its source run did.
+  """
+  if cfg.data.shards:
+    return cfg
+  cfg = config_lib.from_json(config_lib.to_json(cfg))  # a copy
+  saved = epath.Path(workdir) / "config.json"
+  source, step = config_lib.init_from(cfg)
+  if not saved.exists() and step is not None:
+    saved = epath.Path(source) / "config.json"
+  try:
+    previous = json.loads(saved.read_text()) if saved.exists() else None
+  except (OSError, ValueError):
+    previous = None  # check_workdir reports an unreadable config
+  if previous is None:
+    cfg.data.shards = jax.process_count()
+  else:
+    cfg.data.shards = previous.get("data", {}).get("shards") or 1
+  return cfg
+
+
+def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer:
+  """The workdir's tokenizer, else that of the run `train.init_from = DIR` names, else a new one; checked
+  against the config. A new or copied one is saved by `write_workdir`."""
+  if (workdir / "tokenizer.json").exists():
+    return _checked_tokenizer(cfg, workdir)
+  if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+    raise UserError(f"{workdir} has checkpoints but its tokenizer is missing (tokenizer.json)")
+  source, step = config_lib.init_from(cfg)
+  if cfg.train.init_from and step is None:  # token ids must mean what they meant to the source's params
+    _check_run(source, "train.init_from")
+    return _checked_tokenizer(cfg, epath.Path(source))
+  return tokenizer_lib.train_tokenizer(cfg, corpus_builder.training_text(cfg, cfg.tokenizer.train_bytes))
+
+
+def _checked_tokenizer(cfg, directory: epath.Path) -> tokenizer_lib.Tokenizer:
+  try:
+    tok = tokenizer_lib.load_tokenizer(directory)
+  except (ValueError, KeyError, RuntimeError, OSError) as e:
+    raise UserError(f"cannot read the tokenizer in {directory}: {type(e).__name__}: {e}") from None
+  t = cfg.tokenizer
+  if tok.kind != t.kind or (t.kind == "sentencepiece" and tok.vocab_size != t.vocab_size):
+    wanted = "byte tokenizer" if t.kind == "byte" else f"sentencepiece tokenizer of {t.vocab_size} tokens"
+    raise UserError(f"{directory} holds a {tok.kind} tokenizer of {tok.vocab_size} tokens, not the configured {wanted}")
+  return tok
+
+
+def _check_run(directory: str, what: str) -> None:
+  """Raises UserError unless `directory` holds a run (its config and tokenizer)."""
+  path = epath.Path(directory)
+  for name in ("config.json", "tokenizer.json"):
+    if not (path / name).exists():
+      raise UserError(f"{what}: {directory} is not a run directory (no {name})")
+
+
+def check_checkpoint(cfg, tok: tokenizer_lib.Tokenizer, directory: str, step: int, meta: dict) -> None:
+  """Raises UserError unless checkpoint `step` (its `meta` item) was written by a run `cfg` can resume."""
+  where = f"checkpoint {step} in {directory}"
+  if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "tokenizer" not in meta:
+    raise UserError(f"{where} holds no run metadata: it was not written by lm")
+  try:
+    saved = config_lib.from_json(json.dumps(meta["config"]))
+  except UserError as e:
+    raise UserError(f"{where} has a config this version cannot read: {e}") from None
+  changed = config_lib.incompatible_changes(saved, cfg)
+  if changed:
+    raise UserError(f"{where} is from a run with a different config: {', '.join(changed)}")
+  if checkpoint_lib.decode_blob(meta["tokenizer"]) != tok.to_bytes():
+    raise UserError(f"{where} was trained with a different tokenizer than the one in {directory}")
+
+
+def restore(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup, workdir: str) -> checkpoint_lib.Restored | None:
+  """The state to resume: the workdir's newest checkpoint that restores, else the one a branch starts from
+  (`train.init_from = DIR/checkpoints/STEP`), else None. Writes nothing."""
+  restored = checkpoint_lib.restore_latest(
+    workdir, setup.abstract_state, functools.partial(check_checkpoint, cfg, tok, workdir)
+  )
+  if restored is None and config_lib.init_from(cfg)[1] is not None:
+    restored = restore_branch_source(cfg, tok, setup)
+  return restored
+
+
+def restore_branch_source(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> checkpoint_lib.Restored:
+  """The state and data position saved in `train.init_from` (WORKDIR/checkpoints/STEP), for a run that branches there.
+
+  The checkpoint must be the newest of its run, and its config one that this config could resume: typically
+  the branch differs in `train.steps` only, so that a WSD schedule cools down from STEP (Hägele et al. 2024).
+  """
+  workdir, step = config_lib.init_from(cfg)
+
+  def check(found: int, meta: dict) -> None:
+    if found != step:
+      raise UserError(f"train.init_from names checkpoint {step}, but the newest checkpoint of {workdir} is {found}")
+    check_checkpoint(cfg, tok, workdir, found, meta)
+
+  restored = checkpoint_lib.restore_latest(workdir, setup.abstract_state, check)
+  if restored is None:
+    raise UserError(f"train.init_from: {workdir} has no checkpoints")
+  return dataclasses.replace(restored, damaged=[])  # damage in the source run is not this run's to clean up
+
+
+@dataclasses.dataclass
+class Start:
+  """The params a run starts from (`train.init_from = DIR`) and the record of where they came from."""
+
+  params: dict  # a nested dict of arrays, laid out as the new run's params are
+  record: dict  # {"run", "step", "config", "fresh_params"}: written to init_from.json and every checkpoint
+
+
+def start_params(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> Start | None:
+  """The params of the newest good checkpoint of the run `train.init_from = DIR` names, for a new run.
+
+  Every param of the source must be a param of this run, of the same shape; params only this run has
+  (a reward head) keep their fresh initialisation and are named in the record. None without
+  `train.init_from` or for a branch. Writes nothing; damaged checkpoints of the source are skipped.
+  """
+  source, step = config_lib.init_from(cfg)
+  if not cfg.train.init_from or step is not None:
+    return None
+  _check_run(source, "train.init_from")
+  source_cfg, source_tok = load_run(source)
+  if source_tok.to_bytes() != tok.to_bytes():
+    raise UserError(f"train.init_from: {source} has another tokenizer than this run's")
+  if source_cfg.model.tie_embeddings != cfg.model.tie_embeddings:
+    raise UserError(
+      f"train.init_from: the model of {source} differs from this run's: model.tie_embeddings is "
+      f"{source_cfg.model.tie_embeddings} there, {cfg.model.tie_embeddings} here"
+    )
+  source_setup = state.build(source_cfg, tok.vocab_size, setup.mesh)
+  theirs, ours = (_shapes(s.abstract_state.params) for s in (source_setup, setup))
+  differ = [f"{p}: {theirs[p]} there, {ours.get(p, 'absent')} here" for p in theirs if theirs[p] != ours.get(p)]
+  if differ:
+    more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+    raise UserError(f"train.init_from: the model of {source} differs from this run's: {'; '.join(differ[:3])}{more}")
+  with setup.context():
+    try:
+      restored = restore_newest(source, source_cfg, source_tok, source_setup)
+    except UserError as e:
+      raise UserError(f"train.init_from: {e}") from None
+  record = {
+    "run": str(epath.Path(source).absolute()),
+    "step": restored.step,
+    "config": source_cfg.to_dict(),
+    "fresh_params": sorted(p for p in ours if p not in theirs),
+  }
+  return Start(restored.state.params, record)
+
+
+def _shapes(abstract_params) -> dict[str, tuple]:
+  flat = traverse_util.flatten_dict(abstract_params)
+  return {"/".join(path): tuple(x.shape) for path, x in flat.items()}
+
+
+def restore_newest(workdir: str, cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> checkpoint_lib.Restored:
+  """The newest checkpoint of the run in `workdir` that restores onto `setup`; damaged newer ones are
+  skipped with a warning and left where they are. Raises UserError if there is none."""
+  restored = checkpoint_lib.restore_latest(
+    workdir, setup.abstract_state, functools.partial(check_checkpoint, cfg, tok, workdir)
+  )
+  if restored is None:
+    raise UserError(f"{workdir} has no checkpoint to load")
+  if distributed.is_lead():
+    for step, reason in restored.damaged:
+      print(
+        f"lm: warning: checkpoint {step} of {workdir} is damaged ({reason}); using {restored.step}", file=sys.stderr
+      )
+  return restored
+
+
+def check_free_space(cfg, path: epath.Path, abstract_state) -> None:
+  """Refuses to start when the workdir's filesystem has less than `train.min_free_bytes` free.
+
+  The default (-1) asks for room for two checkpoints: twice the bytes of params and optimizer state.
+  """
+  need = cfg.train.min_free_bytes
+  if need == -1:
+    need = 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  if not need or "://" in str(path):
+    return
+  free = shutil.disk_usage(_nearest_existing(path)).free
+  if free < need:
+    raise UserError(
+      f"only {free / 2**20:,.1f} MiB free on the filesystem of workdir {path}, but {need / 2**20:,.1f} MiB "
+      "are needed (room for two checkpoints; train.min_free_bytes sets this)"
+    )
+
+
+def write_workdir(cfg, path: epath.Path, tok: tokenizer_lib.Tokenizer, init_record: dict | None = None) -> None:
+  """Creates `path` and writes `config.json`, `environment.json`, the tokenizer and, for a run that starts
+  from another's params, `init_from.json`: the run's first writes."""
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    if distributed.is_lead():
+      metrics_lib.replace_text(path / "config.json", config_lib.to_json(cfg))
+      metrics_lib.replace_text(path / "environment.json", json.dumps(environment.versions(), indent=2) + "\n")
+      if init_record is not None:
+        metrics_lib.replace_text(path / "init_from.json", json.dumps(init_record, indent=2) + "\n")
+      if not (path / "tokenizer.json").exists():
+        staging = path / "tokenizer.tmp"
+        tok.save(staging)
+        for name in ("tokenizer.model", "tokenizer.json"):  # the json last: it marks a complete tokenizer
+          if (staging / name).exists():
+            (staging / name).replace(path / name)
+        staging.rmdir()
+  except OSError as e:
+    raise UserError(f"cannot write to workdir {path}: {e.strerror or e}") from None
+
+
+def read_init_record(path: epath.Path) -> dict | None:
+  """Where the run in `path` took its first params from (`init_from.json`), if it started from another run's."""
+  record = path / "init_from.json"
+  return json.loads(record.read_text()) if record.exists() else None
+
+
+def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizer_lib.Tokenizer]:
+  """The config and tokenizer a workdir was trained with."""
+  path = epath.Path(workdir)
+  if not (path / "config.json").exists():
+    raise UserError(f"{workdir} is not a run directory (no config.json)")
+  return config_lib.from_json((path / "config.json").read_text()), tokenizer_lib.load_tokenizer(path)
+
+
+def load_params(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizer_lib.Tokenizer, state.Setup, dict]:
+  """(config, tokenizer, Setup, params) of the newest checkpoint in `workdir` that restores; writes nothing.
+
+  The run's mesh and sharding rules are kept when the devices fit them; otherwise the params are
+  laid out data-parallel over the devices present. Damaged newer checkpoints are skipped, with a warning.
+  """
+  cfg, tok = load_run(workdir)
+  try:
+    config_lib.mesh_shape(cfg, jax.device_count())
+  except UserError:
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  setup = state.build(cfg, tok.vocab_size, partitioning.make_mesh(cfg))
+  with setup.context():
+    restored = restore_newest(workdir, cfg, tok, setup)
+  return cfg, tok, setup, restored.state.params
