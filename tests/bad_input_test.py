@@ -78,6 +78,9 @@ def files(tmp_path_factory):
   f.experiment("no_get_config", text="config = {}\n")
   f.experiment("returns_dict", text="def get_config():\n  return {'model': {}}\n")
   assert cli.main(["train", "--config", f.exp, "--workdir", str(f.run), "--no-progress"]) == 0
+  (root / "unstarted").mkdir()  # a run's config and tokenizer, but no checkpoint
+  for name in ("config.json", "tokenizer.json"):
+    shutil.copy(f.run / name, root / "unstarted" / name)
   return f
 
 
@@ -139,6 +142,7 @@ CASES = {
   "seq_len below 2": (["--config.data.seq_len=1"], "data.seq_len must be at least 2, got 1", "run"),
   "unknown schedule": (["--config.optim.schedule=linear"], "optim.schedule must be one of", "run"),
   "mesh larger than the devices": (["--config.mesh.data=2"], "needs 2 devices, but 1 are present", "run"),
+  "unknown objective": (["--config.train.objective=nope"], "train.objective must be one of ('lm',), got 'nope'", "run"),
   "bad fault-injection steps": (["--config.train.debug_nan_steps=3,x"], "train.debug_nan_steps must be", "run"),
   "zero max_bad_steps": (["--config.train.max_bad_steps=0"], "train.max_bad_steps must be positive", "run"),
   # command line and experiment file
@@ -194,6 +198,22 @@ CASES = {
     "different config: data.seq_len: 32 -> 64, optim.lr: 0.003 -> 0.1",
     "run",
   ),
+  "init_from a missing directory": (
+    ["--config.train.init_from={root}/nowhere"],
+    "train.init_from: {root}/nowhere is not a run directory (no config.json)",
+    "fresh",
+  ),
+  "init_from a run without a checkpoint": (
+    ["--config.train.init_from={root}/unstarted"],
+    "train.init_from: {root}/unstarted has no checkpoint to load",
+    "fresh",
+  ),
+  "init_from a run of another shape": (
+    ["--config.train.init_from={root}/run", "--config.model.d_model=64"],
+    "train.init_from: the model of {root}/run differs from this run's: embed: (264, 32) there, (264, 64) here",
+    "fresh",
+  ),
+  "init_from the run itself": (["--config.train.init_from={root}/run"], "names the run's own workdir", "run"),
   "config.json unreadable": ([], "cannot read", garbage("config.json")),
   "metrics.jsonl unreadable": ([], "metrics.jsonl:1: not a JSON row", garbage("metrics.jsonl")),
   # checkpoints

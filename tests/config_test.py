@@ -97,11 +97,19 @@ def test_missing_config_file(tmp_path):
     ({"optim.schedule": "linear"}, "optim.schedule"),
     ({"model.dtype": "float16"}, "model.dtype"),
     ({"optim.grad_accum_steps": 3}, "must be divisible by optim.grad_accum_steps"),
+    ({"train.objective": "ppo2"}, "^train.objective must be one of \\('lm',.*\\), got 'ppo2'$"),
   ],
 )
 def test_validation_names_the_key(overrides, message):
   with pytest.raises(UserError, match=message):
     config_lib.validate(tiny_config(**overrides))
+
+
+def test_init_from_names_a_run_or_a_checkpoint_of_one():
+  assert config_lib.init_from(tiny_config(**{"train.init_from": "runs/base/"})) == ("runs/base", None)
+  branch = tiny_config(**{"train.init_from": "runs/long/checkpoints/30"})
+  assert config_lib.init_from(branch) == ("runs/long", 30)
+  config_lib.validate(branch)
 
 
 def test_batch_must_divide_over_data_parallel_devices():

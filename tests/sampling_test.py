@@ -1,4 +1,7 @@
 import dataclasses
+import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +10,8 @@ import pytest
 
 from lm import sample_cli, sampling
 from lm.errors import UserError
+
+from conftest import REPO
 
 
 def support(filtered_BxV):
@@ -215,6 +220,14 @@ def test_frequency_penalty_in_the_decode_loop_forbids_repeats(tiny):
   penalized, greedy = sampler.generate(params, [prompt, prompt], [request, plain])
   assert len(set(penalized.tokens)) == 13 and not set(penalized.tokens) & set(prompt)
   assert len(set(greedy.tokens)) < 13  # the unpenalized chain of this model does repeat
+
+
+def test_the_sampling_engine_imports_no_training_module():
+  code = "import json, sys, lm.sampling; print(json.dumps([m for m in sys.modules if m.startswith('lm.')]))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+  loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+  assert "lm.sampling" in loaded
+  assert not loaded & {"lm.train", "lm.loop", "lm.step", "lm.state", "lm.workdir", "lm.objectives"}, loaded
 
 
 def test_printable_text_holds_back_partial_characters_and_stop_strings():
