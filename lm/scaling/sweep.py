@@ -414,9 +414,10 @@ def aggregate(workdir: str) -> str:
       continue
     last = rows[-1]
     flags = [f for f, on in (("resumed", record["resumed"]), ("wsd", cfg.optim.schedule == "wsd")) if on]
-    branch_step = int(epath.Path(cfg.train.init_from).name) if cfg.train.init_from else 0
+    source, branch_step = config_lib.init_from(cfg)  # a run started from another's params trained all its steps
+    branch_step = branch_step or 0
     if branch_step:
-      flags.append(f"branch:{epath.Path(cfg.train.init_from).parent.parent.name}@{branch_step}")
+      flags.append(f"branch:{epath.Path(source).name}@{branch_step}")
     results.append(
       {
         "id": record["id"],
