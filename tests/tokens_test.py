@@ -178,7 +178,7 @@ def test_eval_set_is_random_rows_of_the_validation_split_and_the_same_for_any_pr
   assert len(whole.batches) == 3
   assert whole.tokens == sum(int(b["loss_mask"].sum()) for b in whole.batches)
   held = {d[k : k + 3] for d in validation_texts(cfg) for k in range(3)}  # any 3 letters of a document
-  tags = {bytes(t - 7 for t in r[1:4]).decode() for b in whole.batches for r in b["inputs"] if r[0] != BOS_ID}
+  tags = {bytes(t - 8 for t in r[1:4]).decode() for b in whole.batches for r in b["inputs"] if r[0] != BOS_ID}
   assert tags <= held and len(tags) >= 5  # 12 rows from many documents, not the first one or two
   assert 5 <= whole.documents <= 24
   halves = [pipeline.make_eval_set(cfg, BYTES, p, 2) for p in range(2)]

@@ -47,10 +47,14 @@ def make_global_iterator(cfg, tokenizer: Tokenizer, process_index: int = 0, proc
 
 
 class RowsIterator:
-  """This process's rows of each global batch of an endless row dataset; its state is the batches read."""
+  """This process's rows of each global batch of an endless row dataset; its state is the batches read.
 
-  def __init__(self, rows, batch_size: int, process_index: int, process_count: int):
+  The rows (dicts of arrays) are stacked and turned into a batch by `make_batch` (default `to_batch`).
+  """
+
+  def __init__(self, rows, batch_size: int, process_index: int, process_count: int, make_batch=None):
     self.rows, self.batch_size, self.batches = rows, batch_size, 0
+    self.make_batch = make_batch or to_batch
     self.local = batch_size // process_count
     self.first = process_index * self.local
 
@@ -61,7 +65,7 @@ class RowsIterator:
     start = self.batches * self.batch_size + self.first
     rows = [self.rows[start + i] for i in range(self.local)]
     self.batches += 1
-    return to_batch({k: np.stack([row[k] for row in rows]) for k in rows[0]})
+    return self.make_batch({k: np.stack([row[k] for row in rows]) for k in rows[0]})
 
   def get_state(self) -> dict:
     return {"batches": self.batches}

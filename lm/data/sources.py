@@ -154,6 +154,15 @@ def jsonl_documents(files: list[str], field: str) -> Iterator[tuple[str, str]]:
 
   The identity is the record's `id` (any JSON value, as text), else `text_identity` of the field.
   """
+  for where, record in jsonl_records(files):
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+      raise UserError(f"{where}: no string field {field!r} (set data.text_field)")
+    identity = record.get("id")
+    yield (text_identity(record[field]) if identity is None else f"id:{identity}"), record[field]
+
+
+def jsonl_records(files: list[str]) -> Iterator[tuple[str, object]]:
+  """("PATH:LINE", parsed JSON value) of every non-blank line of the JSON-lines `files`."""
   for path in files:
     with open(path, "rb") as f:
       for number, line in enumerate(f, 1):
@@ -163,10 +172,7 @@ def jsonl_documents(files: list[str], field: str) -> Iterator[tuple[str, str]]:
           record = json.loads(line.decode("utf-8", errors="replace"))
         except json.JSONDecodeError as e:
           raise UserError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-          raise UserError(f"{path}:{number}: no string field {field!r} (set data.text_field)")
-        identity = record.get("id")
-        yield (text_identity(record[field]) if identity is None else f"id:{identity}"), record[field]
+        yield f"{path}:{number}", record
 
 
 def open_tfds(cfg) -> tuple[tfds.core.DatasetBuilder, str]:
