@@ -104,11 +104,11 @@ class Dataset:
 
 def read_records(cfg, source: str) -> list[Record]:
   """The records of a `jsonl:` or `tfds:` source; `cfg` says where TFDS datasets live (`data.cache_dir`)."""
-  kind, _ = sources.parse(source)
+  kind, _, arg = source.partition(":")
+  if kind not in ("jsonl", "tfds") or not arg:
+    raise UserError(f"post-training data source {source!r} must be {USAGE}")
   if kind == "jsonl":
     return [Record(where, value) for where, value in sources.jsonl_records(sources.list_files(source))]
-  if kind != "tfds":
-    raise UserError(f"post-training data source {source!r} must be {USAGE}")
   builder, split = sources.open_tfds(pipeline.source_config(cfg, source))
   try:
     examples = builder.as_data_source(split=split or "train")
