@@ -28,23 +28,44 @@ import numpy as np
 CONVENTIONS = ("6N", "6N+attn", "6N+attn_causal", "6N_nohead", "6N_nohead+attn", "6N_nohead+attn_causal")
 
 
+def lora_params(model_cfg) -> int:
+  """Parameters of the LoRA adapters of a `ModelConfig`: R * (in + out) per adapted projection and layer."""
+  c = model_cfg
+  d, f, q, kv = c.d_model, c.d_ff, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+  sizes = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+  return c.n_layers * c.lora_rank * sum(sum(sizes[name]) for name in c.lora_targets)
+
+
 def param_counts(model_cfg) -> dict[str, int]:
-  """Total, embedding, head and non-embedding parameter counts of a `ModelConfig`."""
+  """Total, embedding, head and non-embedding parameter counts of a `ModelConfig`.
+
+  LoRA adapters count in the blocks; the scalar head (head="scalar") is D parameters, an LM head V * D.
+  """
   c = model_cfg
   d, e = c.d_model, c.head_dim
   attn = d * c.n_heads * e * 2 + d * c.n_kv_heads * e * 2
   mlp = 3 * d * c.d_ff
   block = attn + mlp + 2 * d
   embedding = c.vocab_size * d
-  head = 0 if c.tie_embeddings else c.vocab_size * d
-  non_embedding = c.n_layers * block + d  # + final norm
+  head_matmul = d if c.head == "scalar" else c.vocab_size * d
+  head = 0 if c.tie_embeddings and c.head == "lm" else head_matmul
+  non_embedding = c.n_layers * block + lora_params(c) + d  # + final norm
   return {
     "total": non_embedding + embedding + head,
     "embedding": embedding,
     "head": head,
     "non_embedding": non_embedding,
-    "flop_params": non_embedding + c.vocab_size * d,  # what each token multiplies: blocks + head
+    "flop_params": non_embedding + head_matmul,  # what each token multiplies: blocks + head
   }
+
+
+def trainable_params(model_cfg) -> int:
+  """The parameters training updates: all of them, or with LoRA (lora_rank > 0) the adapters and a scalar
+  head (`lm.lora.lora_mask`)."""
+  c = model_cfg
+  if not c.lora_rank:
+    return param_counts(c)["total"]
+  return lora_params(c) + (c.d_model if c.head == "scalar" else 0)
 
 
 def flops_per_token(model_cfg, seq_len: int, convention: str = "6N+attn") -> float:
@@ -68,6 +89,10 @@ def flops_per_token_computed(model_cfg, seq_len: int) -> float:
   query block [lo, hi) and query head, costs 2 FLOPs per (query, key, head_dim) for each of its 6 matmuls
   (scores and values forward; their 4 gradients), over keys [0, hi) only. Rematerialisation's recomputed
   forward pass (`model.remat`) is not counted, as MFU does not count it.
+
+  With LoRA (lora_rank > 0) the step is taken to differentiate the trained parameters only (`lm.lora`): each
+  weight costs 2 FLOPs forward and 2 for its input's gradient, and only trained ones 2 more for their own
+  gradient; the first layer's q, k and v projections read the frozen embedding, whose gradient nothing needs.
   """
   from lm.model import query_blocks  # noqa: PLC0415 (keeps `lm.flops` importable without JAX)
 
@@ -76,7 +101,12 @@ def flops_per_token_computed(model_cfg, seq_len: int) -> float:
   norms = c.n_layers * 2 * c.d_model + c.d_model
   query_key_pairs = sum((hi - lo) * hi for lo, hi in query_blocks(seq_len))
   attn = 12 * c.n_layers * c.n_heads * c.head_dim * query_key_pairs / seq_len
-  return 6.0 * (counts["flop_params"] - norms) + attn
+  matmuls = counts["flop_params"] - norms
+  if not c.lora_rank:
+    return 6.0 * matmuls + attn
+  adapted_qkv = len({"wq", "wk", "wv"} & set(c.lora_targets))
+  first_qkv = c.d_model * ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim + adapted_qkv * c.lora_rank)
+  return 4.0 * matmuls + 2.0 * trainable_params(c) - 2.0 * first_qkv + attn
 
 
 # Peak dense bf16 FLOP/s per chip, from the vendors' published figures.

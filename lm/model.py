@@ -6,7 +6,13 @@ Activation axes carry an `act_` prefix so that batch and parameter shardings nev
 Parameters are stored in f32 whatever `param_dtype`, which is the dtype they are used in: with
 bfloat16 the forward pass reads bf16-rounded weights while updates accumulate in the f32 copy.
 Shapes are in the names: B batch, T length, D d_model, H heads, G query heads per kv head,
-K kv heads, E head_dim, F d_ff, V vocab.
+K kv heads, E head_dim, F d_ff, V vocab, R LoRA rank.
+
+Two heads read the final hidden states: `head="lm"`, next-token logits [B, T, V], and `head="scalar"`,
+one score per position [B, T] (`last_token` reads a reward model's at each row's last real token).
+Their trunks have the same parameter names, so a reward model starts from a language model's run
+(`trunk_params`). LoRA adapters (`lora_rank` > 0) add (alpha / R) * x A B to the projections named in
+`lora_targets`; `lm.lora` trains, masks and merges them.
 """
 
 import dataclasses
@@ -18,8 +24,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 Array = jax.Array
+
+
+HEADS = ("lm", "scalar")
+# The projections LoRA can adapt, by parameter name: attention q, k, v, o and the SwiGLU MLP's three.
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+LORA_A, LORA_B = "_lora_a", "_lora_b"  # an adapter's parameters are its target's name with these suffixes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +50,14 @@ class ModelConfig:
   norm_eps: float = 1e-6
   scan_layers: bool = False
   remat: str = "none"
+  head: str = "lm"  # lm: logits [B, T, V] | scalar: a score per position [B, T], the head zero at init
+  lora_rank: int = 0  # R > 0 adds LoRA adapters to the projections in lora_targets
+  lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+  lora_targets: tuple[str, ...] = LORA_TARGETS
+
+  def __post_init__(self):
+    assert self.head in HEADS, f"head must be one of {HEADS}, got {self.head!r}"
+    assert set(self.lora_targets) <= set(LORA_TARGETS), f"lora_targets must be among {LORA_TARGETS}"
 
   @property
   def head_dim(self) -> int:
@@ -59,6 +80,9 @@ class ModelConfig:
       norm_eps=m.norm_eps,
       scan_layers=m.scan_layers,
       remat=m.remat,
+      lora_rank=m.get("lora_rank", 0),
+      lora_alpha=m.get("lora_alpha", 16.0),
+      lora_targets=tuple(m.get("lora_targets", LORA_TARGETS)),
     )
 
 
@@ -87,6 +111,22 @@ def _project(x: Array, w: Array, n_in: int, dtype: str) -> Array:
 
 def _fan_in_init(fan_in: int):
   return nn.initializers.normal(stddev=fan_in**-0.5)
+
+
+def _adapted(module: nn.Module, name: str, x: Array, w: Array, n_in: int, axes: tuple, cfg: ModelConfig) -> Array:
+  """x @ w over w's first `n_in` axes, plus (lora_alpha / R) * (x @ A) @ B if `name` is in cfg.lora_targets.
+
+  A [in..., R] starts random and B [R, out...] at zero, so a fresh adapter adds exactly 0. Both take
+  w's logical axes `axes` (the rank axis is unnamed, so replicated) and shard by the same rules.
+  """
+  y = _project(x, w, n_in, cfg.dtype)
+  if not cfg.lora_rank or name not in cfg.lora_targets:
+    return y
+  r, w_in, w_out = cfg.lora_rank, w.shape[:n_in], w.shape[n_in:]
+  a_init = _fan_in_init(math.prod(w_in))
+  a = _param(module, name + LORA_A, (*w_in, r), (*axes[:n_in], None), a_init, cfg)
+  b = _param(module, name + LORA_B, (r, *w_out), (None, *axes[n_in:]), nn.initializers.zeros, cfg)
+  return y + (cfg.lora_alpha / r) * _project(_project(x, a, n_in, cfg.dtype), b, 1, cfg.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -257,14 +297,19 @@ class Attention(nn.Module):
     h, k, e, d = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
     g = h // k
     init = _fan_in_init(d)
-    wq_DxHxE = _param(self, "wq", (d, h, e), ("embed", "heads", "head_dim"), init, c)
-    wk_DxKxE = _param(self, "wk", (d, k, e), ("embed", "kv_heads", "head_dim"), init, c)
-    wv_DxKxE = _param(self, "wv", (d, k, e), ("embed", "kv_heads", "head_dim"), init, c)
-    wo_HxExD = _param(self, "wo", (h, e, d), ("heads", "head_dim", "embed"), _fan_in_init(h * e), c)
+    q_axes, kv_axes, o_axes = (
+      ("embed", "heads", "head_dim"),
+      ("embed", "kv_heads", "head_dim"),
+      ("heads", "head_dim", "embed"),
+    )
+    wq_DxHxE = _param(self, "wq", (d, h, e), q_axes, init, c)
+    wk_DxKxE = _param(self, "wk", (d, k, e), kv_axes, init, c)
+    wv_DxKxE = _param(self, "wv", (d, k, e), kv_axes, init, c)
+    wo_HxExD = _param(self, "wo", (h, e, d), o_axes, _fan_in_init(h * e), c)
 
-    q_BxTxHxE = rope(_project(x_BxTxD, wq_DxHxE, 1, c.dtype), rope_BxTx1x2xE)
-    k_BxTxKxE = rope(_project(x_BxTxD, wk_DxKxE, 1, c.dtype), rope_BxTx1x2xE)
-    v_BxTxKxE = _project(x_BxTxD, wv_DxKxE, 1, c.dtype)
+    q_BxTxHxE = rope(_adapted(self, "wq", x_BxTxD, wq_DxHxE, 1, q_axes, c), rope_BxTx1x2xE)
+    k_BxTxKxE = rope(_adapted(self, "wk", x_BxTxD, wk_DxKxE, 1, kv_axes, c), rope_BxTx1x2xE)
+    v_BxTxKxE = _adapted(self, "wv", x_BxTxD, wv_DxKxE, 1, kv_axes, c)
     q_BxTxHxE = nn.with_logical_constraint(q_BxTxHxE, ("act_batch", "act_length", "act_heads", None))
 
     # Heads-major layouts make both attention matmuls plain batched matmuls over (B, K), with
@@ -286,7 +331,7 @@ class Attention(nn.Module):
       q_QxNxE = q_BxKxNxE.reshape(b * k, g * t, e).astype(c.dtype)
       out_BxKxNxE = _attend_core(q_QxNxE, k_QxExS, v_QxSxE, mask_BxTxS, c.dtype)[0].reshape(b, k, g * t, e)
     out_BxTxHxE = out_BxKxNxE.reshape(b, k, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
-    return _project(out_BxTxHxE, wo_HxExD, 2, c.dtype), cache
+    return _adapted(self, "wo", out_BxTxHxE, wo_HxExD, 2, o_axes, c), cache
 
 
 class MLP(nn.Module):
@@ -298,10 +343,10 @@ class MLP(nn.Module):
     w_gate_DxF = _param(self, "w_gate", (c.d_model, c.d_ff), ("embed", "mlp"), _fan_in_init(c.d_model), c)
     w_up_DxF = _param(self, "w_up", (c.d_model, c.d_ff), ("embed", "mlp"), _fan_in_init(c.d_model), c)
     w_down_FxD = _param(self, "w_down", (c.d_ff, c.d_model), ("mlp", "embed"), _fan_in_init(c.d_ff), c)
-    gate_BxTxF = _project(x_BxTxD, w_gate_DxF, 1, c.dtype)
-    up_BxTxF = _project(x_BxTxD, w_up_DxF, 1, c.dtype)
+    gate_BxTxF = _adapted(self, "w_gate", x_BxTxD, w_gate_DxF, 1, ("embed", "mlp"), c)
+    up_BxTxF = _adapted(self, "w_up", x_BxTxD, w_up_DxF, 1, ("embed", "mlp"), c)
     h_BxTxF = nn.with_logical_constraint(_swiglu(gate_BxTxF, up_BxTxF), ("act_batch", "act_length", "act_mlp"))
-    return _project(h_BxTxF, w_down_FxD, 1, c.dtype)
+    return _adapted(self, "w_down", h_BxTxF, w_down_FxD, 1, ("mlp", "embed"), c)
 
 
 class Block(nn.Module):
@@ -327,7 +372,8 @@ REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-  """Token ids [B, T] (with segment ids and positions for packed rows) -> f32 logits [B, T, V].
+  """Token ids [B, T] (with segment ids and positions for packed rows) -> f32 logits [B, T, V], or with
+  `head="scalar"` f32 scores [B, T].
 
   With `cache` (from `init_cache`), the call returns (logits, updated cache): prefill and decoding.
   Every row's T tokens go to the same slots, `cache["index"]` onwards, so rows of different
@@ -391,19 +437,61 @@ class Transformer(nn.Module):
       layers_cache = None if cache is None else (tuple(new_k), tuple(new_v))
 
     x_BxTxD = RMSNorm(c, name="final_norm")(x_BxTxD)
-    if return_hidden:
-      if c.tie_embeddings:
-        return x_BxTxD, embed_VxD.T
-      return x_BxTxD, _param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), _fan_in_init(c.d_model), c)
-    if c.tie_embeddings:
-      logits_BxTxV = _dot("btd,vd->btv", x_BxTxD, embed_VxD, c.dtype)
+    if c.head == "scalar":
+      assert not return_hidden, "return_hidden gives the inputs of the LM head's loss"
+      # Zero at init: every score is 0, so a Bradley-Terry loss starts at ln 2 whatever the trunk.
+      score_D = _param(self, "score", (c.d_model,), ("embed",), nn.initializers.zeros, c)
+      scores_BxT = _dot("btd,d->bt", x_BxTxD, score_D, c.dtype)
+      out = nn.with_logical_constraint(scores_BxT, ("act_batch", "act_length"))
     else:
-      head_DxV = _param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), _fan_in_init(c.d_model), c)
-      logits_BxTxV = _project(x_BxTxD, head_DxV, 1, c.dtype)
-    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
+      if return_hidden:
+        if c.tie_embeddings:
+          return x_BxTxD, embed_VxD.T
+        head_DxV = _param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), _fan_in_init(c.d_model), c)
+        return x_BxTxD, head_DxV
+      if c.tie_embeddings:
+        logits_BxTxV = _dot("btd,vd->btv", x_BxTxD, embed_VxD, c.dtype)
+      else:
+        head_DxV = _param(self, "head", (c.d_model, c.vocab_size), ("embed", "vocab"), _fan_in_init(c.d_model), c)
+        logits_BxTxV = _project(x_BxTxD, head_DxV, 1, c.dtype)
+      out = nn.with_logical_constraint(logits_BxTxV, ("act_batch", "act_length", "act_vocab"))
     if cache is None:
-      return logits_BxTxV
-    return logits_BxTxV, {"k": layers_cache[0], "v": layers_cache[1], "index": index + tokens_BxT.shape[1]}
+      return out
+    return out, {"k": layers_cache[0], "v": layers_cache[1], "index": index + tokens_BxT.shape[1]}
+
+
+def last_token(x_BxT: Array, segment_ids_BxT: Array) -> Array:
+  """x [B, T] at each row's last real token (the last position whose segment id is > 0) -> [B].
+
+  Reward and preference rows hold one right-padded sequence each; a packed row gives its last document's.
+  """
+  t = segment_ids_BxT.shape[1]
+  last_B = jnp.max(jnp.where(segment_ids_BxT > 0, jnp.arange(t), 0), axis=1)
+  return jnp.take_along_axis(x_BxT, last_B[:, None], axis=1)[:, 0]
+
+
+def trunk_params(target: dict, source: dict) -> dict:
+  """The leaves of `source` (another run's params) that a model whose params are `target` starts from: every
+  one at a path `target` has, as a nested dict (`lm.state`'s `start_params`). Leaves are arrays or
+  ShapeDtypeStructs, unboxed.
+
+  So a reward model (head="scalar") or a LoRA model starts from a language model's run: the leaves only
+  `target` has must be its scalar head or LoRA adapters, and of those only `source` has, an LM head is
+  dropped. ValueError naming the leaves for other missing ones, for adapters `target` has no place for
+  (merge them first: `lm.lora.merge_lora`) and for shapes that differ.
+  """
+  flat, flat_source = traverse_util.flatten_dict(target, sep="/"), traverse_util.flatten_dict(source, sep="/")
+  missing = [k for k in flat if k not in flat_source and not (k == "score" or k.endswith((LORA_A, LORA_B)))]
+  if missing:
+    raise ValueError(f"the source parameters lack {', '.join(missing)}")
+  unplaced = [k for k in flat_source if k not in flat and k.endswith((LORA_A, LORA_B))]
+  if unplaced:
+    raise ValueError(f"the source's LoRA adapters {', '.join(unplaced)} have no place: merge them first")
+  differ = [k for k in flat if k in flat_source and flat[k].shape != flat_source[k].shape]
+  if differ:
+    shapes = ", ".join(f"{k} {flat_source[k].shape} (want {flat[k].shape})" for k in differ)
+    raise ValueError(f"the source parameters' shapes differ: {shapes}")
+  return traverse_util.unflatten_dict({k: v for k, v in flat_source.items() if k in flat}, sep="/")
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
