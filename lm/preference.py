@@ -2,8 +2,9 @@
 
 Pure functions of arrays, no I/O. A preference batch holds P pairs as 2P rows of the common batch format,
 one right-padded sequence per row: the chosen response of pair p in row 2p, the rejected one in row 2p + 1
-(`split_pairs`). Losses are means over pairs; metrics are means too, so an objective's sums over a
-microbatch are P times these.
+(`split_pairs`). A pair whose rows hold no sequence (padding rows, segment_ids all 0) weighs nothing
+(`pair_weights`). Losses and metrics are means over pairs weighted so, and an objective's sums over a
+microbatch are these times the sum of the weights.
 
 Accuracies count a tie as half right: a pair the model cannot tell apart is a coin flip, so a policy equal
 to its reference (all DPO rewards 0) or a zero reward head scores 0.5.
@@ -23,6 +24,21 @@ def split_pairs(x_B: Array) -> tuple[Array, Array]:
   """Rows [2P, ...] -> (chosen rows 0::2, rejected rows 1::2), each [P, ...]."""
   pairs_Px2 = x_B.reshape(x_B.shape[0] // 2, 2, *x_B.shape[1:])
   return pairs_Px2[:, 0], pairs_Px2[:, 1]
+
+
+def pair_weights(segment_ids_BxT: Array) -> Array:
+  """[P] f32: 1 for a pair whose two rows hold a sequence, 0 for a padding pair (its rows' segment ids all 0)."""
+  real_B = jnp.any(segment_ids_BxT > 0, axis=1)
+  chosen_P, rejected_P = split_pairs(real_B)
+  return (chosen_P & rejected_P).astype(jnp.float32)
+
+
+def _mean(x_P: Array, weights_P: Array | None) -> Array:
+  """The mean of x over pairs weighted by `weights_P` (None: all 1); 0 if every weight is 0."""
+  if weights_P is None:
+    return jnp.mean(x_P)
+  total = jnp.sum(weights_P)
+  return jnp.sum(weights_P * x_P) / jnp.where(total > 0, total, 1.0)  # no 0 / 0, which NaNs the gradient too
 
 
 def sequence_logps(logits_BxTxV: Array, targets_BxT: Array, loss_mask_BxT: Array) -> Array:
@@ -56,13 +72,17 @@ def hidden_sequence_logps(
   return sum(logps[1:], logps[0])
 
 
-def _accuracy(a_P: Array, b_P: Array) -> Array:
+def _accuracy(a_P: Array, b_P: Array, weights_P: Array | None) -> Array:
   """The fraction of pairs with a > b, a tie counting half."""
-  return jnp.mean(jnp.where(a_P > b_P, 1.0, jnp.where(a_P == b_P, 0.5, 0.0)))
+  return _mean(jnp.where(a_P > b_P, 1.0, jnp.where(a_P == b_P, 0.5, 0.0)), weights_P)
 
 
 def bradley_terry_loss(
-  r_chosen_P: Array, r_rejected_P: Array, margin_P: Array | float = 0.0, center_coef: float = 0.0
+  r_chosen_P: Array,
+  r_rejected_P: Array,
+  margin_P: Array | float = 0.0,
+  center_coef: float = 0.0,
+  weights_P: Array | None = None,
 ) -> tuple[Array, dict]:
   """Reward-model loss of P pairs of scalar rewards -> (loss, metrics).
 
@@ -71,22 +91,23 @@ def bradley_terry_loss(
     margin m (Touvron et al. 2023): a pair labelled as more clearly preferred must be won by at least m;
   - reward centering (Eisenstein et al. 2023, "Helping or Herding?"; TRL's center_rewards_coefficient):
     the loss above depends only on r_c - r_r, and this term pins the free offset near 0, per pair.
-  At zero rewards and margins the loss is ln 2.
+  Means are weighted by `weights_P` (`pair_weights`; None: every pair 1). At zero rewards and margins the
+  loss is ln 2.
   Metrics: rewards/accuracy (r_c > r_r, a tie half), rewards/margin (mean r_c - r_r), rewards/mean (mean of
   all 2P rewards), rewards/chosen, rewards/rejected (means).
   """
   diff_P = r_chosen_P - r_rejected_P
-  loss = -jnp.mean(jax.nn.log_sigmoid(diff_P - margin_P))
+  loss = _mean(-jax.nn.log_sigmoid(diff_P - margin_P), weights_P)
   if center_coef:
-    loss = loss + center_coef * jnp.mean(jnp.square(r_chosen_P + r_rejected_P))
+    loss = loss + center_coef * _mean(jnp.square(r_chosen_P + r_rejected_P), weights_P)
   metrics = {
-    "rewards/accuracy": _accuracy(r_chosen_P, r_rejected_P),
-    "rewards/margin": jnp.mean(diff_P),
-    "rewards/mean": 0.5 * jnp.mean(r_chosen_P + r_rejected_P),
-    "rewards/chosen": jnp.mean(r_chosen_P),
-    "rewards/rejected": jnp.mean(r_rejected_P),
+    "rewards/accuracy": _accuracy(r_chosen_P, r_rejected_P, weights_P),
+    "rewards/margin": _mean(diff_P, weights_P),
+    "rewards/mean": 0.5 * _mean(r_chosen_P + r_rejected_P, weights_P),
+    "rewards/chosen": _mean(r_chosen_P, weights_P),
+    "rewards/rejected": _mean(r_rejected_P, weights_P),
   }
-  return loss, metrics
+  return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
 def dpo_loss(
@@ -97,6 +118,7 @@ def dpo_loss(
   beta: float,
   loss_type: str = "sigmoid",
   label_smoothing: float = 0.0,
+  weights_P: Array | None = None,
 ) -> tuple[Array, dict]:
   """Direct preference loss of P pairs of sequence log-probs (`sequence_logps`) under the policy (pi) and the
   frozen reference (ref) -> (loss, metrics).
@@ -111,7 +133,8 @@ def dpo_loss(
     h is built from whatever log-probs are passed: sums, as `sequence_logps` gives (TRL averages them
     over tokens for IPO);
   - "hinge", SLiC (Zhao et al. 2023, "SLiC-HF"): relu(1 - beta h).
-  label_smoothing applies to "sigmoid" only (ValueError otherwise, and for an unknown loss_type).
+  label_smoothing applies to "sigmoid" only (ValueError otherwise, and for an unknown loss_type). Means are
+  weighted by `weights_P` (`pair_weights`; None: every pair 1).
   Metrics, as TRL names them (means over pairs): rewards/chosen = beta (pi_c - ref_c), rewards/rejected =
   beta (pi_r - ref_r), rewards/accuracy (chosen reward > rejected, a tie half), rewards/margin (chosen -
   rejected reward), logps/chosen = pi_c, logps/rejected = pi_r.
@@ -131,11 +154,11 @@ def dpo_loss(
     losses_P = jax.nn.relu(1.0 - beta * h_P)
   reward_chosen_P, reward_rejected_P = beta * chosen_P, beta * rejected_P
   metrics = {
-    "rewards/chosen": jnp.mean(reward_chosen_P),
-    "rewards/rejected": jnp.mean(reward_rejected_P),
-    "rewards/accuracy": _accuracy(reward_chosen_P, reward_rejected_P),
-    "rewards/margin": jnp.mean(reward_chosen_P - reward_rejected_P),
-    "logps/chosen": jnp.mean(pi_chosen_P),
-    "logps/rejected": jnp.mean(pi_rejected_P),
+    "rewards/chosen": _mean(reward_chosen_P, weights_P),
+    "rewards/rejected": _mean(reward_rejected_P, weights_P),
+    "rewards/accuracy": _accuracy(reward_chosen_P, reward_rejected_P, weights_P),
+    "rewards/margin": _mean(reward_chosen_P - reward_rejected_P, weights_P),
+    "logps/chosen": _mean(pi_chosen_P, weights_P),
+    "logps/rejected": _mean(pi_rejected_P, weights_P),
   }
-  return jnp.mean(losses_P), jax.tree.map(jax.lax.stop_gradient, metrics)
+  return _mean(losses_P, weights_P), jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -115,6 +115,33 @@ def test_split_pairs_takes_even_rows_as_chosen():
   np.testing.assert_array_equal(rejected[:, 0], [2, 6, 10])
 
 
+def test_padding_pairs_weigh_nothing():
+  segment_ids = np.zeros((6, 4), np.int32)
+  segment_ids[:4, :3] = 1  # pairs 0 and 1 real; pair 2 is two padding rows (an eval set's last batch)
+  weights = preference.pair_weights(jnp.asarray(segment_ids))
+  np.testing.assert_array_equal(weights, [1.0, 1.0, 0.0])
+  args = [jnp.asarray(x) for x in (PI_CHOSEN, PI_REJECTED, REF_CHOSEN, REF_REJECTED)]
+  for loss_type in preference.LOSS_TYPES:
+
+    def loss(*logps, weights=weights, loss_type=loss_type):
+      return preference.dpo_loss(*logps, beta=BETA, loss_type=loss_type, weights_P=weights)
+
+    (value, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+    (two, two_metrics), two_grads = jax.value_and_grad(
+      lambda *logps, loss_type=loss_type: preference.dpo_loss(*logps, beta=BETA, loss_type=loss_type),
+      argnums=(0, 1, 2, 3),
+      has_aux=True,
+    )(*[x[:2] for x in args])
+    assert float(value) == pytest.approx(float(two), rel=1e-6)  # the mean of the two real pairs
+    assert float(metrics["rewards/accuracy"]) == float(two_metrics["rewards/accuracy"]) == 0.5
+    for grad, two_grad in zip(grads, two_grads, strict=True):
+      np.testing.assert_allclose(grad, [*two_grad, 0.0], rtol=1e-6)
+    nothing, grads = jax.value_and_grad(lambda *a: loss(*a, weights=jnp.zeros(3))[0], argnums=(0, 1, 2, 3))(*args)
+    assert float(nothing) == 0.0 and all(not np.any(g) for g in grads)  # no NaN from 0 / 0
+  bt, _ = preference.bradley_terry_loss(jnp.array([1.0, 0.0, 9.0]), jnp.zeros(3), 0.0, 0.1, weights)
+  assert float(bt) == pytest.approx((0.313262 + LN2) / 2 + 0.1 * 0.5, rel=1e-6)
+
+
 def test_sequence_logps_sums_masked_target_log_probs():
   logits = jnp.zeros((2, 3, 3)).at[1, :, 2].set(math.log(2.0))  # row 1: p = [1/4, 1/4, 1/2]
   targets = jnp.array([[0, 1, 2], [2, 2, 0]])
