@@ -55,7 +55,7 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
     meta = {**meta, "fingerprint": fingerprint(state)}
     args = ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+      state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
     )
     return self.manager.save(step, args=args, force=force)
 
@@ -87,9 +87,12 @@ def fingerprint(tree) -> list[int]:
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[object, dict, dict]:
-  args = ocp.args.Composite(
-    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
-  )
+  # A partial restore reads the leaves `abstract_state` has, so a state that gained an empty subtree (the
+  # `frozen` trees of an objective without any) restores checkpoints saved before it; the fingerprint still
+  # checks that they are all the checkpoint holds.
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+  state = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=True)
+  args = ocp.args.Composite(state=state, data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
   restored = manager.restore(step, args=args)
   return restored.state, restored.data, restored.meta
 

@@ -34,7 +34,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
   path = workdir_lib.check_workdir(cfg, workdir)
   tok = workdir_lib.load_or_train_tokenizer(cfg, path)
   batches = objective.train_batches(tok, jax.process_index(), jax.process_count())  # errors before writes
-  setup = state_lib.build(cfg, tok.vocab_size, partitioning.make_mesh(cfg), objective)
+  setup = state_lib.build(cfg, tok.loaded_vocab_size, partitioning.make_mesh(cfg), objective)
   with setup.context():
     restored = workdir_lib.restore(cfg, tok, setup, str(path))
   start = workdir_lib.start_params(cfg, tok, setup) if restored is None else None

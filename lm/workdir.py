@@ -87,7 +87,12 @@ def resolve_shards(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collectio
 
 def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer:
   """The workdir's tokenizer, else that of the run `train.init_from = DIR` names, else a new one; checked
-  against the config. A new or copied one is saved by `write_workdir`."""
+  against the config. A new or copied one is saved by `write_workdir`.
+
+  The model's vocabulary is the tokenizer's `loaded_vocab_size`: its size as the workdir saved it, so a
+  run from before a special token was added (`tok.added`) keeps its model's shapes. A copied tokenizer is
+  the new run's own, specials included.
+  """
   if (workdir / "tokenizer.json").exists():
     return _checked_tokenizer(cfg, workdir)
   if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
@@ -95,7 +100,7 @@ def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer
   source, step = config_lib.init_from(cfg)
   if cfg.train.init_from and step is None:  # token ids must mean what they meant to the source's params
     _check_run(source, "train.init_from")
-    return _checked_tokenizer(cfg, epath.Path(source))
+    return tokenizer_lib.Tokenizer.from_bytes(_checked_tokenizer(cfg, epath.Path(source)).to_bytes())
   return tokenizer_lib.train_tokenizer(cfg, corpus_builder.training_text(cfg, cfg.tokenizer.train_bytes))
 
 
@@ -131,7 +136,8 @@ def check_checkpoint(cfg, tok: tokenizer_lib.Tokenizer, directory: str, step: in
   changed = config_lib.incompatible_changes(saved, cfg)
   if changed:
     raise UserError(f"{where} is from a run with a different config: {', '.join(changed)}")
-  if checkpoint_lib.decode_blob(meta["tokenizer"]) != tok.to_bytes():
+  saved_tok = tokenizer_lib.Tokenizer.from_bytes(checkpoint_lib.decode_blob(meta["tokenizer"]))
+  if saved_tok.to_bytes() != tok.to_bytes():  # both with the specials added since, if it predates them
     raise UserError(f"{where} was trained with a different tokenizer than the one in {directory}")
 
 
@@ -192,8 +198,13 @@ def start_params(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> Start
       f"train.init_from: the model of {source} differs from this run's: model.tie_embeddings is "
       f"{source_cfg.model.tie_embeddings} there, {cfg.model.tie_embeddings} here"
     )
-  source_setup = state.build(source_cfg, tok.vocab_size, setup.mesh)
-  theirs, ours = (_shapes(s.abstract_state.params) for s in (source_setup, setup))
+  source_setup = state.build(source_cfg, source_tok.loaded_vocab_size, setup.mesh)
+
+  def grown(params):  # rows for the special tokens added to the tokenizer since the source was saved
+    return tokenizer_lib.grow_vocab(params, source_tok.loaded_vocab_size, tok.loaded_vocab_size)
+
+  theirs = _shapes(jax.eval_shape(grown, source_setup.abstract_state.params))
+  ours = _shapes(setup.abstract_state.params)
   differ = [f"{p}: {theirs[p]} there, {ours.get(p, 'absent')} here" for p in theirs if theirs[p] != ours.get(p)]
   if differ:
     more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
@@ -209,7 +220,7 @@ def start_params(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> Start
     "config": source_cfg.to_dict(),
     "fresh_params": sorted(p for p in ours if p not in theirs),
   }
-  return Start(restored.state.params, record)
+  return Start(grown(restored.state.params), record)
 
 
 def _shapes(abstract_params) -> dict[str, tuple]:
@@ -297,7 +308,7 @@ def load_params(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizer_lib.
     config_lib.mesh_shape(cfg, jax.device_count())
   except UserError:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
-  setup = state.build(cfg, tok.vocab_size, partitioning.make_mesh(cfg))
+  setup = state.build(cfg, tok.loaded_vocab_size, partitioning.make_mesh(cfg))
   with setup.context():
     restored = restore_newest(workdir, cfg, tok, setup)
   return cfg, tok, setup, restored.state.params

@@ -1,3 +1,6 @@
+import dataclasses
+
+import flax
 import jax
 import numpy as np
 
@@ -39,3 +42,19 @@ def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
 def test_blob_round_trip():
   data = bytes(range(256))
   assert checkpoint_lib.decode_blob(checkpoint_lib.encode_blob(data)) == data
+
+
+def test_a_checkpoint_saved_before_the_frozen_trees_restores(tmp_path):
+  cfg = tiny_config()
+  setup = state_lib.build(cfg, 64, partitioning.make_mesh(cfg, jax.devices()[:1]))
+  with setup.context():
+    state = setup.init_state()
+  fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "frozen"}
+  before = flax.struct.dataclass(type("TrainState", (), {"__annotations__": dict.fromkeys(fields, object)}))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
+  ckpt.save(4, before(**fields), {"batches": 4}, {})
+  ckpt.close()
+  with setup.context():
+    restored = checkpoint_lib.restore_latest(str(tmp_path), setup.abstract_state)
+  assert restored.step == 4 and not restored.damaged and restored.state.frozen == {}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.state.params), jax.device_get(state.params))

@@ -17,6 +17,7 @@ from lm import state as state_lib
 from lm import workdir as workdir_lib
 from lm.errors import UserError
 from lm.objectives.lm import NextToken
+from lm.tokenizer import SPECIAL_TOKENS
 
 from conftest import tiny_config
 
@@ -137,3 +138,28 @@ def test_the_source_must_hold_a_checkpoint_of_the_same_model(source, tmp_path):
     train.train(tiny_config(**overrides, **{"train.init_from": str(empty)}), str(tmp_path / "w"), progress=False)
   assert not (tmp_path / "wider").exists() and not (tmp_path / "w").exists()
   assert workdir_lib.load_run(str(source_dir))[0].train.steps == 4  # the source is left as it was
+
+
+def test_a_run_from_before_a_special_token_keeps_its_vocab_and_a_run_started_from_it_grows_it(source, tmp_path):
+  _, overrides = source
+  before = {"kind": "byte", "vocab_size": 263, "special": {name: i for i, name in enumerate(SPECIAL_TOKENS[:7])}}
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "tokenizer.json").write_text(json.dumps(before))  # as lm saved it before <|tool|> existed
+  settings = {"train.eval_every": 4, "train.checkpoint_every": 2}
+  train.train(tiny_config(**overrides, **settings, **{"train.steps": 4}), str(old), progress=False)
+  blob = checkpoint_lib.encode_blob(json.dumps(before).encode() + b"\n")
+  for meta_file in old.glob("checkpoints/*/meta/metadata"):  # the tokenizer as its checkpoints held it then
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "tokenizer": blob}))
+  # The run resumes and opens for sampling with its own vocabulary: 263 ids, no row for <|tool|>.
+  assert train.train(tiny_config(**overrides, **settings, **{"train.steps": 6}), str(old), progress=False)["step"] == 6
+  _, tok, _, params = workdir_lib.load_params(str(old))
+  assert tok.special["<|tool|>"] == 263 and params["embed"].shape == (263, 32)
+  # A run started from it has a row for <|tool|>: the mean of the others.
+  tuned = tiny_config(**overrides, **{"train.init_from": str(old), "train.steps": 1, "train.debug_nan_steps": "1"})
+  train.train(tuned, str(tmp_path / "tuned"), progress=False)
+  state, _ = checkpoint(tuned, tmp_path / "tuned", 1)
+  embed_VxD = np.asarray(jax.device_get(params["embed"]))
+  np.testing.assert_array_equal(state.params["embed"][:263], embed_VxD)
+  np.testing.assert_allclose(state.params["embed"][263], embed_VxD.mean(axis=0), rtol=1e-5, atol=1e-7)
+  assert json.loads((tmp_path / "tuned" / "tokenizer.json").read_text())["added"] == ["<|tool|>"]
