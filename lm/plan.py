@@ -207,6 +207,8 @@ class Planner:
 
   def plan(self, cfg: ml_collections.ConfigDict) -> dict:
     """The report of `cfg` on this topology, JSON-serialisable (see `format_report`)."""
+    from lm import flops  # noqa: PLC0415
+    from lm.model import ModelConfig  # noqa: PLC0415
     from lm.scaling import accounting  # noqa: PLC0415
 
     config_lib.validate(cfg, len(self.devices))
@@ -230,6 +232,7 @@ class Planner:
       "device": "core" if self.chip.devices_per_chip > 1 else "chip",
       "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
       "params": acc["params"],
+      "trainable_params": flops.trainable_params(ModelConfig.from_config(cfg, accounting.vocab_size(cfg))),
       "batch_size": cfg.train.batch_size,
       "seq_len": cfg.data.seq_len,
       **{k: v for k, v in program.items() if k != "step_s"},
@@ -442,10 +445,11 @@ def format_report(report: dict, name: str = "") -> str:
   r, memory = report, report["memory_per_device"]
   per = f"per {r['device']}"
   counts = r["params"]
+  trained = f", {_count(r['trainable_params'])} trained" if r["trainable_params"] != counts["total"] else ""
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   lines = [
     f"{name or 'config'} on {r['topology']}: {r['chips']} {r['generation']} chips, {r['devices']} devices, mesh {mesh}",
-    f"model: {_count(counts['total'])} parameters ({_count(counts['flop_params'])} in FLOPs), "
+    f"model: {_count(counts['total'])} parameters ({_count(counts['flop_params'])} in FLOPs{trained}), "
     f"batch {r['batch_size']} x {r['seq_len']} tokens",
     "",
     f"memory {per}",

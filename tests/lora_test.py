@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 
 import flax.linen as nn
 import jax
@@ -8,10 +9,11 @@ import optax
 import pytest
 from flax import traverse_util
 
-from lm import flops, lora, partitioning
+from lm import flops, lora, partitioning, plan
 from lm.model import ModelConfig, Transformer, head_loss, trunk_params
+from lm.scaling import accounting
 
-from conftest import random_batch
+from conftest import random_batch, tiny_config
 
 V = 97
 BASE = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -190,3 +192,16 @@ def test_computed_flops_of_an_adapters_only_gradient_match_xla(cfg, length):
     cfg
   )
   assert every_weight * b * length / measured > 1.3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="lm plan compiles with libtpu")
+def test_plan_compiles_a_lora_model_for_a_slice_and_reports_its_trained_parameters():
+  cfg = tiny_config(**{"mesh.fsdp": -1})
+  cfg.model.lora_rank = 4
+  report = plan.Planner("v5e:2x4").plan(cfg)
+  model_cfg = ModelConfig.from_config(cfg, accounting.vocab_size(cfg))
+  assert model_cfg.lora_rank == 4 and report["fits"]
+  assert report["params"]["total"] == flops.param_counts(model_cfg)["total"]
+  # R (in + out) per projection and layer: wq and wo 32 + 32, wk and wv 32 + 16, the MLP's three 32 + 64.
+  assert report["trainable_params"] == flops.lora_params(model_cfg) == 2 * 4 * (2 * 64 + 2 * 48 + 3 * 96)
+  assert f"{report['trainable_params'] / 1e3:.1f}K trained" in plan.format_report(report)
