@@ -3,6 +3,9 @@
 N counts every parameter that a token's forward pass multiplies: all transformer-block
 weights, the final norm and the output head (the tied embedding, if tied). The input
 embedding is a lookup, not a matmul, so it is left out of N unless the head is tied to it.
+LoRA adapters count in N (every token multiplies them); a scalar head (a reward model's) is D
+parameters. `trainable_params` counts what training updates: all of N and the embedding, or a
+LoRA run's adapters (and new scalar head) only.
 
 Training FLOPs per token, forward + backward = 3x forward, with 2 FLOPs per multiply-add:
 - `6N`: 6 * N, the Kaplan et al. / Chinchilla rule of thumb.

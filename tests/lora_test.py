@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from lm import flops, lora, partitioning, plan
-from lm.model import ModelConfig, Transformer, head_loss, trunk_params
+from lm.model import ModelConfig, Transformer, head_loss, init_cache, trunk_params
 from lm.scaling import accounting
 
 from conftest import random_batch, tiny_config
@@ -205,3 +205,16 @@ def test_plan_compiles_a_lora_model_for_a_slice_and_reports_its_trained_paramete
   # R (in + out) per projection and layer: wq and wo 32 + 32, wk and wv 32 + 16, the MLP's three 32 + 64.
   assert report["trainable_params"] == flops.lora_params(model_cfg) == 2 * 4 * (2 * 64 + 2 * 48 + 3 * 96)
   assert f"{report['trainable_params'] / 1e3:.1f}K trained" in plan.format_report(report)
+
+
+def test_an_adapted_model_decodes_with_the_kv_cache():
+  cfg = dataclasses.replace(BASE, lora_rank=4)
+  model, params = Transformer(cfg), perturbed(init(cfg))
+  tokens = np.random.default_rng(0).integers(0, V, (2, 12)).astype(np.int32)
+  full = model.apply({"params": params}, tokens)
+  step = jax.jit(lambda params, x, pos, cache: model.apply({"params": params}, x, None, pos, cache=cache))
+  logits, cache = step(params, tokens[:, :6], np.broadcast_to(np.arange(6), (2, 6)), init_cache(cfg, 2, 12))
+  np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+  for t in range(6, 12):
+    logits, cache = step(params, tokens[:, t : t + 1], np.full((2, 1), t), cache)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
