@@ -473,12 +473,11 @@ def last_token(x_BxT: Array, segment_ids_BxT: Array) -> Array:
 def trunk_params(target: dict, source: dict) -> dict:
   """The leaves of `source` (another run's params) that a model whose params are `target` starts from: every
   one at a path `target` has, as a nested dict (`lm.state`'s `start_params`). Leaves are arrays or
-  ShapeDtypeStructs, unboxed.
+  ShapeDtypeStructs, unboxed. So a reward model (head="scalar") or a LoRA model starts from an LM run.
 
-  So a reward model (head="scalar") or a LoRA model starts from a language model's run: the leaves only
-  `target` has must be its scalar head or LoRA adapters, and of those only `source` has, an LM head is
-  dropped. ValueError naming the leaves for other missing ones, for adapters `target` has no place for
-  (merge them first: `lm.lora.merge_lora`) and for shapes that differ.
+  Leaves only `target` has must be a scalar head or LoRA adapters (they keep their init); those only
+  `source` has are left out (an LM head), unless they are LoRA adapters, which must be merged first
+  (`lm.lora.merge_lora`). ValueError naming the leaves for either, and for shapes that differ.
   """
   flat, flat_source = traverse_util.flatten_dict(target, sep="/"), traverse_util.flatten_dict(source, sep="/")
   missing = [k for k in flat if k not in flat_source and not (k == "score" or k.endswith((LORA_A, LORA_B)))]

@@ -53,6 +53,9 @@ def test_fresh_adapters_leave_the_base_models_logits_exactly():
   params = with_leaves(params, trunk_params(params, base_params))  # the base run's weights, fresh adapters
   batch = random_batch(3, 16, V, split=6)
   np.testing.assert_array_equal(logits(cfg, params, batch), logits(BASE, base_params, batch))
+  with pytest.raises(ValueError, match="merge them first"):  # a LoRA run's params need merging for a base model
+    trunk_params(base_params, params)
+  jax.tree.map(np.testing.assert_array_equal, trunk_params(base_params, lora.merge_lora(params, cfg)), base_params)
   # With the same seed the adapter model's base weights are the base model's own initial weights.
   jax.tree.map(np.testing.assert_array_equal, lora.partition(init(cfg, seed=1))[1], base_params)
 
