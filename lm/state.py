@@ -117,7 +117,7 @@ def build(
   `objective` defaults to the one `train.objective` names.
   """
   objective = objectives.create(cfg) if objective is None else objective
-  model_cfg = ModelConfig.from_config(cfg, vocab_size)
+  model_cfg = objective.model_config(ModelConfig.from_config(cfg, vocab_size))
   model = Transformer(model_cfg)
   tx = optim.make_optimizer(cfg)
   rules = partitioning.rules_for(model_cfg, mesh)

@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 
+import flax.linen as nn
 import jax
 import ml_collections
 from etils import epath
@@ -19,8 +20,9 @@ from flax import traverse_util
 
 from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
-from lm import distributed, environment, partitioning, state
+from lm import distributed, environment, objectives, partitioning, state
 from lm import metrics as metrics_lib
+from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 from lm.data import corpus_builder
 from lm.errors import UserError
@@ -182,8 +184,9 @@ class Start:
 def start_params(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> Start | None:
   """The params of the newest good checkpoint of the run `train.init_from = DIR` names, for a new run.
 
-  Every param of the source must be a param of this run, of the same shape; params only this run has
-  (a reward head) keep their fresh initialisation and are named in the record. None without
+  The model's params come from the source as `lm.model.trunk_params` says: the same shapes, and only a
+  scalar head or LoRA adapters may be new (an LM head the model lacks is dropped). Params the objective
+  adds beyond the model's keep their fresh initialisation. New ones are named in the record. None without
   `train.init_from` or for a branch. Writes nothing; damaged checkpoints of the source are skipped.
   """
   source, step = config_lib.init_from(cfg)
@@ -193,39 +196,39 @@ def start_params(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> Start
   source_cfg, source_tok = load_run(source)
   if source_tok.to_bytes() != tok.to_bytes():
     raise UserError(f"train.init_from: {source} has another tokenizer than this run's")
-  if source_cfg.model.tie_embeddings != cfg.model.tie_embeddings:
+  if setup.model_cfg.head == "lm" and source_cfg.model.tie_embeddings != cfg.model.tie_embeddings:
     raise UserError(
       f"train.init_from: the model of {source} differs from this run's: model.tie_embeddings is "
       f"{source_cfg.model.tie_embeddings} there, {cfg.model.tie_embeddings} here"
     )
   source_setup = state.build(source_cfg, source_tok.loaded_vocab_size, setup.mesh)
+  # The model's own params, without any the objective adds (the base class's init is the model's).
+  init = functools.partial(objectives.Objective.init_params, setup.objective, setup.model)
+  model_shapes = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
 
-  def grown(params):  # rows for the special tokens added to the tokenizer since the source was saved
-    return tokenizer_lib.grow_vocab(params, source_tok.loaded_vocab_size, tok.loaded_vocab_size)
+  def starting(params):  # rows for the specials added to the tokenizer since the source was saved, then the trunk
+    grown = tokenizer_lib.grow_vocab(params, source_tok.loaded_vocab_size, tok.loaded_vocab_size)
+    return model_lib.trunk_params(model_shapes, grown)
 
-  theirs = _shapes(jax.eval_shape(grown, source_setup.abstract_state.params))
-  ours = _shapes(setup.abstract_state.params)
-  differ = [f"{p}: {theirs[p]} there, {ours.get(p, 'absent')} here" for p in theirs if theirs[p] != ours.get(p)]
-  if differ:
-    more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
-    raise UserError(f"train.init_from: the model of {source} differs from this run's: {'; '.join(differ[:3])}{more}")
+  try:
+    taken = jax.eval_shape(starting, source_setup.abstract_state.params)
+  except ValueError as e:
+    raise UserError(f"train.init_from: the params of {source} do not fit this run's model: {e}") from None
   with setup.context():
     try:
       restored = restore_newest(source, source_cfg, source_tok, source_setup)
     except UserError as e:
       raise UserError(f"train.init_from: {e}") from None
+  flat_taken = traverse_util.flatten_dict(taken, sep="/")
   record = {
     "run": str(epath.Path(source).absolute()),
     "step": restored.step,
     "config": source_cfg.to_dict(),
-    "fresh_params": sorted(p for p in ours if p not in theirs),
+    "fresh_params": sorted(
+      k for k in traverse_util.flatten_dict(setup.abstract_state.params, sep="/") if k not in flat_taken
+    ),
   }
-  return Start(grown(restored.state.params), record)
-
-
-def _shapes(abstract_params) -> dict[str, tuple]:
-  flat = traverse_util.flatten_dict(abstract_params)
-  return {"/".join(path): tuple(x.shape) for path, x in flat.items()}
+  return Start(starting(restored.state.params), record)
 
 
 def restore_newest(workdir: str, cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> checkpoint_lib.Restored:

@@ -210,7 +210,8 @@ CASES = {
   ),
   "init_from a run of another shape": (
     ["--config.train.init_from={root}/run", "--config.model.d_model=64"],
-    "train.init_from: the model of {root}/run differs from this run's: embed: (264, 32) there, (264, 64) here",
+    "train.init_from: the params of {root}/run do not fit this run's model: the source parameters' shapes differ: "
+    "embed (264, 32) (want (264, 64))",
     "fresh",
   ),
   "init_from the run itself": (["--config.train.init_from={root}/run"], "names the run's own workdir", "run"),

@@ -1,6 +1,7 @@
 """Runs that start from another run's params (`train.init_from = DIR`), and an objective of the test's own
 (extra params, a frozen reference) trained by the one loop."""
 
+import dataclasses
 import json
 import shutil
 
@@ -42,6 +43,24 @@ class Anchored(NextToken):
       return total + n * (drift + jnp.square(params["offset"] - 1.0)), n, {**sums, "drift": n * drift}
 
     return loss
+
+
+class Scored(NextToken):
+  """A score per position (a reward model's scalar head) regressed to 1 where `loss_mask` counts: a model
+  whose params differ from those of the language model it starts from."""
+
+  def model_config(self, model_cfg):
+    return dataclasses.replace(model_cfg, head="scalar")
+
+  def make_loss(self, model):
+    def loss(params, batch, rng, frozen):
+      scores_BxT = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+      return jnp.sum(jnp.square(scores_BxT - 1.0) * batch["loss_mask"]), jnp.sum(batch["loss_mask"]), {}
+
+    return loss
+
+  def evaluator(self, setup, tokenizer, batches, start):
+    return lambda params: {"eval/score_norm": float(jnp.linalg.norm(params["score"]))}
 
 
 def model_params(params: dict) -> dict:
@@ -125,10 +144,28 @@ def test_an_objective_adds_params_and_holds_a_frozen_tree(source, tmp_path, monk
   assert final["eval/loss"] > 0 and final["step"] == 3
 
 
+def test_a_scalar_head_model_starts_from_a_language_models_trunk(source, tmp_path, monkeypatch):
+  monkeypatch.setitem(objectives.REGISTRY, "scored", f"{__name__}:Scored")
+  source_dir, overrides = source
+  source_state, _ = checkpoint(tiny_config(**overrides), source_dir, 4)
+  settings = {"train.steps": 3, "train.checkpoint_every": 1, "train.debug_nan_steps": "1"}  # checkpoint 1: the start
+  cfg = tiny_config(**overrides, **settings, **{"train.objective": "scored", "train.init_from": str(source_dir)})
+  workdir = tmp_path / "scored"
+  final = train.train(cfg, str(workdir), progress=False)
+  start, _ = checkpoint(cfg, workdir, 1)
+  trunk = {k: v for k, v in source_state.params.items() if k != "head"}  # the LM head is dropped
+  assert tree_equal({k: v for k, v in start.params.items() if k != "score"}, trunk)
+  assert not np.any(start.params["score"]) and "head" not in start.params
+  assert json.loads((workdir / "init_from.json").read_text())["fresh_params"] == ["score"]
+  trained, _ = checkpoint(cfg, workdir, 3)
+  norm = float(np.linalg.norm(trained.params["score"]))
+  assert norm > 0 and final["eval/score_norm"] == pytest.approx(norm)  # it learns from there
+
+
 def test_the_source_must_hold_a_checkpoint_of_the_same_model(source, tmp_path):
   source_dir, overrides = source
   wider = tiny_config(**overrides, **{"train.init_from": str(source_dir), "model.d_model": 64})
-  with pytest.raises(UserError, match=r"the model of .* differs from this run's: embed: \(264, 32\) there"):
+  with pytest.raises(UserError, match=r"do not fit .* shapes differ: embed \(264, 32\) \(want \(264, 64"):
     train.train(wider, str(tmp_path / "wider"), progress=False)
   empty = tmp_path / "empty_run"
   empty.mkdir()

@@ -44,6 +44,11 @@ class Objective:
   def prepare(self) -> None:
     """Prepares and checks the data before the workdir is touched; data a user got wrong is a UserError here."""
 
+  def model_config(self, model_cfg):
+    """The `lm.model.ModelConfig` of the model this objective trains, given the config's: as it is by
+    default; a reward model's sets `head="scalar"`."""
+    return model_cfg
+
   def init_params(self, model, key) -> dict:
     """The trained params as `model.init` returns them (logically boxed): the model's, plus any the
     objective adds (a reward head, boxed with its logical axes so it shards by the same rules)."""
