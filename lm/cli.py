@@ -5,6 +5,8 @@ lm plot DIR [DIR ...] [--out DIR]
 lm bench train [--preset ref] [--config.KEY=VALUE ...]
 lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P ...]
 lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON]
+lm chat --workdir DIR [--system TEXT] [--messages F|- --json] [decoding controls as lm sample]
+lm reward --workdir DIR --file F.jsonl;  lm lora merge --workdir DIR --out DIR2
 lm study --config FILE --workdir DIR   (a chain of dependent runs and steps, then its report)
 lm sweep --config FILE --workdir DIR [--print-commands]; lm scaling fit|plot|report ...; lm bench fit [--table CSV]
 lm plan --config FILE --topology v5p:2x2x4 [--json]   (ahead-of-time compile for a TPU slice: memory, time, cost)
@@ -43,6 +45,21 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
     raise UserError(f"{self.prog}: {message}")
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+  """The decoding controls `lm sample` and `lm chat` share."""
+  p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128, or half the context if less")
+  p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1)")
+  p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set reaching p; 1 is off")
+  p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+  p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style, on every seen token; 1 is off")
+  p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted once per occurrence; 0 is off")
+  p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop at this string (repeatable)")
+  p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+  p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt, decoded as one batch")
+  p.add_argument("--json", action="store_true", help="print one JSON line: texts and per-token log-probs")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -86,18 +103,23 @@ def make_parser() -> argparse.ArgumentParser:
   prompt = p.add_mutually_exclusive_group(required=True)
   prompt.add_argument("--prompt", help="the text to complete")
   prompt.add_argument("--prompt-file", help="read the prompt from this file")
-  p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128, or half the context if less")
-  p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1)")
-  p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 is off")
-  p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set reaching p; 1 is off")
-  p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-  p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style, on every seen token; 1 is off")
-  p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted once per occurrence; 0 is off")
-  p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop at this string (repeatable)")
-  p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-  p.add_argument("--num-samples", type=int, default=1, help="completions of the prompt, decoded as one batch")
-  p.add_argument("--json", action="store_true", help="print one JSON line: texts and per-token log-probs")
+  add_decoding_flags(p)
   p.add_argument("--truncate", choices=["none", "left"], default="none", help="left: keep a long prompt's end")
+  p = sub.add_parser("chat", help="talk to a run in the terminal, or reply once to messages as JSON")
+  p.add_argument("--workdir", required=True, help="run directory: its newest checkpoint and its tokenizer")
+  p.add_argument("--system", default=None, help="a system prompt that opens the conversation")
+  p.add_argument("--messages", default=None, metavar="F|-", help="one-shot: a JSON list of messages (file or stdin)")
+  add_decoding_flags(p)
+
+  p = sub.add_parser("reward", help="score conversations or pairs with a reward-model run; prints JSON lines")
+  p.add_argument("--workdir", required=True, help="a run trained with train.objective=reward")
+  p.add_argument("--file", required=True, help="JSONL of conversations or preference pairs")
+
+  p = sub.add_parser("lora", help="LoRA runs")
+  p.add_argument("what", choices=["merge"])
+  p.add_argument("--workdir", required=True, help="a run trained with model.lora_rank > 0")
+  p.add_argument("--out", required=True, help="a new run directory: the adapters folded into plain weights")
+
   p = sub.add_parser("study", help="run the stages of an experiment's get_study() in order, then its report")
   p.add_argument("--config", required=True, help="study file defining get_study(workdir) (and get_report)")
   p.add_argument("--workdir", required=True, help="study directory: one sub-directory per stage, report/")
@@ -150,6 +172,18 @@ def run(argv: list[str]) -> int:
     from lm import bench  # noqa: PLC0415
 
     bench.main(args, overrides)
+  elif args.command == "chat":
+    from lm import chat_cli  # noqa: PLC0415
+
+    chat_cli.main(args)
+  elif args.command == "reward":
+    from lm import reward_cli  # noqa: PLC0415
+
+    reward_cli.main(args)
+  elif args.command == "lora":
+    from lm import lora  # noqa: PLC0415
+
+    lora.merge_run(args.workdir, args.out)
   elif args.command == "sample":
     from lm import sample_cli  # noqa: PLC0415
 

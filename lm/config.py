@@ -16,6 +16,8 @@ import ml_collections
 
 from lm.errors import UserError
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the projections LoRA may adapt
+
 
 def default_config() -> ml_collections.ConfigDict:
   """All keys with their defaults: a ~1M-parameter model on the standard library, 200 steps."""
@@ -35,6 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.z_loss = 0.0  # weight of log(Z)^2, as in PaLM; 0 disables it
   c.model.scan_layers = False
   c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
+  c.model.lora_rank = 0  # > 0: LoRA adapters of this rank; only they train (lm.lora)
+  c.model.lora_alpha = 16.0  # adapters scale by lora_alpha / lora_rank
+  c.model.lora_targets = LORA_TARGETS  # the projections adapted
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"
@@ -50,6 +55,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.shuffle = "global"  # global: every epoch's packed rows in a random order | window: streamed, shuffle_window
   c.data.shuffle_window = 1024  # window: packed train rows shuffled together (over all shards)
   c.data.shards = 0  # train-data shards, fixed for a run's life; 0: its first start's process count
+  # Post-training data (lm.data.post): conversations (objective lm: SFT) or preference pairs (reward, dpo), as
+  # jsonl:GLOB or tfds:NAME; when set it replaces data.source. Held out: data.eval_fraction by a hash, or:
+  c.data.post_source = ""
+  c.data.post_eval_source = ""  # a separate eval file instead of the hash split
+  c.data.overlong = "truncate"  # an example longer than data.seq_len: truncate | drop | error
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # sentencepiece | byte
@@ -77,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   # A new run starts from another: DIR (a run directory) gives the params of its newest good checkpoint, the
   # optimizer and step starting fresh; DIR/checkpoints/STEP continues that state exactly (a cooldown branch).
   c.train.init_from = ""
+  c.train.loss_on = "assistant"  # SFT: the loss counts assistant turns (assistant), the last one (last), or all
   c.train.sample_prompts = ()  # texts completed at every eval, logged as samples/i; empty: no samples
   c.train.sample_tokens = 32  # new tokens per sample (a prompt too long for the context keeps its end)
   c.train.sample_temperature = 0.0  # 0: greedy
@@ -96,6 +107,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.clip_norm = 1.0  # 0 disables clipping
   c.optim.grad_accum_steps = 1
+
+  c.reward = ml_collections.ConfigDict()  # objective reward: Bradley-Terry on preference pairs
+  c.reward.center_coef = 0.0  # weight of the reward-centering term mean((r_chosen + r_rejected)^2)
+
+  c.dpo = ml_collections.ConfigDict()  # objective dpo
+  c.dpo.beta = 0.1
+  c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo | hinge
+  c.dpo.label_smoothing = 0.0  # sigmoid only: the assumed share of flipped labels (cDPO)
+  c.dpo.reference = "step"  # the reference log-probs: computed in each step, or "precomputed" once per example
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: whatever devices the other axes leave
@@ -297,6 +317,29 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   debug_nan_steps(cfg)
   if t.init_from != t.init_from.strip():
     raise UserError(f"train.init_from must be a run directory or DIR/checkpoints/STEP, got {t.init_from!r}")
+  if m.lora_rank < 0 or m.lora_alpha <= 0:
+    raise UserError(f"model.lora_rank must be >= 0 and model.lora_alpha > 0, got {m.lora_rank}, {m.lora_alpha}")
+  bad = set(m.lora_targets) - set(LORA_TARGETS)
+  if m.lora_rank and (bad or not m.lora_targets):
+    raise UserError(f"model.lora_targets must be a non-empty subset of {LORA_TARGETS}, got {tuple(m.lora_targets)}")
+  if d.overlong not in ("truncate", "drop", "error"):
+    raise UserError(f"data.overlong must be 'truncate', 'drop' or 'error', got {d.overlong!r}")
+  if t.loss_on not in ("assistant", "last", "all"):
+    raise UserError(f"train.loss_on must be 'assistant', 'last' or 'all', got {t.loss_on!r}")
+  if d.post_eval_source and not d.post_source:
+    raise UserError("data.post_eval_source needs data.post_source")
+  if cfg.dpo.beta <= 0 or not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+    raise UserError(
+      f"dpo.beta must be > 0 and dpo.label_smoothing in [0, 0.5), got {cfg.dpo.beta}, {cfg.dpo.label_smoothing}"
+    )
+  if cfg.dpo.loss not in ("sigmoid", "ipo", "hinge"):
+    raise UserError(f"dpo.loss must be 'sigmoid', 'ipo' or 'hinge', got {cfg.dpo.loss!r}")
+  if cfg.dpo.label_smoothing and cfg.dpo.loss != "sigmoid":
+    raise UserError(f"dpo.label_smoothing applies to dpo.loss 'sigmoid' only, not {cfg.dpo.loss!r}")
+  if cfg.dpo.reference not in ("step", "precomputed"):
+    raise UserError(f"dpo.reference must be 'step' or 'precomputed', got {cfg.dpo.reference!r}")
+  if cfg.reward.center_coef < 0:
+    raise UserError(f"reward.center_coef must be >= 0, got {cfg.reward.center_coef}")
   from lm import objectives  # noqa: PLC0415 (import-light: the registry holds names)
 
   objectives.check(cfg)

@@ -26,12 +26,12 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from lm.config import LORA_TARGETS  # by parameter name: attention q, k, v, o and the SwiGLU MLP's three
+
 Array = jax.Array
 
 
 HEADS = ("lm", "scalar")
-# The projections LoRA can adapt, by parameter name: attention q, k, v, o and the SwiGLU MLP's three.
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 LORA_A, LORA_B = "_lora_a", "_lora_b"  # an adapter's parameters are its target's name with these suffixes
 
 
@@ -80,9 +80,9 @@ class ModelConfig:
       norm_eps=m.norm_eps,
       scan_layers=m.scan_layers,
       remat=m.remat,
-      lora_rank=m.get("lora_rank", 0),
-      lora_alpha=m.get("lora_alpha", 16.0),
-      lora_targets=tuple(m.get("lora_targets", LORA_TARGETS)),
+      lora_rank=m.lora_rank,
+      lora_alpha=m.lora_alpha,
+      lora_targets=tuple(m.lora_targets),
     )
 
 
