@@ -6,23 +6,22 @@
 Budgets 1e12, 2.2e12 and 5e12 training FLOPs (`6N+attn`, the training loop's convention) x 4 models of 2
 to 5 layers of width 12 x n_layers with 12-wide heads (2.0e4 to 2.3e5 parameters, N = blocks + head),
 batch 32 x 128 bytes, lr 2e-3 at d_model 128 scaled as 1/d_model, warmup N tokens (at most a fifth of the
-shortest run of a size). Train rows are shuffled in windows of 32768 rows (4.2M bytes): the standard
-library's largest file (pydoc_data/topics.py, 757 kB of English prose) otherwise fills whole stretches of
-batches, and a small model's eval loss on code rose and fell by 0.2 nats as it went by. The eval set is 64
-batches (262k bytes, most of the validation split).
+shortest run of a size). Train rows are shuffled globally; the eval set is 64 batches (262k bytes) of rows
+drawn at random from the 5% of files held out by a hash of their paths, with the docstrings beside it.
 Cooldown branching (Hägele et al. 2024): per size, one WSD run for the largest budget; the two smaller
 budgets branch off it for their last 20% of steps, so the 12 results cost 4 x (5 + 0.2 x (1 + 2.2)) =
 22.6e12 FLOPs instead of 32.8e12.
-Measured (2026-11-23, 2 CPU cores, otherwise idle but for two 20-second benchmarks): the sweep took 1867 s
-(31.1 min) and `lm scaling report` 23 s. Compute: the 12 runs stand for 3.28e13 FLOPs, the sweep spent
-2.26e13 (31.2% saved by the 8 cooldown branches). The IsoFLOP minima move from N = 4.0e4 at 1e12 FLOPs to
-6.7e4 at 2.2e12 and 1.6e5 at 5e12, all inside the sampled sizes.
-Fitted (runs/isoflop_cpu/report/report.md, 1,000 bootstrap resamples, 95% intervals):
-  Approach 2 (IsoFLOP parabolas): a = 0.865 [0.575, 1.18], b = 0.202 [-0.091, 0.472]
-  Approach 3 (parametric, Huber on log loss): a = 0.723 [0.552, 0.865], b = 0.277 [0.135, 0.448]
-    (E = 0.659, A = 13.5, B = 12343, alpha = 0.273, beta = 0.715; objective 4.06e-5, 9 of 4,500 starts
+Measured (2026-12-03, 2 CPU cores, shared with test jobs for part of the time): the sweep took 1849 s
+(30.8 min) and `lm scaling report` 15 s. The IsoFLOP minima move from N = 3.9e4 at 1e12 FLOPs to 6.0e4 at
+2.2e12 and 1.27e5 at 5e12, all inside the sampled sizes.
+Fitted, every approach under C = 6N+attn (runs/isoflop_cpu/report/report.md, 1,000 bootstrap resamples,
+95% intervals):
+  Approach 2 (IsoFLOP parabolas): a = 0.730 [0.486, 0.956], b = 0.327 [0.118, 0.552]
+  Approach 3 (parametric, Huber on log loss): a = 0.753 [0.467, 0.867], b = 0.307 [0.202, 0.570]
+    (E = 0.712, A = 12.7, B = 6065, alpha = 0.280, beta = 0.667; objective 4.11e-5, 9 of 4,500 starts
     in the best basin)
   Approach 1 (lower envelope of 3 budgets): a = 0.491 [-0.006, 1.52], too wide to say anything.
+  On the docstrings (--loss-column loss_docstrings): a = 0.667 (Approach 2), 0.605 (Approach 3).
 Parameters grow faster than tokens at this scale, as in Kaplan et al. 2020 (a = 0.73) rather than
 Hoffmann et al. 2022 (a = 0.50); one fixed batch size and an lr rule not tuned per size are among the
 choices Porian et al. 2024 found to steepen a. Three budgets within a factor of 5 leave wide intervals.
