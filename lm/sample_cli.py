@@ -1,6 +1,8 @@
 """`lm sample`: completes a prompt with the newest checkpoint of a run, streaming the text or printing JSON.
 
-The engine is `lm.sampling`; this module opens the run (`lm.workdir.load_params`) and prints.
+The engine is `lm.sampling`; this module opens the run (`lm.workdir.load_params`) and prints. `lm chat`
+(`lm.chat_cli`) shares its pieces: the decoding flags as requests, a run's sampler, the streaming printer
+and tokens as JSON.
 """
 
 import dataclasses
@@ -8,9 +10,10 @@ import json
 import sys
 from collections.abc import Iterator
 
+from lm import state
 from lm import workdir as workdir_lib
 from lm.errors import UserError
-from lm.sampling import Progress, Sampler, SamplingParams, encode_prompt, finish, token_texts
+from lm.sampling import Generation, Progress, Sampler, SamplingParams, encode_prompt, finish, token_texts
 from lm.tokenizer import BOS_ID, EOS_ID
 
 
@@ -21,6 +24,45 @@ def _shown(text: str, request: SamplingParams, final: bool) -> str:
   text = text.rstrip("\ufffd")
   held = max((k for s in request.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
   return text[: len(text) - held]
+
+
+def requests_from_flags(args, context: int, stop_tokens: tuple[int, ...] = ()) -> list[SamplingParams]:
+  """The decoding flags (`lm.cli.add_decoding_flags`) -> one checked request per sample, sample i with seed
+  `--seed` + i; `stop_tokens` are ids that end a sample besides EOS. `context` is the run's (data.seq_len)."""
+  if args.num_samples < 1:
+    raise UserError(f"num_samples must be at least 1, got {args.num_samples}")
+  base = SamplingParams(
+    max_new_tokens=min(128, context // 2) if args.max_new_tokens is None else args.max_new_tokens,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    min_p=args.min_p,
+    repetition_penalty=args.repetition_penalty,
+    frequency_penalty=args.frequency_penalty,
+    stop_tokens=tuple(stop_tokens),
+    stop_strings=tuple(args.stop),
+    seed=args.seed,
+  )
+  requests = [dataclasses.replace(base, seed=args.seed + i) for i in range(args.num_samples)]
+  for r in requests:
+    r.validate(context)
+  return requests
+
+
+def load_sampler(workdir: str) -> tuple[Sampler, dict, state.Setup]:
+  """(sampler, params, setup) of the newest checkpoint of a run: a sampler of its model with its context
+  (data.seq_len) and tokenizer. Sample inside `setup.context()`, so the params' sharding is the run's."""
+  cfg, tok, setup, params = workdir_lib.load_params(workdir)
+  return Sampler.for_model(setup.model, cfg.data.seq_len, tok), params, setup
+
+
+def token_records(tok, generation: Generation) -> list[dict]:
+  """A generation's tokens as JSON: [{"id", "text" (its share of the text), "logprob"}]."""
+  pieces = token_texts(tok, generation.tokens, generation.text)
+  return [
+    {"id": t, "text": piece, "logprob": lp}
+    for t, piece, lp in zip(generation.tokens, pieces, generation.logprobs, strict=True)
+  ]
 
 
 def main(args) -> None:
@@ -35,50 +77,27 @@ def main(args) -> None:
       raise UserError(f"cannot read prompt file {args.prompt_file}: {getattr(e, 'strerror', None) or e}") from None
   else:
     text = args.prompt
-  if args.num_samples < 1:
-    raise UserError(f"num_samples must be at least 1, got {args.num_samples}")
-  base = SamplingParams(
-    max_new_tokens=min(128, context // 2) if args.max_new_tokens is None else args.max_new_tokens,
-    temperature=args.temperature,
-    top_k=args.top_k,
-    top_p=args.top_p,
-    min_p=args.min_p,
-    repetition_penalty=args.repetition_penalty,
-    frequency_penalty=args.frequency_penalty,
-    stop_strings=tuple(args.stop),
-    seed=args.seed,
-  )
-  requests = [dataclasses.replace(base, seed=args.seed + i) for i in range(args.num_samples)]
-  for r in requests:
-    r.validate(context)
-  ids = encode_prompt(tok, text, context, base.max_new_tokens, args.truncate)
-  _, _, setup, params = workdir_lib.load_params(args.workdir)
-  sampler = Sampler.for_model(setup.model, context, tok)
+  requests = requests_from_flags(args, context)
+  ids = encode_prompt(tok, text, context, requests[0].max_new_tokens, args.truncate)
+  sampler, params, setup = load_sampler(args.workdir)
   prompts = [ids] * len(requests)
   with setup.context():
     if args.json:
       generations = sampler.generate(params, prompts, requests)
       samples = [
-        {
-          "text": g.text,
-          "finish_reason": g.finish_reason,
-          "seed": r.seed,
-          "tokens": [
-            {"id": t, "text": piece, "logprob": lp}
-            for t, piece, lp in zip(g.tokens, token_texts(tok, g.tokens, g.text), g.logprobs, strict=True)
-          ],
-        }
+        {"text": g.text, "finish_reason": g.finish_reason, "seed": r.seed, "tokens": token_records(tok, g)}
         for r, g in zip(requests, generations, strict=True)
       ]
       truncated = ids[0] != BOS_ID  # cutting a prompt drops its BOS
       record = {"prompt": tok.decode(ids), "prompt_tokens": len(ids), "truncated": truncated, "samples": samples}
       print(json.dumps(record))
       return
-    _print_stream(sampler.stream(params, prompts, requests), tok, tok.decode(ids), requests)
+    print_stream(sampler.stream(params, prompts, requests), tok, tok.decode(ids), requests)
 
 
-def _print_stream(progress: Iterator[Progress], tok, prompt: str, requests: list[SamplingParams]) -> None:
-  """Prints each sample (prompt, then completion) as its tokens arrive, one sample after another."""
+def print_stream(progress: Iterator[Progress], tok, prompt: str, requests: list[SamplingParams]) -> Progress:
+  """Prints each sample (prompt, then completion, then a newline) as its tokens arrive, one sample after
+  another, with a header line each if there are several; returns the last progress (every row finished)."""
   out, current, printed = sys.stdout, 0, ""
 
   def start(i):
@@ -101,3 +120,4 @@ def _print_stream(progress: Iterator[Progress], tok, prompt: str, requests: list
       if current < len(requests):
         start(current)
     out.flush()
+  return p

@@ -140,7 +140,7 @@ def test_streamed_text_arrives_in_pieces_one_sample_after_another(monkeypatch):
       writes.append(self.getvalue())
 
   monkeypatch.setattr("sys.stdout", Recorder())
-  sample_cli._print_stream(iter(steps), tok, "P:", requests)
+  sample_cli.print_stream(iter(steps), tok, "P:", requests)
   assert writes == [
     "=== sample 1 of 2 (seed 3) ===\nP:ab",
     "=== sample 1 of 2 (seed 3) ===\nP:ab\n=== sample 2 of 2 (seed 4) ===\nP:xyz",
