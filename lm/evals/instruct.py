@@ -1,0 +1,232 @@
+"""The post-training chain's evaluations on the instruction world (`lm.worlds.instructions`).
+
+Each function opens the newest checkpoint of its runs, returns a dict of numbers (a `lm study` step's
+result) and, given `out_dir`, writes what it judged to `out_dir/samples.jsonl`, one line per example:
+- `chat_accuracy`: exact-match accuracy (`instructions.score`) of a run's replies, overall and per task
+  (`accuracy/TASK`), greedy by default;
+- `win_rate`: how often run a's reply beats run b's under the world's hidden preference
+  (`instructions.judge`, ties half), sampled at temperature 1 by default (the world's docstring says why);
+- `reward_accuracy`: how often a reward model scores a held-out pair's chosen reply above its rejected one
+  (ties half, as `lm.preference` counts them).
+
+A reply answers the example's prompt as the one user message, rendered with a generation prompt
+(`lm.chat.render`), and ends at `<|end|>` (or EOS), or after `max_new_tokens` or when the context
+(data.seq_len) is full, whichever comes first. Example i samples with seed `seed` + i, so its reply does
+not depend on the batch it is in (`lm.sampling`): prompts go through the sampler `batch_size` at a time,
+the last batch padded with copies of its first prompt so every batch has the same size.
+`prompts_per_second` is the whole sampling's rate, compilation included.
+"""
+
+import dataclasses
+import functools
+import json
+import time
+
+import jax
+import numpy as np
+from etils import epath
+
+from lm import chat, sample_cli
+from lm import model as model_lib
+from lm import workdir as workdir_lib
+from lm.data import post
+from lm.errors import UserError
+from lm.sampling import Generation, SamplingParams
+from lm.worlds import instructions
+
+MAX_NEW_TOKENS = 64  # the world's longest reply is 44 bytes, then <|end|>
+
+
+def chat_prompt(tok, example: instructions.Example) -> list[int]:
+  """The prompt ids of an example: its prompt as the one user message, then `<|assistant|>`."""
+  return chat.render(tok, [{"role": "user", "content": example.prompt}], generation_prompt=True)[0]
+
+
+def replies(
+  run_dir, examples: list[instructions.Example], max_new_tokens: int, temperature: float, seed: int, batch_size: int
+) -> tuple[list[Generation], float]:
+  """(the run's reply to each example, prompts per second), as the module docstring says."""
+  if batch_size < 1:
+    raise UserError(f"batch_size must be at least 1, got {batch_size}")
+  sampler, params, setup = sample_cli.load_sampler(str(run_dir))
+  tok, context = sampler.tokenizer, sampler.context
+  base = SamplingParams(max_new_tokens, temperature, stop_tokens=chat.stop_tokens(tok))
+  base.validate()
+  prompts = [chat_prompt(tok, e) for e in examples]
+  requests = []
+  for i, ids in enumerate(prompts):
+    if len(ids) >= context:
+      raise UserError(f"{run_dir}: example {i}'s prompt is {len(ids)} tokens, the whole context of {context}")
+    requests.append(dataclasses.replace(base, max_new_tokens=min(max_new_tokens, context - len(ids)), seed=seed + i))
+  batch_size = min(batch_size, len(prompts))
+  generations, start = [], time.perf_counter()
+  with setup.context():
+    for lo in range(0, len(prompts), batch_size):
+      batch, batch_requests = prompts[lo : lo + batch_size], requests[lo : lo + batch_size]
+      pad = batch_size - len(batch)
+      out = sampler.generate(params, batch + batch[:1] * pad, batch_requests + batch_requests[:1] * pad)
+      generations += out[: len(batch)]
+  return generations, len(prompts) / (time.perf_counter() - start)
+
+
+def read_examples(eval_path, n: int | None) -> list[instructions.Example]:
+  """The first `n` (all if None) examples of an eval.jsonl file (`instructions.write_world`)."""
+  if n is not None and n < 1:
+    raise UserError(f"n must be at least 1, got {n}")
+  try:
+    examples = instructions.read_examples(eval_path)
+  except FileNotFoundError:
+    raise UserError(f"no examples file {eval_path}") from None
+  if not examples:
+    raise UserError(f"{eval_path} holds no examples")
+  return examples[:n]
+
+
+def write_samples(out_dir, rows: list[dict]) -> None:
+  """`out_dir/samples.jsonl`, one JSON object per row; nothing without `out_dir`."""
+  if out_dir is not None:
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(out_dir) / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def shares(examples: list[instructions.Example], texts: list[str]) -> dict[str, float]:
+  """{"accuracy": the share of correct replies, "preferred_style": the share in the world's preferred style}."""
+  return {
+    "accuracy": float(np.mean([instructions.score(e, t) for e, t in zip(examples, texts, strict=True)])),
+    "preferred_style": float(np.mean([instructions.parse(t)[0] == instructions.PREFERRED_STYLE for t in texts])),
+  }
+
+
+def chat_accuracy(
+  run_dir,
+  eval_path,
+  n: int | None = None,
+  max_new_tokens: int = MAX_NEW_TOKENS,
+  temperature: float = 0.0,
+  seed: int = 0,
+  batch_size: int = 64,
+  out_dir=None,
+) -> dict[str, float]:
+  """Exact-match accuracy of the run in `run_dir` on the first `n` examples of `eval_path` (all if None).
+
+  Returns {"accuracy", "n", "accuracy/TASK" for each task present, "ended_turn" (the share of replies that
+  ended with <|end|> or EOS rather than at the length limit), "preferred_style" (the share in the world's
+  preferred answer style), "prompts_per_second"}. samples.jsonl: {task, prompt, answer, reply, correct,
+  ended_turn}.
+  """
+  examples = read_examples(eval_path, n)
+  generations, rate = replies(run_dir, examples, max_new_tokens, temperature, seed, batch_size)
+  correct = [instructions.score(e, g.text) for e, g in zip(examples, generations, strict=True)]
+  by_task = {}
+  for e, right in zip(examples, correct, strict=True):
+    by_task.setdefault(e.task, []).append(right)
+  write_samples(
+    out_dir,
+    [
+      {
+        "task": e.task,
+        "prompt": e.prompt,
+        "answer": e.answer,
+        "reply": g.text,
+        "correct": right,
+        "ended_turn": g.finish_reason == "stop",
+      }
+      for e, g, right in zip(examples, generations, correct, strict=True)
+    ],
+  )
+  return {
+    **shares(examples, [g.text for g in generations]),
+    "n": len(examples),
+    **{f"accuracy/{task}": float(np.mean(rights)) for task, rights in sorted(by_task.items())},
+    "ended_turn": float(np.mean([g.finish_reason == "stop" for g in generations])),
+    "prompts_per_second": rate,
+  }
+
+
+def win_rate(
+  run_a,
+  run_b,
+  eval_path,
+  n: int | None = None,
+  max_new_tokens: int = MAX_NEW_TOKENS,
+  temperature: float = 1.0,
+  seed: int = 0,
+  batch_size: int = 64,
+  out_dir=None,
+) -> dict[str, float]:
+  """How often run a's reply beats run b's on the first `n` examples of `eval_path` (all if None), judged by the
+  world's hidden preference (`instructions.judge`: correct first, then the preferred style; ties half).
+
+  Both runs sample with the same seeds. Returns {"win_rate", "n", "accuracy_a", "accuracy_b",
+  "preferred_style_a", "preferred_style_b"}. samples.jsonl: {task, prompt, answer, reply_a, reply_b, judge}.
+  """
+  examples = read_examples(eval_path, n)
+  texts = {}
+  for name, run in (("a", run_a), ("b", run_b)):
+    generations, _ = replies(run, examples, max_new_tokens, temperature, seed, batch_size)
+    texts[name] = [g.text for g in generations]
+  judged = [instructions.judge(e, a, b) for e, a, b in zip(examples, texts["a"], texts["b"], strict=True)]
+  write_samples(
+    out_dir,
+    [
+      {"task": e.task, "prompt": e.prompt, "answer": e.answer, "reply_a": a, "reply_b": b, "judge": j}
+      for e, a, b, j in zip(examples, texts["a"], texts["b"], judged, strict=True)
+    ],
+  )
+  result = {"win_rate": instructions.win_rate(examples, texts["a"], texts["b"]), "n": len(examples)}
+  for name in ("a", "b"):
+    result |= {f"{key}_{name}": value for key, value in shares(examples, texts[name]).items()}
+  return result
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _rewards(model, params, batch: dict) -> jax.Array:
+  """A scalar-head model's reward of each row of a batch, read at the row's last real token -> [B]."""
+  scores_BxT = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+  return model_lib.last_token(scores_BxT, batch["segment_ids"])
+
+
+def reward_accuracy(rm_run_dir, pairs_path, n: int | None = None, batch_size: int = 64, out_dir=None) -> dict:
+  """The share of the first `n` pairs of `pairs_path` (a JSONL file of preference pairs, `lm.data.post`'s
+  forms; all if None) whose chosen reply the reward model in `rm_run_dir` scores above the rejected one,
+  a tie counting half.
+
+  Pairs are rendered and cut as the run's training data is (data.seq_len, data.overlong), in batches of
+  `batch_size` rows (two per pair). Returns {"accuracy", "n" (pairs scored), "margin" (the mean reward of
+  chosen minus rejected), "dropped" (pairs `overlong="drop"` left out)}. samples.jsonl: {where,
+  reward_chosen, reward_rejected} for each pair scored, `where` its PATH:LINE.
+  """
+  if batch_size < 2 or batch_size % 2:
+    raise UserError(f"batch_size must be a positive even number (rows of pairs), got {batch_size}")
+  if n is not None and n < 1:
+    raise UserError(f"n must be at least 1, got {n}")
+  cfg, tok, setup, params = workdir_lib.load_params(str(rm_run_dir))
+  if setup.model.cfg.head != "scalar":
+    raise UserError(f"{rm_run_dir} is not a reward model: its model's head is {setup.model.cfg.head!r}, not 'scalar'")
+  records = post.read_records(cfg, f"jsonl:{pairs_path}")[:n]
+  if not records:
+    raise UserError(f"{pairs_path} holds no pairs")
+  kept, examples = [], []
+  for record in records:  # one at a time, so each example is known by its record
+    data = post.tokenize(tok, [record], [post.pair(record)], "preference", cfg.data.seq_len, overlong=cfg.data.overlong)
+    kept += [record.where] * len(data.examples)
+    examples += data.examples
+  if not examples:
+    raise UserError(f"every pair of {pairs_path} was dropped (longer than data.seq_len + 1 with data.overlong=drop)")
+  eval_set = post.make_eval_set(post.Dataset("preference", cfg.data.seq_len, examples), batch_size)
+  with setup.context():
+    rewards = np.concatenate([np.asarray(_rewards(setup.model, params, b)) for b in eval_set.batches])
+  chosen, rejected = rewards[0 : 2 * len(examples) : 2], rewards[1 : 2 * len(examples) : 2]
+  write_samples(
+    out_dir,
+    [
+      {"where": where, "reward_chosen": float(c), "reward_rejected": float(r)}
+      for where, c, r in zip(kept, chosen, rejected, strict=True)
+    ],
+  )
+  return {
+    "accuracy": float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected))),
+    "n": len(examples),
+    "margin": float(np.mean(chosen - rejected)),
+    "dropped": len(records) - len(examples),
+  }
