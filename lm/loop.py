@@ -99,16 +99,17 @@ def run(
 
   `batches` gives this process's batches and is checkpointed with the state; `meta` goes into every
   checkpoint. `final["stopped_by"]` names the signal that ended the run early, after a committed
-  checkpoint; `final["step"]` is the batches consumed.
+  checkpoint; `final["step"]` is the batches consumed. Tokens (the metrics' token axis, tokens_per_s, MFU)
+  are the positions a step computes, `train.batch_size` rows x `data.seq_len`: padding counts, and so do both
+  rows of a preference pair; FLOPs per token are the objective's (`Objective.flops_per_token`).
   """
   from tqdm import tqdm  # noqa: PLC0415
 
   cfg = setup.cfg
   t = cfg.train
   lead = distributed.is_lead()
-  tokens_per_step = t.batch_size * cfg.data.seq_len
-  flops_per_token = flops_lib.flops_per_token(setup.model_cfg, cfg.data.seq_len, t.flops_convention)
-  computed_per_token = flops_lib.flops_per_token_computed(setup.model_cfg, cfg.data.seq_len)
+  tokens_per_step = t.batch_size * cfg.data.seq_len  # positions, padding and both rows of a preference pair included
+  flops_per_token, computed_per_token = setup.objective.flops_per_token(setup.model_cfg)
   last_step = optim.run_steps(cfg, setup.model_cfg)  # the schedule's length too
   if t.stop_at_step:  # a stop request, which leaves the schedule as it is
     last_step = min(last_step, t.stop_at_step)

@@ -70,8 +70,8 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[B, T] batch arrays: rows split over every data-parallel device."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+  """Batch arrays, [B, T] or [B] (a preference batch's margins): rows split over every data-parallel device."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -17,7 +17,7 @@ from lm.state import Setup, TrainState
 def make_train_step(setup: Setup):
   """A jitted `(state, batch) -> (state, metrics)`; the loss is the objective's sum over its normaliser.
 
-  With `optim.grad_accum_steps` = A the batch is split into A interleaved microbatches whose summed
+  With `optim.grad_accum_steps` = A the batch is split into A interleaved microbatches (`microbatches`) whose summed
   gradients are divided by the whole batch's normaliser: the same update as one batch. A batch whose
   loss or gradient norm is not finite leaves params, optimizer state and `step` as they were and counts
   in `skipped_steps` and `nonfinite_streak` (also returned as metrics). Every batch, skipped or not,
@@ -41,7 +41,7 @@ def make_train_step(setup: Setup):
     if accum == 1:
       grads, (normaliser, sums) = grad_fn(state.params, batch, step_key, state.frozen)
     else:
-      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+      micro = jax.tree.map(lambda x: microbatches(x, accum, setup.objective.rows_per_example), batch)
 
       def body(carry, indexed):
         i, microbatch = indexed
@@ -93,3 +93,10 @@ def make_train_step(setup: Setup):
     out_shardings=(setup.state_shardings, partitioning.replicated(setup.mesh)),
     donate_argnums=(0,),
   )
+
+
+def microbatches(x_B: jax.Array, accum: int, group: int = 1) -> jax.Array:
+  """[B, ...] -> [A = accum, B / A, ...]: microbatch i holds the groups of `group` consecutive rows i, i + accum,
+  i + 2 accum, ... (a preference pair's two rows stay together), so each takes rows from every data shard."""
+  x_AxNxG = x_B.reshape(x_B.shape[0] // (accum * group), accum, group, *x_B.shape[1:]).swapaxes(0, 1)
+  return x_AxNxG.reshape(accum, x_B.shape[0] // accum, *x_B.shape[1:])

@@ -67,6 +67,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
       state, first = restored.state, restored.step
       batches.set_state(restored.data_state)
     del start, restored  # the source's params live on in the state alone
+    objective.begin(setup, state, batches, first)  # e.g. DPO's reference log-probs, from the starting params
     evaluate = objective.evaluator(setup, tok, batches, first)
     hooks = [loop.Hook(cfg.train.eval_every, lambda step, s: evaluate(s.params))]
     return loop.run(setup, state, first, train_step, batches, ckpt, path, meta, hooks, progress)

@@ -96,3 +96,37 @@ def text_corpus(tmp_path):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("LM_DATA_DIR", str(tmp_path / "tfds_cache"))
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def write_conversations(path, n: int, seed: int = 0) -> str:
+  """`n` conversations as JSONL: the user says 8 random letters (noise), the assistant always replies "yes".
+
+  Returns the `jsonl:` source.
+  """
+  rng = np.random.default_rng(seed)
+  lines = []
+  for _ in range(n):
+    noise = "".join(rng.choice(list(LETTERS), 8))
+    messages = [{"role": "user", "content": noise}, {"role": "assistant", "content": "yes"}]
+    lines.append(json.dumps({"messages": messages}))
+  path.write_text("\n".join(lines) + "\n")
+  return f"jsonl:{path}"
+
+
+def write_pairs(path, n: int, seed: int = 0) -> str:
+  """`n` preference pairs as JSONL (TRL's standard form) with a learnable rule: to a prompt of 3-5 random letters,
+  the chosen reply is 3-5 random vowels, the rejected one 3-5 random consonants. Returns the `jsonl:` source."""
+  rng = np.random.default_rng(seed)
+  vowels, consonants = list("aeiou"), [c for c in LETTERS if c not in "aeiou"]
+
+  def word(letters):
+    return "".join(rng.choice(list(letters), int(rng.integers(3, 6))))
+
+  lines = [
+    json.dumps({"prompt": word(LETTERS), "chosen": word(vowels), "rejected": word(consonants)}) for _ in range(n)
+  ]
+  path.write_text("\n".join(lines) + "\n")
+  return f"jsonl:{path}"

@@ -144,9 +144,11 @@ class EvalSet:
   documents: int  # documents the set's inputs hold tokens of
 
 
-def prepare_all(cfg) -> None:
-  """Prepares the train source and every eval source, so that their errors come before a run starts."""
-  corpus_builder.prepare(cfg)
+def prepare_all(cfg, train_source: bool = True) -> None:
+  """Prepares the train source (unless not `train_source`) and every eval source, so that their errors come
+  before a run starts."""
+  if train_source:
+    corpus_builder.prepare(cfg)
   for source, _ in config_lib.eval_sources(cfg).values():
     corpus_builder.prepare(source_config(cfg, source))
 
@@ -158,14 +160,17 @@ def source_config(cfg, source: str):
   return other
 
 
-def make_eval_sets(cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1) -> dict[str, EvalSet]:
-  """The eval sets of a run: '' for the validation split, then each of `data.eval_sources` by name.
+def make_eval_sets(
+  cfg, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1, validation: bool = True
+) -> dict[str, EvalSet]:
+  """The eval sets of a run: '' for the validation split (unless not `validation`), then each of
+  `data.eval_sources` by name.
 
   An eval source holds out its documents as a run training on it would (the same hash, so a
   source made from the training files, like `stdlib_docstrings` beside `stdlib`, holds out the
   same files); `NAME=all:SOURCE` evaluates all of its documents.
   """
-  sets = {"": make_eval_set(cfg, tokenizer, process_index, process_count)}
+  sets = {"": make_eval_set(cfg, tokenizer, process_index, process_count)} if validation else {}
   for name, (source, whole) in config_lib.eval_sources(cfg).items():
     sets[name] = make_eval_set(
       source_config(cfg, source), tokenizer, process_index, process_count, "all" if whole else "validation"

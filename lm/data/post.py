@@ -34,7 +34,9 @@ Batches are in the one batch format (`lm.data.pipeline`: `inputs`, `targets`, `s
 - Preference: a global batch of P pairs is 2P rows, one sequence per row (no packing, padded):
   row 2i is pair i's chosen conversation and row 2i + 1 its rejected one, both rendered from the
   same prompt. `loss_mask` is 1 on the response's targets only (the assistant reply ids and their
-  `<|end|>`). One more key, `margin`: float32 [B], the pair's margin on both of its rows.
+  `<|end|>`). One more key, `margin`: float32 [B], the pair's margin on both of its rows, and, once
+  a DPO run has set its examples' `ref_logps` (reference log-probs computed before training), a key
+  `ref_logps`: float32 [B], each row's.
   The DPO and reward-model losses take a row's sequence log-probability as
   sum(logp(targets) * loss_mask), its reward at its last real token (the last position where
   segment_ids > 0), and pair rows 0::2 (chosen) with rows 1::2 (rejected). A padding row (eval's
@@ -84,6 +86,7 @@ class Example:
 
   sequences: list[tuple[np.ndarray, np.ndarray]]
   margin: float = 0.0
+  ref_logps: tuple[float, ...] | None = None  # a pair's (chosen, rejected) log-probs under a DPO reference
 
 
 @dataclasses.dataclass
@@ -259,6 +262,42 @@ def tokenize(
   return data
 
 
+@dataclasses.dataclass
+class Parsed:
+  """The checked records of a source and their parsed items (conversations or Pairs), split into train and eval."""
+
+  kind: str
+  train: tuple[list[Record], list]
+  eval: tuple[list[Record], list]
+
+
+def parse(cfg, source: str, kind: str, eval_fraction: float = 0.0, eval_source: str = "") -> Parsed:
+  """The records of `kind` from `source`, each checked (a bad one is a UserError naming it), split into train and
+  eval: eval from `eval_source` if given, else the hash split (empty without `eval_fraction`)."""
+  if kind not in KINDS:
+    raise UserError(f"post-training data kind must be one of {', '.join(KINDS)}, got {kind!r}")
+  read = conversation if kind == "sft" else pair
+  records = read_records(cfg, source)
+  if not records:
+    raise UserError(f"post-training data source {source!r} holds no records")
+  items = [read(r) for r in records]
+  if eval_source:
+    eval_records = read_records(cfg, eval_source)
+    return Parsed(kind, (records, items), (eval_records, [read(r) for r in eval_records]))
+  train, held = split(records, items, eval_fraction)
+  return Parsed(kind, *(([records[i] for i in part], [items[i] for i in part]) for part in (train, held)))
+
+
+def tokenize_parsed(
+  tok: Tokenizer, parsed: Parsed, seq_len: int, loss_on: str = "assistant", overlong: str = "truncate"
+) -> tuple[Dataset, Dataset | None]:
+  """(train, eval) Datasets of `parse`'s records; eval None if there are no eval records."""
+  train = tokenize(tok, *parsed.train, parsed.kind, seq_len, loss_on, overlong)
+  if not parsed.eval[0]:
+    return train, None
+  return train, tokenize(tok, *parsed.eval, parsed.kind, seq_len, loss_on, overlong)
+
+
 def load(
   cfg,
   tok: Tokenizer,
@@ -271,24 +310,7 @@ def load(
   eval_source: str = "",
 ) -> tuple[Dataset, Dataset | None]:
   """(train, eval) Datasets of `kind` from `source`: eval from `eval_source` if given, else the hash split or None."""
-  if kind not in KINDS:
-    raise UserError(f"post-training data kind must be one of {', '.join(KINDS)}, got {kind!r}")
-  parse = conversation if kind == "sft" else pair
-  records = read_records(cfg, source)
-  if not records:
-    raise UserError(f"post-training data source {source!r} holds no records")
-  items = [parse(r) for r in records]
-  if eval_source:
-    train = list(range(len(records)))
-    eval_records = read_records(cfg, eval_source)
-    eval_items = [parse(r) for r in eval_records]
-  else:
-    train, held = split(records, items, eval_fraction)
-    eval_records, eval_items = [records[i] for i in held], [items[i] for i in held]
-  train_data = tokenize(tok, [records[i] for i in train], [items[i] for i in train], kind, seq_len, loss_on, overlong)
-  if not eval_records:
-    return train_data, None
-  return train_data, tokenize(tok, eval_records, eval_items, kind, seq_len, loss_on, overlong)
+  return tokenize_parsed(tok, parse(cfg, source, kind, eval_fraction, eval_source), seq_len, loss_on, overlong)
 
 
 def pack(sequences: list[tuple[np.ndarray, np.ndarray]], length: int) -> dict:
@@ -354,16 +376,21 @@ class PairRows:
 
 
 def pair_row(example: Example, which: int, length: int) -> dict:
-  """The row of a pair's chosen (`which` 0) or rejected (1) sequence, with its margin."""
-  return {**pack([example.sequences[which]], length), "margin": np.float32(example.margin)}
+  """The row of a pair's chosen (`which` 0) or rejected (1) sequence, with its margin (and reference log-prob)."""
+  row = {**pack([example.sequences[which]], length), "margin": np.float32(example.margin)}
+  if example.ref_logps is not None:
+    row["ref_logps"] = np.float32(example.ref_logps[which])
+  return row
 
 
 def to_batch(rows: dict) -> dict:
-  """The batch of stacked rows of `pack`: the pipeline's batch, its loss mask the rows' mask of targets, `margin`."""
+  """The batch of stacked rows of `pack`: the pipeline's batch, its loss mask the rows' mask of targets, `margin`
+  and `ref_logps` if the rows have them."""
   batch = pipeline.to_batch(rows)
   batch["loss_mask"] = batch["loss_mask"] * rows["loss_mask"][:, 1:]
-  if "margin" in rows:
-    batch["margin"] = rows["margin"].astype(np.float32)
+  for key in ("margin", "ref_logps"):
+    if key in rows:
+      batch[key] = rows[key].astype(np.float32)
   return batch
 
 
@@ -397,7 +424,7 @@ def make_eval_set(
   """Every example of `data` once, in order (up to `max_batches` batches if > 0): this process's block of batches.
 
   SFT examples are packed as in training, pairs take two rows each; the last batch is padded with
-  empty rows (segment_ids and loss_mask 0, margin 0).
+  empty rows (segment_ids and loss_mask 0, margin and ref_logps 0).
   """
   _check_batch(data, batch_size, process_count)
   if not data.examples:

@@ -19,6 +19,8 @@ from lm.errors import UserError
 
 REGISTRY = {  # train.objective -> "module:class"
   "lm": "lm.objectives.lm:NextToken",
+  "reward": "lm.objectives.reward:Reward",
+  "dpo": "lm.objectives.dpo:DPO",
 }
 
 
@@ -37,6 +39,8 @@ Loss = Callable[[Any, dict, Any, Any], tuple[Any, Any, dict]]
 
 class Objective:
   """The interface, with defaults for what most objectives share; subclasses override the rest."""
+
+  rows_per_example = 1  # rows of a batch that belong together (a preference pair's 2): one microbatch holds them
 
   def __init__(self, cfg: ml_collections.ConfigDict):
     self.cfg = cfg
@@ -74,6 +78,21 @@ class Objective:
   def train_batches(self, tokenizer, process_index: int, process_count: int) -> Batches:
     """This process's train batches. Built before the workdir is written, so their errors come first."""
     raise NotImplementedError
+
+  def begin(self, setup, state, batches: Batches, start: int) -> None:
+    """Called once the state the run trains from exists (initialised, or restored at step `start`), before
+    the first step and `evaluator`. An objective that computes something once from the starting params (DPO's
+    reference log-probs) does it here and keeps it with its `batches`, whose state the checkpoints hold.
+    `state` is read only: the train step donates it. Nothing by default."""
+
+  def flops_per_token(self, model_cfg) -> tuple[float, float]:
+    """(model FLOPs per token under `train.flops_convention`, FLOPs the step computes per token) of a train step,
+    for MFU and the FLOP axis of the metrics. A token is a position of a row, padding included (a preference
+    pair is two rows). One forward and backward pass by default (`lm.flops`)."""
+    from lm import flops  # noqa: PLC0415 (this module stays import-light)
+
+    seq_len, convention = self.cfg.data.seq_len, self.cfg.train.flops_convention
+    return flops.flops_per_token(model_cfg, seq_len, convention), flops.flops_per_token_computed(model_cfg, seq_len)
 
   def evaluator(self, setup, tokenizer, batches: Batches, start: int) -> Callable[[dict], dict]:
     """`evaluate(params) -> {name: float or str}`, run every `train.eval_every` steps and at the end.

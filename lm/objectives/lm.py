@@ -1,9 +1,17 @@
-"""Next-token prediction (`train.objective = "lm"`): pre-training, and SFT on masked batches.
+"""Next-token prediction (`train.objective = "lm"`): pre-training, and supervised fine-tuning (SFT).
 
 The loss is the cross-entropy of every target whose `loss_mask` is 1 (plus `model.z_loss`), summed,
 over the count of those targets. Its evaluation scores the validation split and each eval source
 (loss, perplexity, bits per byte), the next train batches before training on them, the unigram
 baseline once, and completes `train.sample_prompts`.
+
+With `data.post_source` set, the run is SFT: it trains on those conversations instead of `data.source`,
+packed whole into rows (`lm.data.post`), the loss on the assistant tokens `train.loss_on` chooses (the
+chat template's mask). `eval/...` is then the held-out conversations' (`data.eval_fraction` of them by a
+hash, or `data.post_eval_source`), over the same masked tokens; `data.eval_sources` are still scored (the
+forgetting of pre-training text), and so are the next train batches. The unigram baseline is left out: a
+frequency baseline of assistant tokens says little. The data's counts (`data/examples`, `data/truncated`,
+`data/dropped`, and `data/eval_...`) are logged once, with the first evaluation.
 """
 
 import math
@@ -18,13 +26,20 @@ from lm import distributed, partitioning, sampling
 from lm.data import pipeline
 from lm.model import cross_entropy, head_loss
 from lm.objectives import Batches, Objective
+from lm.objectives.posttrain import PostData
 
 
 class NextToken(Objective):
-  """Next-token prediction on the packed batches of `lm.data.pipeline`."""
+  """Next-token prediction on the packed batches of `lm.data.pipeline`, or of `lm.data.post` (SFT)."""
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    self.post = PostData(cfg, "sft") if cfg.data.post_source else None
 
   def prepare(self) -> None:
-    pipeline.prepare_all(self.cfg)
+    pipeline.prepare_all(self.cfg, train_source=self.post is None)
+    if self.post is not None:
+      self.post.prepare()
 
   def make_loss(self, model):
     z_loss = self.cfg.model.z_loss
@@ -45,27 +60,35 @@ class NextToken(Objective):
     return loss
 
   def train_batches(self, tokenizer, process_index: int, process_count: int) -> Batches:
-    return pipeline.make_train_iterator(self.cfg, tokenizer, process_index, process_count)
+    if self.post is None:
+      return pipeline.make_train_iterator(self.cfg, tokenizer, process_index, process_count)
+    self.post.load(tokenizer)
+    return self.post.iterator(process_index, process_count)
 
   def evaluator(self, setup, tokenizer, batches: Batches, start: int):
     cfg = self.cfg
     proc, nproc = jax.process_index(), jax.process_count()
     sharding = partitioning.batch_sharding(setup.mesh)
     eval_step = make_eval_step(setup, tokenizer.token_bytes)
-    local_sets = pipeline.make_eval_sets(cfg, tokenizer, proc, nproc)
+    local_sets = pipeline.make_eval_sets(cfg, tokenizer, proc, nproc, validation=self.post is None)
+    if self.post is not None:
+      local_sets = {"": self.post.eval_set(proc, nproc), **local_sets}
     eval_sets = {n: [pipeline.global_batch(b, sharding) for b in s.batches] for n, s in local_sets.items()}
     sizes = describe_eval_sets(cfg, local_sets)
     lookahead = None
     if cfg.train.eval_next_train_batches:
-      lookahead = pipeline.make_train_iterator(cfg, tokenizer, proc, nproc)
-    baseline = None
-    if start < cfg.train.eval_every:  # the first eval, which logs the baseline, is still to come
+      lookahead = self.train_batches_again(tokenizer, proc, nproc)
+    once = {}  # logged with the first eval, if it is still to come
+    if start < cfg.train.eval_every and self.post is None:
       sample = pipeline.make_train_iterator(cfg, tokenizer, proc, nproc)
       baseline = unigram_loss((next(sample) for _ in range(32)), local_sets[""].batches, tokenizer.vocab_size)
+      once["eval/unigram_loss"] = baseline
+    if start < cfg.train.eval_every and self.post is not None:
+      once.update(self.post.counts())
     samples = sampling.EvalSamples(cfg, setup.model, tokenizer) if cfg.train.sample_prompts else None
 
     def evaluate(params) -> dict:
-      nonlocal baseline
+      nonlocal once
       row = {}
       for name, eval_batches in eval_sets.items():
         row.update(evaluate_batches(eval_step, params, eval_batches, eval_prefix(name)))
@@ -73,13 +96,19 @@ class NextToken(Objective):
       if lookahead is not None:
         upcoming = next_train_batches(lookahead, batches, len(eval_sets[""]), sharding)
         row["eval/next_train_batches_loss"] = evaluate_batches(eval_step, params, upcoming)["eval/loss"]
-      if baseline is not None:
-        row["eval/unigram_loss"], baseline = baseline, None  # logged once, with the first eval
+      row.update(once)
+      once = {}
       if samples is not None:
         row.update(samples(params))
       return row
 
     return evaluate
+
+  def train_batches_again(self, tokenizer, process_index: int, process_count: int) -> Batches:
+    """A second iterator of the train batches, for looking ahead; post data is not tokenized again."""
+    if self.post is None:
+      return pipeline.make_train_iterator(self.cfg, tokenizer, process_index, process_count)
+    return self.post.iterator(process_index, process_count)
 
 
 def make_eval_step(setup, token_bytes: np.ndarray):
@@ -160,7 +189,8 @@ def describe_eval_sets(cfg, eval_sets: dict[str, pipeline.EvalSet]) -> dict[str,
     sizes[f"{prefix}tokens"], sizes[f"{prefix}documents"] = float(eval_set.tokens), float(eval_set.documents)
     if not distributed.is_lead():
       continue
-    source = cfg.data.source if not name else config_lib.eval_sources(cfg)[name][0]
+    source = config_lib.eval_sources(cfg)[name][0] if name else cfg.data.post_eval_source or cfg.data.post_source
+    source = source or cfg.data.source
     print(
       f"lm: eval set {prefix.rstrip('/')} ({source}): {eval_set.tokens:,} tokens of {eval_set.documents:,} documents"
       f" in {len(eval_set.batches)} batches",
