@@ -99,23 +99,28 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple
 
 @dataclasses.dataclass
 class Restored:
-  """The newest checkpoint that restored, and the newer ones that did not, as (step, reason)."""
+  """The newest checkpoint that restored, its items, and the newer ones that did not, as (step, reason)."""
 
   step: int
   state: Any
   data_state: dict
   damaged: list[tuple[int, str]]
+  meta: dict = dataclasses.field(default_factory=dict)
 
 
 def restore_latest(
-  workdir: str, abstract_state, check_meta: Callable[[int, dict], None] = lambda step, meta: None
+  workdir: str,
+  abstract_state,
+  check_meta: Callable[[int, dict], None] = lambda step, meta: None,
+  only_step: int | None = None,
 ) -> Restored | None:
   """Restores the newest readable checkpoint of `workdir`, falling back to older ones; writes nothing.
 
   A checkpoint is damaged if any of its items fails to restore (missing or truncated files,
   unreadable metadata) or its state does not match its fingerprint. `check_meta(step, meta)`
   may raise a UserError for a readable checkpoint that does not belong to this run. Returns None
-  if there is no checkpoint; raises UserError if there are some but none restores.
+  if there is no checkpoint; raises UserError if there are some but none restores. With `only_step`,
+  only that checkpoint is tried (None if it does not exist).
   """
   directory = checkpoint_dir(workdir)
   if not directory.is_dir():
@@ -125,6 +130,8 @@ def restore_latest(
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
     try:
       for step in sorted(manager.all_steps(), reverse=True):
+        if only_step is not None and step != only_step:
+          continue
         try:
           meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # any failure to read a checkpoint makes it damaged, whatever raised it
@@ -139,7 +146,7 @@ def restore_latest(
         if fingerprint(state) != meta.get("fingerprint"):
           damaged.append((step, "its arrays do not match the fingerprint saved with them"))
           continue
-        return Restored(step, state, data_state, damaged)
+        return Restored(step, state, data_state, damaged, meta)
     finally:
       manager.close()
       if damaged:

@@ -181,9 +181,9 @@ def run(argv: list[str]) -> int:
 
     reward_cli.main(args)
   elif args.command == "lora":
-    from lm import lora  # noqa: PLC0415
+    from lm import lora_cli  # noqa: PLC0415
 
-    lora.merge_run(args.workdir, args.out)
+    lora_cli.merge_run(args.workdir, args.out)
   elif args.command == "sample":
     from lm import sample_cli  # noqa: PLC0415
 

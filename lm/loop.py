@@ -170,7 +170,7 @@ def run(
         window_start, window_steps = time.perf_counter(), 0
       if step % t.checkpoint_every == 0 or step == last_step or stopping:
         _check_streak(streak, step, t.max_bad_steps, ckpt)
-        ckpt.save(step, state, _all_data_states(batches, step), meta, force=True)
+        ckpt.save(step, setup.saved(state), _all_data_states(batches, step), meta, force=True)
       if lead and hooked and (step == last_step or stopping or time.monotonic() > next_plot):
         plots.plot_runs([str(path)], str(path / "plots"))  # a second or two: at most once a minute, and at the end
         next_plot = time.monotonic() + PLOT_INTERVAL_S

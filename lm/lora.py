@@ -23,6 +23,14 @@ A training loop has two ways to train only the adapters:
 - keep one tree and mask the optimizer with `lora_mask`: `optax.multi_transform({True: tx, False:
   optax.set_to_zero()}, lora_mask(params))`. Not `optax.masked(tx, mask)` alone: it passes the frozen
   leaves' raw gradients through as their updates.
+
+`lm train` takes the first (`split`): the state keeps the whole params, so evaluation, sampling and
+`lm.workdir.load_params` see one tree as for any run, and the step alone splits them, differentiates and
+updates the trained part and joins them again, so the base weights pass through untouched. The second would
+compute and hold a gradient of every base weight (a full fine-tune's FLOPs and temporaries) only to zero it,
+and a checkpoint would still have to leave the base weights out. A LoRA run's checkpoint holds `setup.saved(state)`:
+the trained part, optimizer state, counters and a pointer to the base run (`lm.workdir`); `lm lora merge`
+(`lm.lora_cli`) folds the adapters into a plain run.
 """
 
 import math
@@ -59,8 +67,16 @@ def partition(params: dict) -> tuple[dict, dict]:
 
 
 def combine(trainable: dict, frozen: dict) -> dict:
-  """The params `partition` split, whole again."""
+  """The params `partition` (or `split`) split, whole again."""
+  if not frozen:
+    return trainable
   return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
+
+
+def split(model_cfg: ModelConfig, params: dict) -> tuple[dict, dict]:
+  """(trained, base) params of a model of `model_cfg`: `partition(params)` with LoRA (lora_rank > 0), else
+  (params, {}), as every param of another model trains. `combine` joins them again."""
+  return partition(params) if model_cfg.lora_rank else (params, {})
 
 
 def merge_lora(params: dict, cfg: ModelConfig) -> dict:

@@ -5,6 +5,10 @@ config, a vocabulary size, a mesh and an objective: the objective's `init_params
 trained params (the model's and any it adds) and its `frozen` the trees held fixed beside them
 (a DPO reference), both sharded by the same logical rules. The state is created by
 `eval_shape -> shardings -> jit(out_shardings)`, so no process ever holds it whole.
+
+A LoRA model's (`model.lora_rank` > 0) params hold its base weights too, but only the adapters train
+(`lm.lora.split`): the optimizer state is theirs alone, and a checkpoint holds `Setup.saved(state)`,
+without the base weights, which `lm.workdir` loads back from the base run.
 """
 
 import dataclasses
@@ -19,7 +23,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from lm import objectives, optim, partitioning
+from lm import lora, objectives, optim, partitioning
 from lm.model import ModelConfig, Transformer
 
 
@@ -28,8 +32,8 @@ class TrainState:
   """The whole training state; batches consumed = `step + skipped_steps` = the checkpoint's step."""
 
   step: jax.Array  # int32 scalar: optimizer updates applied so far
-  params: Any
-  opt_state: Any
+  params: Any  # all of the model's, a LoRA model's base weights included
+  opt_state: Any  # for the trained params (`lm.lora.split`)
   rng: jax.Array  # uint32 key data, split every batch: one half for the step's randomness, one kept here
   skipped_steps: jax.Array  # int32 scalar: batches whose update was skipped for a non-finite loss or gradient
   nonfinite_streak: jax.Array  # int32 scalar: how many of the latest batches in a row were skipped
@@ -67,6 +71,10 @@ class Setup:
   def context(self):
     return _Context(self.mesh, self.rules)
 
+  def saved(self, state: TrainState) -> TrainState:
+    """What a checkpoint holds of `state` (or of `abstract_state`): all of it but a LoRA model's base weights."""
+    return state.replace(params=lora.split(self.model_cfg, state.params)[0])
+
 
 class _Context:
   """`jax.set_mesh` plus linen's logical axis rules, for tracing and running steps."""
@@ -100,7 +108,7 @@ def _init(model: Transformer, objective, tx, key, cfg, start_params: dict) -> Tr
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    opt_state=tx.init(nn.unbox(params)),
+    opt_state=tx.init(lora.split(model.cfg, nn.unbox(params))[0]),
     rng=jax.random.key_data(train_key),
     skipped_steps=jnp.zeros((), jnp.int32),
     nonfinite_streak=jnp.zeros((), jnp.int32),
@@ -124,8 +132,9 @@ def build(
   boxed = jax.eval_shape(lambda key: _init(model, objective, tx, key, cfg, {}), jax.random.key(0))
   param_shardings = partitioning.logical_shardings(boxed.params, mesh, rules)
   replicated = partitioning.replicated(mesh)
+  trained_shardings = lora.split(model_cfg, param_shardings)[0]
   opt_shardings = optax.tree_map_params(
-    tx, lambda _, sharding: sharding, boxed.opt_state, param_shardings, transform_non_params=lambda _: replicated
+    tx, lambda _, sharding: sharding, boxed.opt_state, trained_shardings, transform_non_params=lambda _: replicated
   )
   shardings = TrainState(
     step=replicated,

@@ -2,7 +2,8 @@
 
 It compiles with `jax.jit` and explicit in/out shardings (pjit). Gradient accumulation, normalisation,
 clipping and the update (`lm.optim`), and the skipping of non-finite batches are the same whatever the
-objective; the loss is `setup.objective.make_loss(setup.model)`.
+objective; the loss is `setup.objective.make_loss(setup.model)`. Only the trained params (`lm.lora.split`:
+all of them, or a LoRA model's adapters) are differentiated and updated; the rest pass through as they were.
 """
 
 import flax.linen as nn
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm import optim, partitioning
+from lm import lora, optim, partitioning
 from lm.state import Setup, TrainState
 
 
@@ -30,16 +31,17 @@ def make_train_step(setup: Setup):
   total = optim.run_steps(cfg, setup.model_cfg)
   loss_fn = setup.objective.make_loss(setup.model)
 
-  def differentiated(params, batch, key, frozen):
-    loss_sum, normaliser, metric_sums = loss_fn(params, batch, key, frozen)
+  def differentiated(trained, batch, key, frozen, base):
+    loss_sum, normaliser, metric_sums = loss_fn(lora.combine(trained, base), batch, key, frozen)
     return loss_sum, (normaliser, {"loss": loss_sum, **metric_sums})
 
   grad_fn = jax.grad(differentiated, has_aux=True)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    trained, base = lora.split(setup.model_cfg, state.params)
     if accum == 1:
-      grads, (normaliser, sums) = grad_fn(state.params, batch, step_key, state.frozen)
+      grads, (normaliser, sums) = grad_fn(trained, batch, step_key, state.frozen, base)
     else:
       micro = jax.tree.map(lambda x: microbatches(x, accum, setup.objective.rows_per_example), batch)
 
@@ -48,10 +50,10 @@ def make_train_step(setup: Setup):
         microbatch = jax.tree.map(
           lambda x: nn.with_logical_constraint(x, ("act_batch",) + (None,) * (x.ndim - 1)), microbatch
         )
-        out = grad_fn(state.params, microbatch, jax.random.fold_in(step_key, i), state.frozen)
+        out = grad_fn(trained, microbatch, jax.random.fold_in(step_key, i), state.frozen, base)
         return jax.tree.map(jnp.add, carry, out), None
 
-      zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), step_key, state.frozen)
+      zeros = jax.eval_shape(grad_fn, trained, jax.tree.map(lambda x: x[0], micro), step_key, state.frozen, base)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros)
       (grads, (normaliser, sums)), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
     normaliser = jnp.where(normaliser > 0, normaliser, 1.0)  # a batch with nothing to count has a zero loss
@@ -59,12 +61,13 @@ def make_train_step(setup: Setup):
     loss, grad_norm = sums["loss"] / normaliser, optax.tree.norm(grads)
     clock = optim.reset_clock(cfg, state.schedule, state.step, total)
     lr = optim.learning_rate(cfg, clock, state.step)
-    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
+    updates, opt_state = setup.tx.update(grads, state.opt_state, trained)
+    updated = optax.apply_updates(trained, jax.tree.map(lambda u: lr * u, updates))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, opt_state = jax.tree.map(
-      lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+    updated, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old), (updated, opt_state), (trained, state.opt_state)
     )
+    params = lora.combine(updated, base)
     bad = 1 - finite.astype(jnp.int32)
     skipped, streak = state.skipped_steps + bad, (state.nonfinite_streak + 1) * bad
     metrics = {

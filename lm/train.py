@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 
 from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
-from lm import distributed, environment, loop, objectives, partitioning
+from lm import distributed, loop, objectives, partitioning
 from lm import state as state_lib
 from lm import step as step_lib
 from lm import workdir as workdir_lib
@@ -35,10 +35,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
   tok = workdir_lib.load_or_train_tokenizer(cfg, path)
   batches = objective.train_batches(tok, jax.process_index(), jax.process_count())  # errors before writes
   setup = state_lib.build(cfg, tok.loaded_vocab_size, partitioning.make_mesh(cfg), objective)
-  with setup.context():
-    restored = workdir_lib.restore(cfg, tok, setup, str(path))
+  restored = workdir_lib.restore(cfg, tok, setup, str(path))
   start = workdir_lib.start_params(cfg, tok, setup) if restored is None else None
-  workdir_lib.check_free_space(cfg, path, setup.abstract_state)
+  workdir_lib.check_free_space(cfg, path, setup.saved(setup.abstract_state))
   workdir_lib.write_workdir(cfg, path, tok, start.record if start else None)
   if restored and restored.damaged and distributed.is_lead():
     for step, reason in restored.damaged:
@@ -52,14 +51,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
   multihost_utils.sync_global_devices("lm: checkpoints read")
   train_step = step_lib.make_train_step(setup)
   ckpt = checkpoint_lib.Checkpointer(str(path), keep=cfg.train.keep_checkpoints)
-  meta = {
-    "config": cfg.to_dict(),
-    "tokenizer": checkpoint_lib.encode_blob(tok.to_bytes()),
-    "versions": environment.versions(),
-  }
+  meta = workdir_lib.checkpoint_meta(cfg, tok)
   init_record = start.record if start else workdir_lib.read_init_record(path)
   if init_record is not None:
     meta["init_from"] = init_record
+  if setup.model_cfg.lora_rank:  # its checkpoints leave the base weights out, but say where they are
+    meta["lora_base"] = start.lora_base if start else restored.meta["lora_base"]
   with setup.context():
     if restored is None:
       state, first = setup.init_state(start.params if start else None), 0

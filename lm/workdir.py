@@ -4,6 +4,11 @@ A workdir holds `config.json`, `environment.json`, the tokenizer (`tokenizer.jso
 `tokenizer.model` for sentencepiece), `checkpoints/`, `metrics.jsonl`, `tb/` and `plots/`; a run
 started from another's params (`train.init_from = DIR`) also `init_from.json`. Everything here
 checks before anything is written: a run refuses to start, in one line, rather than damage a workdir.
+
+A LoRA run (`model.lora_rank` > 0) starts from a base run (`train.init_from = DIR`) and its checkpoints
+leave the base weights out (`lm.state.Setup.saved`): each one's meta holds `lora_base`, the base run's
+path, step and the fingerprint of the weights taken from it, and every restore of the run (a resume, a
+branch, `load_params`) loads them from there again, or stops in one line if they are gone or changed.
 """
 
 import dataclasses
@@ -20,7 +25,7 @@ from flax import traverse_util
 
 from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
-from lm import distributed, environment, objectives, partitioning, state
+from lm import distributed, environment, lora, objectives, partitioning, state
 from lm import metrics as metrics_lib
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
@@ -55,6 +60,8 @@ def check_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   metrics_lib.read_metrics(workdir)  # a corrupt metrics.jsonl stops the run here, not after the first write
   if cfg.train.init_from and _same_directory(config_lib.init_from(cfg)[0], workdir):
     raise UserError(f"train.init_from names the run's own workdir {workdir}")
+  if cfg.model.lora_rank and not cfg.train.init_from:
+    raise UserError("model.lora_rank > 0 trains adapters on a base run's weights: set train.init_from to that run")
   return path
 
 
@@ -141,14 +148,50 @@ def check_checkpoint(cfg, tok: tokenizer_lib.Tokenizer, directory: str, step: in
   saved_tok = tokenizer_lib.Tokenizer.from_bytes(checkpoint_lib.decode_blob(meta["tokenizer"]))
   if saved_tok.to_bytes() != tok.to_bytes():  # both with the specials added since, if it predates them
     raise UserError(f"{where} was trained with a different tokenizer than the one in {directory}")
+  if cfg.model.lora_rank and not isinstance(meta.get("lora_base"), dict):
+    raise UserError(f"{where} holds LoRA adapters but no pointer to their base run (lora_base)")
+
+
+def checkpoint_meta(cfg, tok: tokenizer_lib.Tokenizer) -> dict:
+  """The `meta` item every checkpoint of a run holds: its config, tokenizer and library versions."""
+  return {
+    "config": cfg.to_dict(),
+    "tokenizer": checkpoint_lib.encode_blob(tok.to_bytes()),
+    "versions": environment.versions(),
+  }
+
+
+def _restore_run(workdir: str, tok, setup: state.Setup, check_meta, only_step: int | None = None):
+  """`checkpoint.restore_latest` of the run in `workdir` onto `setup`; a LoRA model's base weights, which its
+  checkpoints leave out, are loaded back from the base run its meta names (`load_base`). Called outside
+  `setup.context()`: setting up the base run's model there would apply its sharding rules to abstract values."""
+  with setup.context():
+    restored = checkpoint_lib.restore_latest(workdir, setup.saved(setup.abstract_state), check_meta, only_step)
+  if restored is None or not setup.model_cfg.lora_rank:
+    return restored
+  base = load_base(restored.meta["lora_base"], tok, setup)
+  params = jax.device_put(lora.combine(restored.state.params, base), setup.state_shardings.params)
+  return dataclasses.replace(restored, state=restored.state.replace(params=params))
+
+
+def load_base(pointer: dict, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> dict:
+  """The base weights of a LoRA model of `setup` (tokenizer `tok`): those of checkpoint `pointer["step"]` of
+  the run `pointer["run"]`, taken as `start_params` took them. UserError if that run or checkpoint is gone,
+  or if they differ from the ones the adapters were trained on (`pointer["fingerprint"]`)."""
+  source, step = pointer["run"], pointer["step"]
+  if not (epath.Path(source) / "config.json").exists():
+    raise UserError(f"the base run {source} of this LoRA run is gone: its checkpoint {step} holds the base weights")
+  params, _ = _params_from(source, step, tok, setup, f"the LoRA base run {source}")
+  base = lora.partition(params)[1]
+  if checkpoint_lib.fingerprint(base) != pointer["fingerprint"]:
+    raise UserError(f"checkpoint {step} of the base run {source} holds other weights than this LoRA run adapts")
+  return base
 
 
 def restore(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup, workdir: str) -> checkpoint_lib.Restored | None:
   """The state to resume: the workdir's newest checkpoint that restores, else the one a branch starts from
   (`train.init_from = DIR/checkpoints/STEP`), else None. Writes nothing."""
-  restored = checkpoint_lib.restore_latest(
-    workdir, setup.abstract_state, functools.partial(check_checkpoint, cfg, tok, workdir)
-  )
+  restored = _restore_run(workdir, tok, setup, functools.partial(check_checkpoint, cfg, tok, workdir))
   if restored is None and config_lib.init_from(cfg)[1] is not None:
     restored = restore_branch_source(cfg, tok, setup)
   return restored
@@ -167,7 +210,7 @@ def restore_branch_source(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup)
       raise UserError(f"train.init_from names checkpoint {step}, but the newest checkpoint of {workdir} is {found}")
     check_checkpoint(cfg, tok, workdir, found, meta)
 
-  restored = checkpoint_lib.restore_latest(workdir, setup.abstract_state, check)
+  restored = _restore_run(workdir, tok, setup, check)
   if restored is None:
     raise UserError(f"train.init_from: {workdir} has no checkpoints")
   return dataclasses.replace(restored, damaged=[])  # damage in the source run is not this run's to clean up
@@ -179,6 +222,7 @@ class Start:
 
   params: dict  # a nested dict of arrays, laid out as the new run's params are
   record: dict  # {"run", "step", "config", "fresh_params"}: written to init_from.json and every checkpoint
+  lora_base: dict | None = None  # a LoRA run's {"run", "step", "fingerprint"} of its base weights: in every checkpoint
 
 
 def start_params(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> Start | None:
@@ -187,19 +231,38 @@ def start_params(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> Start
   The model's params come from the source as `lm.model.trunk_params` says: the same shapes, and only a
   scalar head or LoRA adapters may be new (an LM head the model lacks is dropped). Params the objective
   adds beyond the model's keep their fresh initialisation. New ones are named in the record. None without
-  `train.init_from` or for a branch. Writes nothing; damaged checkpoints of the source are skipped.
+  `train.init_from` or for a branch. Writes nothing; damaged checkpoints of the source are skipped. A LoRA
+  model gets the pointer to its base weights (`Start.lora_base`), which its checkpoints leave out.
   """
   source, step = config_lib.init_from(cfg)
   if not cfg.train.init_from or step is not None:
     return None
-  _check_run(source, "train.init_from")
+  params, record = _params_from(source, None, tok, setup, "train.init_from")
+  if not setup.model_cfg.lora_rank:
+    return Start(params, record)
+  trained = traverse_util.flatten_dict(lora.partition(setup.abstract_state.params)[0], sep="/")
+  untrained = [k for k in record["fresh_params"] if k not in trained]
+  if untrained:
+    raise UserError(
+      f"train.init_from: a LoRA run trains only adapters and a scalar head, and {', '.join(untrained)} "
+      f"would stay at its initial value (not in {source})"
+    )
+  fingerprint = checkpoint_lib.fingerprint(lora.partition(params)[1])
+  return Start(params, record, {"run": record["run"], "step": record["step"], "fingerprint": fingerprint})
+
+
+def _params_from(source: str, step: int | None, tok, setup: state.Setup, what: str) -> tuple[dict, dict]:
+  """(params, record): the params of checkpoint `step` (None: the newest good one) of the run in `source`, as a
+  model of `setup` with tokenizer `tok` starts from them (`start_params`), and the record of where they came
+  from. Errors are one line starting with `what`."""
+  _check_run(source, what)
   source_cfg, source_tok = load_run(source)
   if source_tok.to_bytes() != tok.to_bytes():
-    raise UserError(f"train.init_from: {source} has another tokenizer than this run's")
-  if setup.model_cfg.head == "lm" and source_cfg.model.tie_embeddings != cfg.model.tie_embeddings:
+    raise UserError(f"{what}: {source} has another tokenizer than this run's")
+  if setup.model_cfg.head == "lm" and source_cfg.model.tie_embeddings != setup.cfg.model.tie_embeddings:
     raise UserError(
-      f"train.init_from: the model of {source} differs from this run's: model.tie_embeddings is "
-      f"{source_cfg.model.tie_embeddings} there, {cfg.model.tie_embeddings} here"
+      f"{what}: the model of {source} differs from this run's: model.tie_embeddings is "
+      f"{source_cfg.model.tie_embeddings} there, {setup.cfg.model.tie_embeddings} here"
     )
   source_setup = state.build(source_cfg, source_tok.loaded_vocab_size, setup.mesh)
   # The model's own params, without any the objective adds (the base class's init is the model's).
@@ -213,12 +276,11 @@ def start_params(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> Start
   try:
     taken = jax.eval_shape(starting, source_setup.abstract_state.params)
   except ValueError as e:
-    raise UserError(f"train.init_from: the params of {source} do not fit this run's model: {e}") from None
-  with setup.context():
-    try:
-      restored = restore_newest(source, source_cfg, source_tok, source_setup)
-    except UserError as e:
-      raise UserError(f"train.init_from: {e}") from None
+    raise UserError(f"{what}: the params of {source} do not fit this run's model: {e}") from None
+  try:
+    restored = restore_newest(source, source_cfg, source_tok, source_setup, step)
+  except UserError as e:
+    raise UserError(f"{what}: {e}") from None
   flat_taken = traverse_util.flatten_dict(taken, sep="/")
   record = {
     "run": str(epath.Path(source).absolute()),
@@ -228,17 +290,19 @@ def start_params(cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> Start
       k for k in traverse_util.flatten_dict(setup.abstract_state.params, sep="/") if k not in flat_taken
     ),
   }
-  return Start(starting(restored.state.params), record)
+  return starting(restored.state.params), record
 
 
-def restore_newest(workdir: str, cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -> checkpoint_lib.Restored:
-  """The newest checkpoint of the run in `workdir` that restores onto `setup`; damaged newer ones are
-  skipped with a warning and left where they are. Raises UserError if there is none."""
-  restored = checkpoint_lib.restore_latest(
-    workdir, setup.abstract_state, functools.partial(check_checkpoint, cfg, tok, workdir)
-  )
+def restore_newest(
+  workdir: str, cfg, tok: tokenizer_lib.Tokenizer, setup: state.Setup, only_step: int | None = None
+) -> checkpoint_lib.Restored:
+  """The newest checkpoint (or checkpoint `only_step`) of the run in `workdir` that restores onto `setup`;
+  damaged newer ones are skipped with a warning and left where they are. Raises UserError if there is none."""
+  check = functools.partial(check_checkpoint, cfg, tok, workdir)
+  restored = _restore_run(workdir, tok, setup, check, only_step)
   if restored is None:
-    raise UserError(f"{workdir} has no checkpoint to load")
+    missing = "to load" if only_step is None else str(only_step)
+    raise UserError(f"{workdir} has no checkpoint {missing}")
   if distributed.is_lead():
     for step, reason in restored.damaged:
       print(
@@ -250,7 +314,7 @@ def restore_newest(workdir: str, cfg, tok: tokenizer_lib.Tokenizer, setup: state
 def check_free_space(cfg, path: epath.Path, abstract_state) -> None:
   """Refuses to start when the workdir's filesystem has less than `train.min_free_bytes` free.
 
-  The default (-1) asks for room for two checkpoints: twice the bytes of params and optimizer state.
+  The default (-1) asks for room for two checkpoints: twice the bytes of `abstract_state`, what one holds.
   """
   need = cfg.train.min_free_bytes
   if need == -1:
@@ -305,13 +369,20 @@ def load_params(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizer_lib.
 
   The run's mesh and sharding rules are kept when the devices fit them; otherwise the params are
   laid out data-parallel over the devices present. Damaged newer checkpoints are skipped, with a warning.
+  A LoRA run's params hold its base weights and adapters, as its model reads them.
   """
+  cfg, tok, setup, restored = load_checkpoint(workdir)
+  return cfg, tok, setup, restored.state.params
+
+
+def load_checkpoint(
+  workdir: str,
+) -> tuple[ml_collections.ConfigDict, tokenizer_lib.Tokenizer, state.Setup, checkpoint_lib.Restored]:
+  """(config, tokenizer, Setup, the newest checkpoint that restores) of the run in `workdir`, as `load_params`."""
   cfg, tok = load_run(workdir)
   try:
     config_lib.mesh_shape(cfg, jax.device_count())
   except UserError:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
   setup = state.build(cfg, tok.loaded_vocab_size, partitioning.make_mesh(cfg))
-  with setup.context():
-    restored = restore_newest(workdir, cfg, tok, setup)
-  return cfg, tok, setup, restored.state.params
+  return cfg, tok, setup, restore_newest(workdir, cfg, tok, setup)

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from lm import flops, lora, partitioning, plan
+from lm import flops, lora, partitioning, plan, state
 from lm.model import ModelConfig, Transformer, head_loss, init_cache, trunk_params
 from lm.scaling import accounting
 
@@ -198,7 +198,7 @@ def test_computed_flops_of_an_adapters_only_gradient_match_xla(cfg, length):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="lm plan compiles with libtpu")
-def test_plan_compiles_a_lora_model_for_a_slice_and_reports_its_trained_parameters():
+def test_plan_compiles_a_lora_model_for_a_slice_and_reports_its_trained_parameters_and_their_optimizer_state():
   cfg = tiny_config(**{"mesh.fsdp": -1})
   cfg.model.lora_rank = 4
   report = plan.Planner("v5e:2x4").plan(cfg)
@@ -208,6 +208,15 @@ def test_plan_compiles_a_lora_model_for_a_slice_and_reports_its_trained_paramete
   # R (in + out) per projection and layer: wq and wo 32 + 32, wk and wv 32 + 16, the MLP's three 32 + 64.
   assert report["trainable_params"] == flops.lora_params(model_cfg) == 2 * 4 * (2 * 64 + 2 * 48 + 3 * 96)
   assert f"{report['trainable_params'] / 1e3:.1f}K trained" in plan.format_report(report)
+  # Adam's two moments of the adapters' shards, and its step counts: no optimizer state for the base weights.
+  mesh = partitioning.make_mesh(cfg, devices=plan.topology_devices("v5e:2x4"))
+  params = state.build(cfg, accounting.vocab_size(cfg), mesh).abstract_state.params
+  trained_bytes, all_bytes = (
+    sum(plan.shard_bytes(x) for x in jax.tree.leaves(t)) for t in (lora.partition(params)[0], params)
+  )
+  memory = report["memory_per_device"]
+  assert 2 * trained_bytes <= memory["optimizer"] <= 2 * trained_bytes + 64
+  assert memory["params"] == all_bytes  # the base weights are on the devices, though
 
 
 def test_an_adapted_model_decodes_with_the_kv_cache():
