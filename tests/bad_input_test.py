@@ -70,6 +70,16 @@ def files(tmp_path_factory):
   for i in range(2):
     (root / f"two_{i}.txt").write_text(f"document {i}\n")
   (root / "file").write_text("a file, not a directory")
+  chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+  pair = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
+  lines = {
+    "pairs": [pair] * 4,
+    "bad_chats": [{"messages": chat}, {"messages": [{"role": "robot", "content": "beep"}]}],
+    "bad_pairs": [pair, pair, {"prompt": "hi", "chosen": "hello"}],
+    "long_chat": [{"messages": chat}, {"messages": [{"role": "user", "content": "x" * 40}, *chat[1:]]}],
+  }
+  for name, records in lines.items():
+    (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   f = Files(root)
   wrong_type = "def get_config():\n  return ConfigDict({'train': {'steps': 'ten'}})\n"
   f.experiment("wrong_type", text="from ml_collections import ConfigDict\n\n" + wrong_type)
@@ -142,7 +152,11 @@ CASES = {
   "seq_len below 2": (["--config.data.seq_len=1"], "data.seq_len must be at least 2, got 1", "run"),
   "unknown schedule": (["--config.optim.schedule=linear"], "optim.schedule must be one of", "run"),
   "mesh larger than the devices": (["--config.mesh.data=2"], "needs 2 devices, but 1 are present", "run"),
-  "unknown objective": (["--config.train.objective=nope"], "train.objective must be one of ('lm',), got 'nope'", "run"),
+  "unknown objective": (
+    ["--config.train.objective=nope"],
+    "train.objective must be one of ('lm', 'reward', 'dpo'), got 'nope'",
+    "run",
+  ),
   "bad fault-injection steps": (["--config.train.debug_nan_steps=3,x"], "train.debug_nan_steps must be", "run"),
   "zero max_bad_steps": (["--config.train.max_bad_steps=0"], "train.max_bad_steps must be positive", "run"),
   # command line and experiment file
@@ -168,6 +182,38 @@ CASES = {
   "train split smaller than a batch": (
     ["--config.data.source=text:{root}/two_*.txt", "--config.data.eval_fraction=0.4"],
     "fewer than one batch of train.batch_size=8",
+    "fresh",
+  ),
+  # post-training data and objectives
+  "conversation with an unknown role": (
+    ["--config.data.post_source=jsonl:{root}/bad_chats.jsonl"],
+    "{root}/bad_chats.jsonl:2: message 0 has unknown role 'robot'",
+    "fresh",
+  ),
+  "pair without a rejected reply": (
+    ["--config.train.objective=reward", "--config.data.post_source=jsonl:{root}/bad_pairs.jsonl"],
+    "{root}/bad_pairs.jsonl:3: missing key 'rejected'",
+    "fresh",
+  ),
+  "conversation too long for overlong=error": (
+    ["--config.data.post_source=jsonl:{root}/long_chat.jsonl", "--config.data.overlong=error"],
+    "long_chat.jsonl:2: the conversation is 50 tokens, more than seq_len + 1 = 33 (overlong=error)",
+    "fresh",
+  ),
+  "reward model without pairs": (
+    ["--config.train.objective=reward"],
+    "train.objective=reward needs data.post_source: preference pairs",
+    "fresh",
+  ),
+  "dpo without init_from": (
+    ["--config.train.objective=dpo", "--config.data.post_source=jsonl:{root}/pairs.jsonl"],
+    "train.objective=dpo needs train.init_from: the run (an SFT model, say) whose params start the policy",
+    "fresh",
+  ),
+  "pairs split across microbatches": (
+    ["--config.train.objective=reward", "--config.data.post_source=jsonl:{root}/pairs.jsonl"]
+    + ["--config.train.batch_size=6", "--config.optim.grad_accum_steps=2"],
+    "train.batch_size / optim.grad_accum_steps (3) must be even",
     "fresh",
   ),
   # tokenizer
