@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import chat, objectives, sampling, train
+from lm import chat, sampling, train
 from lm import workdir as workdir_lib
 from lm.errors import UserError
 from lm.evals import instruct
@@ -17,12 +17,10 @@ from lm.worlds import instructions
 
 from conftest import tiny_config
 
-SCORED = "init_from_test:Scored"  # a scalar-head objective (a reward model's head) defined by that test
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-  """The world's files, two language-model runs (a and b, different seeds) and a scalar-head run (rm)."""
+  """The world's files, two language-model runs (a and b, different seeds) and a reward model (rm)."""
   root = tmp_path_factory.mktemp("evals_instruct")
   paths = instructions.write_world(root / "world", seed=0, n_train=20, n_eval=12, n_pairs=10, n_pretrain=60)
   settings = {
@@ -35,12 +33,11 @@ def world(tmp_path_factory):
     "train.eval_batches": 1,
     "train.checkpoint_every": 2,
   }
+  rm = {"train.objective": "reward", "data.post_source": f"jsonl:{paths['prefs_train']}", "data.eval_fraction": 0.3}
   runs = {}
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setitem(objectives.REGISTRY, "scored", SCORED)
-    for name, extra in {"a": {}, "b": {"train.seed": 1}, "rm": {"train.objective": "scored"}}.items():
-      runs[name] = root / name
-      train.train(tiny_config(**settings, **extra), str(runs[name]), progress=False)
+  for name, extra in {"a": {}, "b": {"train.seed": 1}, "rm": rm}.items():
+    runs[name] = root / name
+    train.train(tiny_config(**{**settings, **extra}), str(runs[name]), progress=False)
   return paths, runs
 
 
@@ -100,11 +97,10 @@ def test_win_rate_of_a_run_against_itself_is_one_half_and_swapping_the_runs_flip
   assert (ab["accuracy_a"], ab["preferred_style_a"]) == (same["accuracy_a"], same["preferred_style_a"])
 
 
-def test_reward_accuracy_reads_each_sequence_at_its_last_token(world, tmp_path, monkeypatch):
+def test_reward_accuracy_reads_each_sequence_at_its_last_token(world, tmp_path):
   paths, runs = world
-  monkeypatch.setitem(objectives.REGISTRY, "scored", SCORED)
   result = instruct.reward_accuracy(runs["rm"], paths["prefs_eval"], n=5, batch_size=4, out_dir=tmp_path)
-  assert result["n"] == 5 and result["dropped"] == 0 and 0 <= result["accuracy"] <= 1
+  assert result["n"] == 5 and result["dropped"] == result["truncated"] == 0 and 0 <= result["accuracy"] <= 1
   rows = samples(tmp_path)
   assert [r["where"] for r in rows] == [f"{paths['prefs_eval']}:{i}" for i in range(1, 6)]
   assert result["margin"] == pytest.approx(np.mean([r["reward_chosen"] - r["reward_rejected"] for r in rows]))

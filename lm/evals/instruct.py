@@ -27,10 +27,10 @@ import numpy as np
 from etils import epath
 
 from lm import chat, sample_cli
-from lm import model as model_lib
 from lm import workdir as workdir_lib
 from lm.data import post
 from lm.errors import UserError
+from lm.objectives import reward
 from lm.sampling import Generation, SamplingParams
 from lm.worlds import instructions
 
@@ -179,21 +179,15 @@ def win_rate(
   return result
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _rewards(model, params, batch: dict) -> jax.Array:
-  """A scalar-head model's reward of each row of a batch, read at the row's last real token -> [B]."""
-  scores_BxT = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
-  return model_lib.last_token(scores_BxT, batch["segment_ids"])
-
-
 def reward_accuracy(rm_run_dir, pairs_path, n: int | None = None, batch_size: int = 64, out_dir=None) -> dict:
   """The share of the first `n` pairs of `pairs_path` (a JSONL file of preference pairs, `lm.data.post`'s
   forms; all if None) whose chosen reply the reward model in `rm_run_dir` scores above the rejected one,
   a tie counting half.
 
-  Pairs are rendered and cut as the run's training data is (data.seq_len, data.overlong), in batches of
-  `batch_size` rows (two per pair). Returns {"accuracy", "n" (pairs scored), "margin" (the mean reward of
-  chosen minus rejected), "dropped" (pairs `overlong="drop"` left out)}. samples.jsonl: {where,
+  Pairs are rendered, cut (data.seq_len, data.overlong) and scored as the run's training data is
+  (`lm.objectives.reward.rewards`: the score at each row's last real token), in batches of `batch_size` rows
+  (two per pair). Returns {"accuracy", "n" (pairs scored), "margin" (the mean reward of
+  chosen minus rejected), "truncated" (pairs cut to fit), "dropped" (pairs left out: `lm.data.post.tokenize`)}. samples.jsonl: {where,
   reward_chosen, reward_rejected} for each pair scored, `where` its PATH:LINE.
   """
   if batch_size < 2 or batch_size % 2:
@@ -206,17 +200,19 @@ def reward_accuracy(rm_run_dir, pairs_path, n: int | None = None, batch_size: in
   records = post.read_records(cfg, f"jsonl:{pairs_path}")[:n]
   if not records:
     raise UserError(f"{pairs_path} holds no pairs")
-  kept, examples = [], []
+  kept, examples, truncated = [], [], 0
   for record in records:  # one at a time, so each example is known by its record
     data = post.tokenize(tok, [record], [post.pair(record)], "preference", cfg.data.seq_len, overlong=cfg.data.overlong)
     kept += [record.where] * len(data.examples)
     examples += data.examples
+    truncated += data.truncated
   if not examples:
-    raise UserError(f"every pair of {pairs_path} was dropped (longer than data.seq_len + 1 with data.overlong=drop)")
+    raise UserError(f"every pair of {pairs_path} was dropped (too long with data.overlong=drop, or no reply left)")
   eval_set = post.make_eval_set(post.Dataset("preference", cfg.data.seq_len, examples), batch_size)
+  score = jax.jit(functools.partial(reward.rewards, setup.model))
   with setup.context():
-    rewards = np.concatenate([np.asarray(_rewards(setup.model, params, b)) for b in eval_set.batches])
-  chosen, rejected = rewards[0 : 2 * len(examples) : 2], rewards[1 : 2 * len(examples) : 2]
+    rewards_B = np.concatenate([np.asarray(score(params, batch)) for batch in eval_set.batches])
+  chosen, rejected = rewards_B[0 : 2 * len(examples) : 2], rewards_B[1 : 2 * len(examples) : 2]
   write_samples(
     out_dir,
     [
@@ -228,5 +224,6 @@ def reward_accuracy(rm_run_dir, pairs_path, n: int | None = None, batch_size: in
     "accuracy": float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected))),
     "n": len(examples),
     "margin": float(np.mean(chosen - rejected)),
+    "truncated": truncated,
     "dropped": len(records) - len(examples),
   }
