@@ -186,9 +186,9 @@ def reward_accuracy(rm_run_dir, pairs_path, n: int | None = None, batch_size: in
 
   Pairs are rendered, cut (data.seq_len, data.overlong) and scored as the run's training data is
   (`lm.objectives.reward.rewards`: the score at each row's last real token), in batches of `batch_size` rows
-  (two per pair). Returns {"accuracy", "n" (pairs scored), "margin" (the mean reward of
-  chosen minus rejected), "truncated" (pairs cut to fit), "dropped" (pairs left out: `lm.data.post.tokenize`)}. samples.jsonl: {where,
-  reward_chosen, reward_rejected} for each pair scored, `where` its PATH:LINE.
+  (two per pair). Returns {"accuracy", "n" (pairs scored), "margin" (the mean reward of chosen minus rejected),
+  "truncated" (pairs cut to fit), "dropped" (pairs left out, as `lm.data.post.tokenize` says)}.
+  samples.jsonl: {where, reward_chosen, reward_rejected} for each pair scored, `where` its PATH:LINE.
   """
   if batch_size < 2 or batch_size % 2:
     raise UserError(f"batch_size must be a positive even number (rows of pairs), got {batch_size}")
