@@ -7,10 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from lm import checkpoint as checkpoint_lib
 from lm import metrics as metrics_lib
-from lm import partitioning, train
-from lm import state as state_lib
+from lm import train
 from lm import workdir as workdir_lib
 
 from conftest import tiny_config, write_conversations, write_pairs
@@ -18,8 +16,8 @@ from conftest import tiny_config, write_conversations, write_pairs
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """An SFT run (the policy's start), then DPO from it with the reference in the step, and precomputed with two
-  microbatches a step: {name: (workdir, final metrics)}."""
+  """An SFT run (the policy's start), then DPO from it with the reference in the step, precomputed with two
+  microbatches a step, and in the step for LoRA adapters: {name: (workdir, final metrics)}."""
   root = tmp_path_factory.mktemp("dpo")
   common = {"data.cache_dir": str(root / "cache"), "data.eval_fraction": 0.2}
   sft = tiny_config(**common, **{"data.post_source": write_conversations(root / "chats.jsonl", 100), "train.steps": 5})
@@ -29,6 +27,7 @@ def runs(tmp_path_factory):
   for name, settings in {
     "step": {},
     "precomputed": {"dpo.reference": "precomputed", "optim.grad_accum_steps": 2},
+    "lora": {"model.lora_rank": 4},
   }.items():
     cfg = tiny_config(**common, **settings, **{"train.objective": "dpo", "train.init_from": str(root / "sft")})
     cfg.data.post_source, cfg.train.steps, cfg.train.eval_every = pairs, 12, 12
@@ -38,13 +37,14 @@ def runs(tmp_path_factory):
 
 def test_the_policy_starts_as_its_reference_and_learns_the_preference(runs):
   _, out = runs
-  for workdir, final in out.values():
+  for name, (workdir, final) in out.items():
     first = metrics_lib.read_metrics(str(workdir))[0]
-    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert first["train/rewards/accuracy"] == 0.5 and first["train/rewards/margin"] == 0.0  # every reward 0
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6), name
+    assert first["train/rewards/accuracy"] == 0.5 and first["train/rewards/margin"] == 0.0, name  # every reward 0
     assert first["train/logps/chosen"] < 0 and first["train/logps/rejected"] < 0
-    assert final["eval/rewards/accuracy"] > 0.8 and final["eval/rewards/margin"] > 0
-    assert final["eval/loss"] < math.log(2) and final["eval/pairs"] == 8
+    assert final["eval/rewards/margin"] > 0 and final["eval/loss"] < math.log(2), name
+    assert final["eval/pairs"] == 8
+  assert out["step"][1]["eval/rewards/accuracy"] > 0.8
 
 
 def test_a_precomputed_reference_gives_the_losses_of_the_step_reference(runs):
@@ -64,6 +64,7 @@ def test_the_reference_lives_in_the_state_or_in_the_data_state(runs):
   sft_params = restored(root / "sft").state.params
   step_run, precomputed_run = restored(out["step"][0]), restored(out["precomputed"][0])
   assert set(step_run.state.frozen) == {"reference"} and precomputed_run.state.frozen == {}
+  assert restored(out["lora"][0]).state.frozen == {}  # its reference is its base: the adapters off
   reference, start = jax.tree.leaves(step_run.state.frozen["reference"]), jax.tree.leaves(sft_params)
   assert all(np.array_equal(a, b) for a, b in zip(reference, start, strict=True))  # never updated
   assert "ref_logps" not in step_run.data_state
@@ -75,8 +76,5 @@ def test_the_reference_lives_in_the_state_or_in_the_data_state(runs):
 
 def restored(workdir):
   """The newest checkpoint of the run in `workdir`, on host."""
-  cfg, tok = workdir_lib.load_run(str(workdir))
-  setup = state_lib.build(cfg, tok.loaded_vocab_size, partitioning.make_mesh(cfg))
-  with setup.context():
-    found = checkpoint_lib.restore_latest(str(workdir), setup.abstract_state)
+  found = workdir_lib.load_checkpoint(str(workdir))[3]
   return dataclasses.replace(found, state=jax.device_get(found.state))

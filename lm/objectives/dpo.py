@@ -11,7 +11,9 @@ the reference, every reward is 0: the sigmoid loss is ln 2 and the accuracy 0.5.
 `dpo.reference` says where the reference's log-probs come from:
 - "step": the state holds the reference params (`TrainState.frozen["reference"]`, sharded as the params are,
   checkpointed with them), and every step runs its forward pass beside the policy's: a third more FLOPs per
-  token (counted in MFU) and a second copy of the params in memory.
+  token (counted in MFU) and a second copy of the params in memory. A LoRA policy (`model.lora_rank` > 0)
+  needs no copy: its reference is its own params with the adapters off (every B zero), which is the starting
+  model exactly, as its adapters start with B = 0.
 - "precomputed": before the first step, one forward pass of the starting params over every train and eval pair
   gives each row's reference log-prob; they are kept with the dataset (`Example.ref_logps`), so each batch
   carries `ref_logps` [B], and the state holds no reference. They are part of the data state (`get_state`,
@@ -31,10 +33,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from lm import partitioning
 from lm.data import pipeline, post
 from lm.errors import UserError
+from lm.model import LORA_B
 from lm.objectives.posttrain import Pairs
 from lm.preference import dpo_loss, hidden_sequence_logps, pair_weights, split_pairs
 
@@ -51,7 +55,11 @@ class DPO(Pairs):
     super().prepare()
 
   def frozen(self, params: dict) -> dict:
-    return {"reference": params} if self.cfg.dpo.reference == "step" else {}
+    return {"reference": params} if self.cfg.dpo.reference == "step" and not self.cfg.model.lora_rank else {}
+
+  def reference(self, params: dict, frozen: dict) -> dict:
+    """The reference's params in "step" mode, given the policy's and the frozen trees."""
+    return adapters_off(params) if self.cfg.model.lora_rank else frozen["reference"]
 
   def train_batches(self, tokenizer, process_index: int, process_count: int):
     rows = super().train_batches(tokenizer, process_index, process_count)
@@ -59,7 +67,7 @@ class DPO(Pairs):
 
   def begin(self, setup, state, batches, start: int) -> None:
     if self.cfg.dpo.reference == "step":
-      set_ref_logps(self.data.eval, dataset_logps(setup, state.frozen["reference"], self.data.eval))
+      set_ref_logps(self.data.eval, dataset_logps(setup, self.reference(state.params, state.frozen), self.data.eval))
     elif not batches.ready:
       assert start == 0, "a resumed run reads its reference log-probs from its checkpoint's data state"
       batches.set_tables({name: dataset_logps(setup, state.params, data) for name, data in batches.datasets.items()})
@@ -76,7 +84,10 @@ class DPO(Pairs):
     def loss(params, batch, rng, frozen):
       del rng
       pi_B = sequence_logps(model, params, batch)
-      ref_B = batch["ref_logps"] if "ref_logps" in batch else sequence_logps(model, frozen["reference"], batch)
+      if "ref_logps" in batch:
+        ref_B = batch["ref_logps"]
+      else:
+        ref_B = sequence_logps(model, jax.lax.stop_gradient(self.reference(params, frozen)), batch)
       weights_P = pair_weights(batch["segment_ids"])
       (pi_chosen_P, pi_rejected_P), (ref_chosen_P, ref_rejected_P) = split_pairs(pi_B), split_pairs(ref_B)
       mean, metrics = dpo_loss(
@@ -94,6 +105,12 @@ def sequence_logps(model, params, batch: dict):
     {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], return_hidden=True
   )
   return hidden_sequence_logps(x_BxTxD, head_DxV, batch["targets"], batch["loss_mask"], model.cfg.dtype)
+
+
+def adapters_off(params: dict) -> dict:
+  """`params` with every LoRA adapter's B zero: the function of the base model the adapters started from."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: jnp.zeros_like(v) if k[-1].endswith(LORA_B) else v for k, v in flat.items()})
 
 
 def dataset_logps(setup, params, data: post.Dataset) -> np.ndarray:
