@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from lm import config as config_lib
 from lm import distributed
+from lm import metrics as metrics_lib
+from lm import train as lm_train
 from lm.errors import UserError
 
-from conftest import REPO, TINY, write_experiment
+from conftest import REPO, TINY, tiny_config, write_conversations, write_experiment, write_pairs
 
 STEPS = 6
 CONFIG = {
@@ -120,6 +123,27 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path, exp
   assert sorted(losses(one)) == list(range(1, STEPS + 1))
   assert close(losses(two), losses(one), 1e-6), (losses(two), losses(one))
   assert (two / "plots").is_dir() and any((two / "tb").iterdir())
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_post_training_on_two_processes_matches_one_and_resumes_on_one(tmp_path, experiment, objective):
+  post = {"data.post_source": write_conversations(tmp_path / "chats.jsonl", 200)}
+  if objective == "dpo":  # from a language model of the same shape, trained in this process
+    source_cfg = tiny_config(**{"data.source": config_lib.load_config(experiment).data.source, "train.steps": 2})
+    source_cfg.data.cache_dir = str(tmp_path / "cache")
+    lm_train.train(source_cfg, str(tmp_path / "source"), progress=False)
+    post = {"data.post_source": write_pairs(tmp_path / "pairs.jsonl", 200), "train.objective": "dpo"}
+    post.update({"train.init_from": str(tmp_path / "source"), "dpo.reference": "precomputed"})
+  post["optim.schedule"] = "constant"  # so the 3-step run's schedule is the first 3 steps of the 6-step one's
+  experiment = write_experiment(tmp_path / f"{objective}.py", **{**CONFIG, **post})
+  one, two = tmp_path / "one", tmp_path / "two"
+  train(experiment, one)  # 1 process x 4 devices
+  train(experiment, two, "--config.train.steps=3", processes=2, devices=2)  # 2 processes x 2 devices
+  train(experiment, two)  # resumed by 1 process: the data position (and reference log-probs) move with it
+  assert sorted(losses(two)) == list(range(1, STEPS + 1))
+  assert close(losses(two), losses(one), 1e-6), (losses(two), losses(one))
+  evals = [[r["eval/loss"] for r in metrics_lib.read_metrics(str(d)) if "eval/loss" in r] for d in (one, two)]
+  assert len(evals[0]) == 2 and evals[1] == pytest.approx(evals[0], rel=1e-6)
 
 
 def test_a_sweep_across_two_processes_gives_the_results_of_one(tmp_path, experiment):

@@ -20,7 +20,7 @@ from lm import state as state_lib
 from lm import tokenizer as tokenizer_lib
 from lm import workdir as workdir_lib
 
-from conftest import REPO, run_devices_script, tiny_config
+from conftest import REPO, run_devices_script, tiny_config, write_conversations, write_pairs
 
 EXPERIMENT = """
 from lm.config import default_config
@@ -44,8 +44,20 @@ def get_config():
   c.optim.schedule = "constant"  # so more steps leave the first 12 as they were
   c.optim.warmup_steps = 2
   c.mesh.data = 1
+{extra}
   return c
 """
+
+# Post-training runs of the same model, added to EXPERIMENT (DPO starts from a 4-step run of it, "source").
+POST_TRAINING = {
+  "sft": ['c.data.post_source = "jsonl:{root}/chats.jsonl"'],
+  "dpo": [
+    'c.data.post_source = "jsonl:{root}/pairs.jsonl"',
+    'c.train.objective = "dpo"',
+    'c.train.init_from = "{root}/source"',
+    'c.dpo.reference = "precomputed"',
+  ],
+}
 
 # `lm train` with each logged row followed by a pause, so that a signal lands mid-run, and optionally
 # with the commit of one checkpoint step held back, so that a kill lands during its asynchronous save.
@@ -81,16 +93,22 @@ sys.exit(main(sys.argv[3:]))
 def experiment(tmp_path_factory):
   root = tmp_path_factory.mktemp("resume")
   (root / "corpus.txt").write_text("".join(f"line {i}: the quick brown fox {i % 13}\n" for i in range(3000)))
-  (root / "exp.py").write_text(EXPERIMENT.format(root=root))
+  (root / "exp.py").write_text(EXPERIMENT.format(root=root, extra=""))
+  for objective, lines in POST_TRAINING.items():
+    extra = "\n".join(f"  {line}" for line in lines).format(root=root)
+    (root / f"{objective}.py").write_text(EXPERIMENT.format(root=root, extra=extra))
+  write_conversations(root / "chats.jsonl", 300)
+  write_pairs(root / "pairs.jsonl", 200)
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"))
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # later processes reuse the first one's executables
   return root, env
 
 
-def lm_train(experiment, workdir, *extra, slowed=None):
-  """Starts `lm train` on the experiment; `slowed=(pause, held_step)` runs it through SLOWED."""
+def lm_train(experiment, workdir, *extra, slowed=None, config="exp"):
+  """Starts `lm train` on the experiment (or on `config`.py beside it); `slowed=(pause, held_step)` runs it
+  through SLOWED."""
   root, env = experiment
-  args = ["train", "--config", str(root / "exp.py"), "--workdir", str(workdir), "--no-progress", *extra]
+  args = ["train", "--config", str(root / f"{config}.py"), "--workdir", str(workdir), "--no-progress", *extra]
   prefix = ["-c", SLOWED, str(slowed[0]), slowed[1]] if slowed else ["-m", "lm.cli"]
   return subprocess.Popen(
     [sys.executable, *prefix, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
@@ -171,6 +189,31 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_losses(experiment
   resumed, uninterrupted = state_at(workdir, 12), state_at(reference, 12)
   assert int(resumed.step) == 12
   for name in ("rng", "params", "opt_state", "skipped_steps"):
+    leaves = jax.tree.leaves((getattr(resumed, name), getattr(uninterrupted, name)))
+    half = len(leaves) // 2
+    assert all(np.array_equal(x, y) for x, y in zip(leaves[:half], leaves[half:], strict=True)), name
+
+
+@pytest.mark.parametrize("objective", POST_TRAINING)
+def test_a_killed_post_training_run_resumes_to_the_uninterrupted_losses(experiment, tmp_path, objective):
+  root, _ = experiment
+  if objective == "dpo" and not (root / "source").exists():
+    finish(lm_train(experiment, root / "source", "--config.train.steps=4"))
+  reference, workdir = tmp_path / "reference", tmp_path / "run"
+  finish(lm_train(experiment, reference, config=objective))
+  expected = {r["step"]: r["train/loss"] for r in metrics_lib.read_metrics(str(reference))}
+  assert sorted(expected) == list(range(1, 13))
+
+  proc = lm_train(experiment, workdir, slowed=(0.2, ""), config=objective)
+  code, _, err = signal_when(proc, logged(workdir, 6), signal.SIGKILL)
+  assert code == -signal.SIGKILL, err
+  finish(lm_train(experiment, workdir, config=objective))
+  rows = metrics_lib.read_metrics(str(workdir))
+  assert [r["step"] for r in rows] == list(range(1, 13))
+  assert {r["step"]: r["train/loss"] for r in rows} == expected  # bitwise: the data and its reference log-probs
+  assert rows[-1]["eval/loss"] == metrics_lib.read_metrics(str(reference))[-1]["eval/loss"]
+  resumed, uninterrupted = state_at(workdir, 12), state_at(reference, 12)
+  for name in ("rng", "params", "opt_state", "frozen"):
     leaves = jax.tree.leaves((getattr(resumed, name), getattr(uninterrupted, name)))
     half = len(leaves) // 2
     assert all(np.array_equal(x, y) for x, y in zip(leaves[:half], leaves[half:], strict=True)), name
