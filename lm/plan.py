@@ -395,16 +395,20 @@ def _unrolled(cfg: ml_collections.ConfigDict, layers: int) -> ml_collections.Con
 
 
 def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict:
-  """ShapeDtypeStructs of a global batch (the format of `lm.data.pipeline`), sharded as `lm train` feeds it."""
+  """ShapeDtypeStructs of a global batch (the format of `lm.data.pipeline`, and the objective's `row_scalars`),
+  sharded as `lm train` feeds it."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from lm import partitioning  # noqa: PLC0415
+  from lm import objectives, partitioning  # noqa: PLC0415
 
   shape, sharding = (cfg.train.batch_size, cfg.data.seq_len), partitioning.batch_sharding(mesh)
   dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32}
   dtypes["loss_mask"] = jnp.float32
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, dtype in dtypes.items()}
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, dtype in dtypes.items()}
+  for key in objectives.create(cfg).row_scalars:
+    batch[key] = jax.ShapeDtypeStruct(shape[:1], jnp.float32, sharding=sharding)
+  return batch
 
 
 def shard_bytes(x) -> int:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from lm import metrics as metrics_lib
-from lm import train
+from lm import partitioning, plan, train
+from lm import state as state_lib
+from lm import step as step_lib
 from lm import workdir as workdir_lib
 
 from conftest import tiny_config, write_conversations, write_pairs
@@ -78,3 +80,13 @@ def restored(workdir):
   """The newest checkpoint of the run in `workdir`, on host."""
   found = workdir_lib.load_checkpoint(str(workdir))[3]
   return dataclasses.replace(found, state=jax.device_get(found.state))
+
+
+@pytest.mark.parametrize("reference, keys", [("step", {"margin"}), ("precomputed", {"margin", "ref_logps"})])
+def test_lm_plan_compiles_the_step_on_the_batch_the_objective_reads(reference, keys):
+  cfg = tiny_config(**{"train.objective": "dpo", "dpo.reference": reference})
+  setup = state_lib.build(cfg, 264, partitioning.make_mesh(cfg))
+  batch = plan.abstract_batch(cfg, setup.mesh)
+  assert {k for k, x in batch.items() if x.shape == (8,)} == keys
+  with setup.context():
+    step_lib.make_train_step(setup).lower(setup.abstract_state, batch)  # the loss finds every key it reads

@@ -41,6 +41,7 @@ class Objective:
   """The interface, with defaults for what most objectives share; subclasses override the rest."""
 
   rows_per_example = 1  # rows of a batch that belong together (a preference pair's 2): one microbatch holds them
+  row_scalars: tuple[str, ...] = ()  # batch keys beyond the common format, float32 [B] (a preference pair's margin)
 
   def __init__(self, cfg: ml_collections.ConfigDict):
     self.cfg = cfg

@@ -46,6 +46,10 @@ from lm.preference import dpo_loss, hidden_sequence_logps, pair_weights, split_p
 class DPO(Pairs):
   """DPO and its IPO and hinge variants on preference pairs, against the starting model."""
 
+  @property
+  def row_scalars(self) -> tuple[str, ...]:
+    return ("margin", "ref_logps") if self.cfg.dpo.reference == "precomputed" else ("margin",)
+
   def prepare(self) -> None:
     if not self.cfg.train.init_from:
       raise UserError(

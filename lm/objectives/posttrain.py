@@ -83,6 +83,7 @@ class Pairs(Objective):
   """
 
   rows_per_example = 2
+  row_scalars = ("margin",)
 
   def __init__(self, cfg):
     super().__init__(cfg)
