@@ -119,7 +119,8 @@ def adapters_off(params: dict) -> dict:
 
 def dataset_logps(setup, params, data: post.Dataset) -> np.ndarray:
   """The log-probabilities under `params` of every row of a preference Dataset's pairs -> f32 [2N], pair i's
-  chosen at 2i and rejected at 2i + 1; the same in every process. Run inside `setup.context()`."""
+  chosen at 2i and rejected at 2i + 1; the same in every process. Forward passes over `train.batch_size` rows,
+  as evaluation's. Run inside `setup.context()`."""
   t = setup.cfg.train
   sharding = partitioning.batch_sharding(setup.mesh)
   logps = jax.jit(
@@ -131,7 +132,6 @@ def dataset_logps(setup, params, data: post.Dataset) -> np.ndarray:
   for lo in range(0, len(data.examples), per_batch):  # a batch's rows at a time: the dataset may be large
     chunk = dataclasses.replace(data, examples=data.examples[lo : lo + per_batch])
     (local,) = post.make_eval_set(chunk, t.batch_size, jax.process_index(), jax.process_count()).batches
-    local = {k: v for k, v in local.items() if k != "ref_logps"}
     out.append(jax.device_get(logps(params, pipeline.global_batch(local, sharding))))
   return np.concatenate(out).astype(np.float32)[: 2 * len(data.examples)]
 
