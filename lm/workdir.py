@@ -181,7 +181,7 @@ def load_base(pointer: dict, tok: tokenizer_lib.Tokenizer, setup: state.Setup) -
   source, step = pointer["run"], pointer["step"]
   if not (epath.Path(source) / "config.json").exists():
     raise UserError(f"the base run {source} of this LoRA run is gone: its checkpoint {step} holds the base weights")
-  params, _ = _params_from(source, step, tok, setup, f"the LoRA base run {source}")
+  params, _ = _params_from(source, step, tok, setup, "this LoRA run's base run")
   base = lora.partition(params)[1]
   if checkpoint_lib.fingerprint(base) != pointer["fingerprint"]:
     raise UserError(f"checkpoint {step} of the base run {source} holds other weights than this LoRA run adapts")

@@ -111,11 +111,11 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_one(experiment, base, tm
   extra = [f"--config.{k}={v}" for k, v in {**LORA, "train.init_from": base}.items()]
   reference, workdir = tmp_path / "reference", tmp_path / "run"
   finish(lm_train(experiment, reference, *extra))
-  code, _, err = signal_when(
-    lm_train(experiment, workdir, *extra, slowed=(0.2, "")), logged(workdir, 6), signal.SIGKILL
-  )
+  at_6 = logged(workdir, 6)
+  ready = lambda: at_6() and (workdir / "checkpoints" / "4").is_dir()  # its save is asynchronous
+  code, _, err = signal_when(lm_train(experiment, workdir, *extra, slowed=(0.3, "")), ready, signal.SIGKILL)
   assert code == -signal.SIGKILL, err
-  assert (workdir / "checkpoints" / "4").is_dir() and not (workdir / "checkpoints" / "12").exists()
+  assert not (workdir / "checkpoints" / "12").exists()
   finish(lm_train(experiment, workdir, *extra))
   rows, expected = metrics_lib.read_metrics(str(workdir)), metrics_lib.read_metrics(str(reference))
   assert [r["step"] for r in rows] == list(range(1, 13))
