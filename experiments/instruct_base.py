@@ -27,12 +27,12 @@ def get_config():
   c.model.n_kv_heads = 2
   c.model.d_ff = 384
   c.train.batch_size = 32
-  c.train.steps = 400
-  c.train.eval_every = 200
+  c.train.steps = 1000
+  c.train.eval_every = 500
   c.train.eval_batches = 8
   c.train.eval_next_train_batches = False
   c.train.log_every = 20
-  c.train.checkpoint_every = 200
+  c.train.checkpoint_every = 500
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 40
   c.optim.schedule = "cosine"

@@ -23,6 +23,7 @@ def get_config():
   c.dpo.beta = 0.1
   c.train.steps = 200
   c.train.eval_every = 100
+  c.train.eval_batches = 32  # all 500 held-out pairs, 16 a batch
   c.train.checkpoint_every = 100
   c.optim.lr = 3e-4
   c.optim.warmup_steps = 20

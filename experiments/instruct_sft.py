@@ -21,8 +21,10 @@ def get_config():
   c.data.post_eval_source = f"jsonl:{WORLD}/sft_eval.jsonl"
   c.train.init_from = "runs/instruct/base"
   c.train.loss_on = "assistant"
-  c.train.steps = 300
+  c.train.steps = 400
   c.train.eval_every = 100
+  c.train.eval_batches = 10  # all 500 held-out conversations
+  c.data.eval_min_tokens = 5_000  # their assistant tokens: about 8,600
   c.train.checkpoint_every = 100
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 20

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import chat, sampling, train
+from lm import chat, sampling, tokenizer, train
 from lm import workdir as workdir_lib
 from lm.errors import UserError
 from lm.evals import instruct
@@ -81,6 +81,32 @@ def test_chat_accuracy_prompts_with_the_chat_template_and_batches_as_one_at_a_ti
     instruct.chat_accuracy(*args, n=9, max_new_tokens=16, temperature=1.0, batch_size=batch_size, out_dir=out_dir)
     sampled[batch_size] = samples(out_dir)
   assert sampled[4] == sampled[1] and sampled[4] != batched
+
+
+def test_plain_prompts_ask_as_the_pretraining_text_and_the_reply_is_the_first_line(world, tmp_path, monkeypatch):
+  paths, runs = world
+  calls = []
+  generate = sampling.Sampler.generate
+
+  def recording(self, params, prompts_, requests):
+    out = generate(self, params, prompts_, requests)
+    calls.append((prompts_, out))
+    return out
+
+  monkeypatch.setattr(sampling.Sampler, "generate", recording)
+  result = instruct.chat_accuracy(
+    runs["a"], paths["eval"], n=5, max_new_tokens=24, batch_size=5, out_dir=tmp_path, prompt_format="plain"
+  )
+  examples = instructions.read_examples(paths["eval"])[:5]
+  tok = load_tokenizer(runs["a"])
+  [(prompts, raw)] = calls
+  assert prompts == [[tokenizer.BOS_ID] + tok.encode([f"Q: {e.prompt}\nA:"])[0] for e in examples]
+  replies = [s["reply"] for s in samples(tmp_path)]
+  assert replies == [g.text.split("\n")[0] for g in raw]
+  assert [s["ended_turn"] for s in samples(tmp_path)] == ["\n" in g.text for g in raw]
+  assert result["accuracy"] == np.mean([instructions.score(e, r) for e, r in zip(examples, replies, strict=True)])
+  with pytest.raises(UserError, match="prompt_format"):
+    instruct.chat_accuracy(runs["a"], paths["eval"], n=1, prompt_format="qa")
 
 
 def test_win_rate_of_a_run_against_itself_is_one_half_and_swapping_the_runs_flips_it(world, tmp_path):

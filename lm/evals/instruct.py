@@ -11,7 +11,9 @@ result) and, given `out_dir`, writes what it judged to `out_dir/samples.jsonl`, 
 
 A reply answers the example's prompt as the one user message, rendered with a generation prompt
 (`lm.chat.render`), and ends at `<|end|>` (or EOS), or after `max_new_tokens` or when the context
-(data.seq_len) is full, whichever comes first. Example i samples with seed `seed` + i, so its reply does
+(data.seq_len) is full, whichever comes first. `chat_accuracy(..., prompt_format="plain")` asks a base model
+in its pre-training text's own form instead, `Q: <prompt>\nA:` after BOS, and its reply is the text up to
+the first newline (the end of an answer there). Example i samples with seed `seed` + i, so its reply does
 not depend on the batch it is in (`lm.sampling`): prompts go through the sampler `batch_size` at a time,
 the last batch padded with copies of its first prompt so every batch has the same size.
 `prompts_per_second` is the whole sampling's rate, compilation included.
@@ -32,9 +34,11 @@ from lm.data import post
 from lm.errors import UserError
 from lm.objectives import reward
 from lm.sampling import Generation, SamplingParams
+from lm.tokenizer import BOS_ID
 from lm.worlds import instructions
 
 MAX_NEW_TOKENS = 64  # the world's longest reply is 44 bytes, then <|end|>
+PROMPT_FORMATS = ("chat", "plain")
 
 
 def chat_prompt(tok, example: instructions.Example) -> list[int]:
@@ -42,17 +46,30 @@ def chat_prompt(tok, example: instructions.Example) -> list[int]:
   return chat.render(tok, [{"role": "user", "content": example.prompt}], generation_prompt=True)[0]
 
 
+def plain_prompt(tok, example: instructions.Example) -> list[int]:
+  """The prompt ids of an example as the world's pre-training text asks it: BOS, then `Q: <prompt>\nA:`."""
+  return [BOS_ID] + tok.encode([f"Q: {example.prompt}\nA:"])[0]
+
+
 def replies(
-  run_dir, examples: list[instructions.Example], max_new_tokens: int, temperature: float, seed: int, batch_size: int
+  run_dir,
+  examples: list[instructions.Example],
+  max_new_tokens: int,
+  temperature: float,
+  seed: int,
+  batch_size: int,
+  prompt_format: str = "chat",
 ) -> tuple[list[Generation], float]:
   """(the run's reply to each example, prompts per second), as the module docstring says."""
   if batch_size < 1:
     raise UserError(f"batch_size must be at least 1, got {batch_size}")
+  if prompt_format not in PROMPT_FORMATS:
+    raise UserError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
   sampler, params, setup = sample_cli.load_sampler(str(run_dir))
   tok, context = sampler.tokenizer, sampler.context
   base = SamplingParams(max_new_tokens, temperature, stop_tokens=chat.stop_tokens(tok))
   base.validate()
-  prompts = [chat_prompt(tok, e) for e in examples]
+  prompts = [(chat_prompt if prompt_format == "chat" else plain_prompt)(tok, e) for e in examples]
   requests = []
   for i, ids in enumerate(prompts):
     if len(ids) >= context:
@@ -66,6 +83,11 @@ def replies(
       pad = batch_size - len(batch)
       out = sampler.generate(params, batch + batch[:1] * pad, batch_requests + batch_requests[:1] * pad)
       generations += out[: len(batch)]
+  if prompt_format == "plain":  # the answer is the first line; a reply that reached one ended its turn
+    generations = [
+      dataclasses.replace(g, text=g.text.split("\n")[0], finish_reason="stop" if "\n" in g.text else g.finish_reason)
+      for g in generations
+    ]
   return generations, len(prompts) / (time.perf_counter() - start)
 
 
@@ -106,8 +128,10 @@ def chat_accuracy(
   seed: int = 0,
   batch_size: int = 64,
   out_dir=None,
+  prompt_format: str = "chat",
 ) -> dict[str, float]:
-  """Exact-match accuracy of the run in `run_dir` on the first `n` examples of `eval_path` (all if None).
+  """Exact-match accuracy of the run in `run_dir` on the first `n` examples of `eval_path` (all if None),
+  prompted with the chat template or, with `prompt_format="plain"`, as the pre-training text asks.
 
   Returns {"accuracy", "n", "accuracy/TASK" for each task present, "ended_turn" (the share of replies that
   ended with <|end|> or EOS rather than at the length limit), "preferred_style" (the share in the world's
@@ -115,7 +139,7 @@ def chat_accuracy(
   ended_turn}.
   """
   examples = read_examples(eval_path, n)
-  generations, rate = replies(run_dir, examples, max_new_tokens, temperature, seed, batch_size)
+  generations, rate = replies(run_dir, examples, max_new_tokens, temperature, seed, batch_size, prompt_format)
   correct = [instructions.score(e, g.text) for e, g in zip(examples, generations, strict=True)]
   by_task = {}
   for e, right in zip(examples, correct, strict=True):
