@@ -117,6 +117,29 @@ def default_config() -> ml_collections.ConfigDict:
   c.dpo.label_smoothing = 0.0  # sigmoid only: the assumed share of flipped labels (cDPO)
   c.dpo.reference = "step"  # the reference log-probs: computed in each step, or "precomputed" once per example
 
+  c.rl = ml_collections.ConfigDict()  # objectives ppo and grpo (lm.objectives.rl): prompts in data.post_source
+  c.rl.reward_model = ""  # a reward-model run (train.objective=reward) that scores responses, or
+  c.rl.reward_fn = ""  # module:function(prompt, response, metadata) -> float, a reward a program computes
+  c.rl.max_new_tokens = 32  # the response length limit of a rollout
+  c.rl.temperature = 1.0  # rollout sampling temperature
+  c.rl.group_size = 1  # responses per prompt (GRPO's group; > 1 for grpo)
+  c.rl.num_minibatches = 1  # a rollout is train.batch_size * num_minibatches rows, one minibatch a step
+  c.rl.ppo_epochs = 1  # passes over each rollout: a rollout every ppo_epochs * num_minibatches steps
+  c.rl.cliprange = 0.2  # the policy ratio's clip
+  c.rl.kl_coef = 0.05  # PPO: the KL penalty in the reward; GRPO: beta, the KL term of the loss
+  c.rl.kl_target = 0.0  # PPO: > 0 adapts kl_coef towards this KL per response (Ziegler et al.)
+  c.rl.kl_horizon = 10_000  # PPO: the adaptive controller's horizon, in responses
+  c.rl.kl_estimator = "k1"  # k1 (log ratio) | k3 (non-negative, unbiased); GRPO uses k3 in its loss
+  c.rl.missing_eos_penalty = 1.0  # subtracted from the score of a response that never ended its turn
+  c.rl.cliprange_value = 0.2  # PPO: the value's clip around its rollout value
+  c.rl.vf_coef = 0.1  # PPO: the value loss's weight
+  c.rl.gamma = 1.0
+  c.rl.lam = 0.95
+  c.rl.whiten_rewards = False  # PPO: whiten the per-token rewards before GAE
+  c.rl.scale_rewards = True  # GRPO: divide by the group's reward std (False: Dr. GRPO)
+  c.rl.loss_aggregation = "token_mean"  # token_mean | sequence_mean (the mean of each response's token mean)
+  c.rl.eval_prompts = 64  # held-out prompts answered greedily at each eval
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: whatever devices the other axes leave
   c.mesh.fsdp = 1
@@ -338,6 +361,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"dpo.label_smoothing applies to dpo.loss 'sigmoid' only, not {cfg.dpo.loss!r}")
   if cfg.dpo.reference not in ("step", "precomputed"):
     raise UserError(f"dpo.reference must be 'step' or 'precomputed', got {cfg.dpo.reference!r}")
+  _validate_rl(cfg)
   if cfg.reward.center_coef < 0:
     raise UserError(f"reward.center_coef must be >= 0, got {cfg.reward.center_coef}")
   from lm import objectives  # noqa: PLC0415 (import-light: the registry holds names)
@@ -488,3 +512,42 @@ def incompatible_changes(saved: ml_collections.ConfigDict, new: ml_collections.C
     for k in sorted(set(old) | set(cur))
     if k not in RESUMABLE_KEYS and old.get(k) != cur.get(k)
   ]
+
+
+def _validate_rl(cfg) -> None:
+  r, objective = cfg.rl, cfg.train.objective
+  if objective not in ("ppo", "grpo"):
+    return
+  if bool(r.reward_model) == bool(r.reward_fn):
+    raise UserError(f"train.objective={objective} needs exactly one of rl.reward_model (a run) and rl.reward_fn")
+  if r.reward_fn and r.reward_fn.count(":") != 1:
+    raise UserError(f"rl.reward_fn must be module:function, got {r.reward_fn!r}")
+  if not 1 <= r.max_new_tokens < cfg.data.seq_len:
+    raise UserError(f"rl.max_new_tokens must be in [1, data.seq_len), got {r.max_new_tokens}")
+  if r.temperature <= 0:
+    raise UserError(f"rl.temperature must be > 0 (rollouts sample), got {r.temperature}")
+  if r.group_size < 1 or (objective == "grpo" and r.group_size < 2):
+    raise UserError(f"rl.group_size must be >= 1, and >= 2 for grpo, got {r.group_size}")
+  if r.num_minibatches < 1 or r.ppo_epochs < 1:
+    raise UserError(f"rl.num_minibatches and rl.ppo_epochs must be >= 1, got {r.num_minibatches}, {r.ppo_epochs}")
+  if (cfg.train.batch_size * r.num_minibatches) % r.group_size:
+    raise UserError(
+      f"a rollout's rows (train.batch_size * rl.num_minibatches = {cfg.train.batch_size * r.num_minibatches}) "
+      f"must be a multiple of rl.group_size ({r.group_size})"
+    )
+  if r.cliprange <= 0 or r.cliprange_value <= 0:
+    raise UserError(f"rl.cliprange and rl.cliprange_value must be > 0, got {r.cliprange}, {r.cliprange_value}")
+  if r.kl_coef < 0 or r.kl_target < 0 or r.kl_horizon < 1 or r.vf_coef < 0:
+    raise UserError("rl.kl_coef, rl.kl_target and rl.vf_coef must be >= 0 and rl.kl_horizon >= 1")
+  if r.kl_estimator not in ("k1", "k3"):
+    raise UserError(f"rl.kl_estimator must be 'k1' or 'k3', got {r.kl_estimator!r}")
+  if not (0 <= r.gamma <= 1 and 0 <= r.lam <= 1):
+    raise UserError(f"rl.gamma and rl.lam must be in [0, 1], got {r.gamma}, {r.lam}")
+  if r.loss_aggregation not in ("token_mean", "sequence_mean"):
+    raise UserError(f"rl.loss_aggregation must be 'token_mean' or 'sequence_mean', got {r.loss_aggregation!r}")
+  if r.eval_prompts < 1:
+    raise UserError(f"rl.eval_prompts must be >= 1, got {r.eval_prompts}")
+  if not cfg.train.init_from:
+    raise UserError(f"train.objective={objective} needs train.init_from: the run (an SFT model) the policy starts from")
+  if not cfg.data.post_source:
+    raise UserError(f"train.objective={objective} needs data.post_source: prompts (jsonl:GLOB or tfds:NAME)")

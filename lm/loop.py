@@ -129,7 +129,7 @@ def run(
   next_plot = time.monotonic() + PLOT_INTERVAL_S
   try:
     while step < last_step:
-      local = next(batches)
+      local = setup.objective.next_batch(batches, state)
       if step + 1 in poisoned:
         local = {k: v * np.float32(np.nan) if v.dtype.kind == "f" else v for k, v in local.items()}
       batch = pipeline.global_batch(local, batch_sharding)
@@ -150,6 +150,7 @@ def run(
       row = {}
       if step % t.log_every == 0 or step == last_step:
         row.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
+        row.update(setup.objective.log_metrics(batches))
         elapsed = time.perf_counter() - window_start
         if window_steps:
           row["tokens_per_s"] = window_steps * tokens_per_step / elapsed

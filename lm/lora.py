@@ -43,8 +43,8 @@ from lm.model import LORA_A, LORA_B, ModelConfig
 
 
 def _trainable(name: str) -> bool:
-  """A LoRA run trains its adapters and a scalar head, which no base run has to freeze."""
-  return name.endswith((LORA_A, LORA_B)) or name == "score"
+  """A LoRA run trains its adapters, and a scalar head or a PPO value head, which no base run has to freeze."""
+  return name.endswith((LORA_A, LORA_B)) or name in ("score", "value_head")
 
 
 def lora_mask(params):

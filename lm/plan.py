@@ -406,8 +406,11 @@ def abstract_batch(cfg: ml_collections.ConfigDict, mesh) -> dict:
   dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32}
   dtypes["loss_mask"] = jnp.float32
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, dtype in dtypes.items()}
-  for key in objectives.create(cfg).row_scalars:
+  objective = objectives.create(cfg)
+  for key in objective.row_scalars:
     batch[key] = jax.ShapeDtypeStruct(shape[:1], jnp.float32, sharding=sharding)
+  for key in objective.token_arrays:
+    batch[key] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
   return batch
 
 

@@ -217,8 +217,11 @@ class Sampler:
     del state["left"]
     return state
 
-  def _start(self, params, prompts: list[list[int]], requests: list[SamplingParams]) -> tuple[dict, dict]:
-    """Checks the requests, prefills the left-padded prompts and returns (state, controls)."""
+  def _start(
+    self, params, prompts: list[list[int]], requests: list[SamplingParams], prompt_length: int | None = None
+  ) -> tuple[dict, dict]:
+    """Checks the requests, prefills the left-padded prompts and returns (state, controls). With `prompt_length`,
+    prompts are padded to at least that many tokens, so batches of any prompts share one compiled program."""
     assert len(prompts) == len(requests)
     for r in requests:
       r.validate(self.context)
@@ -233,6 +236,7 @@ class Sampler:
         )
     # Padding both lengths up to a multiple of BUCKET lets requests of similar sizes share compiled programs.
     b, longest = len(prompts), -(-max(len(p) for p in prompts) // BUCKET) * BUCKET
+    longest = max(longest, prompt_length or 0)
     max_new = -(-max(r.max_new_tokens for r in requests) // BUCKET) * BUCKET
     prompt_BxP = np.full((b, longest), EOS_ID, np.int32)
     positions_BxP = np.zeros((b, longest), np.int32)
@@ -272,11 +276,18 @@ class Sampler:
     return state, controls
 
   def stream(
-    self, params, prompts: list[list[int]], requests: list[SamplingParams], first_chunk: int = 4, chunk: int = 64
+    self,
+    params,
+    prompts: list[list[int]],
+    requests: list[SamplingParams],
+    first_chunk: int = 4,
+    chunk: int = 64,
+    prompt_length: int | None = None,
   ) -> Iterator[Progress]:
     """Yields every row's progress after each chunk of decode steps: `first_chunk` steps, then
-    twice as many each time up to `chunk`. Ends once every row has stopped."""
-    state, controls = self._start(params, prompts, requests)
+    twice as many each time up to `chunk`. Ends once every row has stopped. A row's tokens include the
+    stop token that ended it. `prompt_length` as `_start`."""
+    state, controls = self._start(params, prompts, requests, prompt_length)
     steps = first_chunk
     while True:
       state = self._decode(params, state, controls, np.int32(steps))

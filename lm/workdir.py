@@ -108,7 +108,7 @@ def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer
     raise UserError(f"{workdir} has checkpoints but its tokenizer is missing (tokenizer.json)")
   source, step = config_lib.init_from(cfg)
   if cfg.train.init_from and step is None:  # token ids must mean what they meant to the source's params
-    _check_run(source, "train.init_from")
+    check_run(source, "train.init_from")
     return tokenizer_lib.Tokenizer.from_bytes(_checked_tokenizer(cfg, epath.Path(source)).to_bytes())
   return tokenizer_lib.train_tokenizer(cfg, corpus_builder.training_text(cfg, cfg.tokenizer.train_bytes))
 
@@ -125,7 +125,7 @@ def _checked_tokenizer(cfg, directory: epath.Path) -> tokenizer_lib.Tokenizer:
   return tok
 
 
-def _check_run(directory: str, what: str) -> None:
+def check_run(directory: str, what: str) -> None:
   """Raises UserError unless `directory` holds a run (its config and tokenizer)."""
   path = epath.Path(directory)
   for name in ("config.json", "tokenizer.json"):
@@ -255,7 +255,7 @@ def _params_from(source: str, step: int | None, tok, setup: state.Setup, what: s
   """(params, record): the params of checkpoint `step` (None: the newest good one) of the run in `source`, as a
   model of `setup` with tokenizer `tok` starts from them (`start_params`), and the record of where they came
   from. Errors are one line starting with `what`."""
-  _check_run(source, what)
+  check_run(source, what)
   source_cfg, source_tok = load_run(source)
   if source_tok.to_bytes() != tok.to_bytes():
     raise UserError(f"{what}: {source} has another tokenizer than this run's")

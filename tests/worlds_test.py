@@ -6,7 +6,7 @@ import pytest
 
 from lm.worlds import instructions as world
 
-SIZES = {"n_train": 300, "n_eval": 60, "n_pairs": 200, "n_pretrain": 20}
+SIZES = {"n_train": 300, "n_eval": 60, "n_pairs": 200, "n_pretrain": 20, "n_prompts": 90}
 OTHER_STYLES = [s for s in world.STYLES if s != world.PREFERRED_STYLE]
 
 
@@ -78,7 +78,11 @@ def test_a_prompt_and_its_longest_reply_fit_in_max_chars():
 def test_world_is_deterministic_from_the_seed(tmp_path, files):
   again = world.write_world(tmp_path / "again", seed=3, **SIZES)
   other = world.write_world(tmp_path / "other", seed=4, **SIZES)
-  assert set(again) == set(files) == {"pretrain", "sft_train", "sft_eval", "prefs_train", "prefs_eval", "eval"}
+  assert (
+    set(again)
+    == set(files)
+    == {"pretrain", "sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "eval"}
+  )
   for name, path in files.items():
     assert again[name].read_bytes() == path.read_bytes(), name
     assert other[name].read_bytes() != path.read_bytes(), name
@@ -105,11 +109,12 @@ def test_heldout_prompts_never_appear_in_training_files(files):
   assert len(eval_prompts) > 40
   sft = {r["messages"][0]["content"] for r in _read(files["sft_train"])}
   pairs = {r["prompt"] for r in _read(files["prefs_train"])}
+  prompts = {r["prompt"] for r in _read(files["prompts_train"])}
   pretrain = "\n".join(r["text"] for r in _read(files["pretrain"]))
   questions = [line[3:] for line in pretrain.splitlines() if line.startswith("Q: ")]
   assert len(questions) == SIZES["n_pretrain"] * world.QA_PER_DOCUMENT
   questions = set(questions)
-  for training in (sft, pairs, questions):
+  for training in (sft, pairs, prompts, questions):
     assert training and not training & eval_prompts
 
 
@@ -229,6 +234,10 @@ def test_files_are_in_the_documented_formats(files):
       list(r) == ["prompt", "chosen", "rejected"] and all(isinstance(v, str) for v in r.values()) for r in rows
     )
   assert [r["prompt"] for r in _read(files["prefs_eval"])] == [e.prompt for e in held]
+  prompts = world.read_examples(files["prompts_train"])
+  assert len(prompts) == SIZES["n_prompts"] and prompts == world.sample_examples(
+    3, SIZES["n_prompts"], "train", "prompts"
+  )
   docs = _read(files["pretrain"])
   assert [d["id"] for d in docs] == [f"doc{i}" for i in range(SIZES["n_pretrain"])]
   for doc in docs:
@@ -236,3 +245,13 @@ def test_files_are_in_the_documented_formats(files):
     assert len(blocks) == world.QA_PER_DOCUMENT
     assert all(b.startswith("Q: ") and b.count("\nA: ") == 1 for b in blocks)
     assert "<|" not in doc["text"] and "The answer is" not in doc["text"] and "Answer:" not in doc["text"]
+
+
+def test_the_correct_reward_is_the_checker_on_the_record_answer(files):
+  for record in [json.loads(line) for line in files["prompts_train"].read_text().splitlines()][:30]:
+    example = world.Example(**{**record, "args": tuple(record["args"])})
+    meta = {k: v for k, v in record.items() if k != "prompt"}
+    for style in world.STYLES:
+      reply = world.STYLES[style][0] + example.answer + world.STYLES[style][1]
+      assert world.correct(record["prompt"], reply, meta) == 1.0
+    assert world.correct(record["prompt"], example.answer + " x", meta) == 0.0

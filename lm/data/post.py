@@ -57,7 +57,7 @@ from lm.data import corpus_builder, pipeline, sources, tokens
 from lm.errors import UserError
 from lm.tokenizer import Tokenizer
 
-KINDS = ("sft", "preference")
+KINDS = ("sft", "preference", "prompt")
 OVERLONG = ("truncate", "drop", "error")
 USAGE = "jsonl:GLOB or tfds:NAME[/CONFIG][:VERSION][:SPLIT]"
 
@@ -68,6 +68,15 @@ class Record:
 
   where: str  # PATH:LINE, or SOURCE record I
   value: object
+
+
+@dataclasses.dataclass
+class Prompt:
+  """A prompt to answer (reinforcement learning): messages ending before an assistant turn, and the record's
+  other fields (`metadata`), which a reward function reads (`rl.reward_fn`)."""
+
+  prompt: list[dict]
+  metadata: dict
 
 
 @dataclasses.dataclass
@@ -188,6 +197,31 @@ def pair(record: Record) -> Pair:
   return Pair(prompt, chosen, rejected, float(margin))
 
 
+def prompt(record: Record) -> Prompt:
+  """The prompt of a record: `{"prompt": P, ...}` (P a string, one user message, or a list of messages), or a
+  conversation `{"messages": [...]}` up to its last assistant turn, whose content becomes metadata["reference"].
+  The record's other fields are the metadata."""
+  value = record.value
+  try:
+    if not isinstance(value, dict) or ("prompt" not in value and "messages" not in value):
+      raise UserError('a prompt record is {"prompt": ...} or a conversation {"messages": [...]}')
+    metadata = {k: v for k, v in value.items() if k not in ("prompt", "messages")}
+    if "prompt" in value:
+      messages = value["prompt"]
+      messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+      _check("prompt", messages, need_assistant=False)
+    else:
+      _check("messages", value["messages"], need_assistant=False)
+      messages = value["messages"]
+      if messages[-1]["role"] == "assistant":
+        messages, metadata = messages[:-1], {**metadata, "reference": messages[-1]["content"]}
+    if not messages or messages[-1]["role"] == "assistant":
+      raise UserError("the prompt must end with a message the assistant answers (not an assistant turn)")
+  except UserError as e:
+    raise UserError(f"{record.where}: {e}") from None
+  return Prompt(messages, metadata)
+
+
 def _check(key: str, messages, need_assistant: bool = True) -> None:
   try:
     chat.check(messages, need_assistant)
@@ -211,7 +245,7 @@ def identity(record: Record, item) -> str:
   given = record.value.get("id") if isinstance(record.value, dict) else None
   if given is not None:
     return f"id:{given}"
-  turns = _turns(item.prompt if isinstance(item, Pair) else item)
+  turns = _turns(item.prompt if isinstance(item, Pair | Prompt) else item)
   return sources.text_identity(json.dumps(turns))
 
 
@@ -276,7 +310,7 @@ def parse(cfg, source: str, kind: str, eval_fraction: float = 0.0, eval_source: 
   eval: eval from `eval_source` if given, else the hash split (empty without `eval_fraction`)."""
   if kind not in KINDS:
     raise UserError(f"post-training data kind must be one of {', '.join(KINDS)}, got {kind!r}")
-  read = conversation if kind == "sft" else pair
+  read = {"sft": conversation, "preference": pair, "prompt": prompt}[kind]
   records = read_records(cfg, source)
   if not records:
     raise UserError(f"post-training data source {source!r} holds no records")

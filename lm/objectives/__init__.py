@@ -21,6 +21,8 @@ REGISTRY = {  # train.objective -> "module:class"
   "lm": "lm.objectives.lm:NextToken",
   "reward": "lm.objectives.reward:Reward",
   "dpo": "lm.objectives.dpo:DPO",
+  "ppo": "lm.objectives.rl:PPO",
+  "grpo": "lm.objectives.rl:GRPO",
 }
 
 
@@ -42,6 +44,7 @@ class Objective:
 
   rows_per_example = 1  # rows of a batch that belong together (a preference pair's 2): one microbatch holds them
   row_scalars: tuple[str, ...] = ()  # batch keys beyond the common format, float32 [B] (a preference pair's margin)
+  token_arrays: tuple[str, ...] = ()  # batch keys beyond the common format, float32 [B, T] (a rollout's advantages)
 
   def __init__(self, cfg: ml_collections.ConfigDict):
     self.cfg = cfg
@@ -79,6 +82,15 @@ class Objective:
   def train_batches(self, tokenizer, process_index: int, process_count: int) -> Batches:
     """This process's train batches. Built before the workdir is written, so their errors come first."""
     raise NotImplementedError
+
+  def next_batch(self, batches: Batches, state) -> dict:
+    """This process's batch for the next step. `state` is the one the step will train (read only): an objective
+    whose batches come from the current params (an RL rollout) makes them from it. `next(batches)` by default."""
+    return next(batches)
+
+  def log_metrics(self, batches: Batches) -> dict:
+    """Metrics the batches measured (an RL rollout's rewards), logged with each log step's. None by default."""
+    return {}
 
   def begin(self, setup, state, batches: Batches, start: int) -> None:
     """Called once the state the run trains from exists (initialised, or restored at step `start`), before

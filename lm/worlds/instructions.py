@@ -46,6 +46,8 @@ Files (`write_world`), JSON lines, all deterministic from the seed:
   prefs_train.jsonl  {"prompt", "chosen", "rejected"}: TRL's standard format, the prompt being the user
                      message and chosen/rejected the assistant replies (train inputs).
   prefs_eval.jsonl   pairs on the held-out examples, for a reward model's accuracy.
+  prompts_train.jsonl  train examples in eval.jsonl's form, prompts for PPO and GRPO (`data.post_source`;
+                     `correct` is the reward a program computes from their answers).
   eval.jsonl         the held-out examples {"task", "phrasing", "args", "prompt", "answer"}, for
                      accuracy and win rates (`read_examples`, `score`, `judge`).
 """
@@ -248,6 +250,14 @@ def _rank(example: Example, reply: str) -> tuple[bool, bool]:
   return score(example, reply), parse(reply)[0] == PREFERRED_STYLE
 
 
+def correct(prompt, response: str, metadata: dict) -> float:
+  """A reward a program computes (`rl.reward_fn = "lm.worlds.instructions:correct"`): 1.0 for a response that
+  answers correctly (`score`, any style), else 0.0. `metadata` is an example record's (prompts_train.jsonl,
+  eval.jsonl), which holds the answer."""
+  del prompt
+  return float(parse(response)[1] == metadata["answer"])
+
+
 def judge(example: Example, reply_a: str, reply_b: str) -> float:
   """1.0 if the hidden rule prefers `reply_a` to `reply_b`, 0.0 if it prefers `reply_b`, 0.5 for a tie."""
   a, b = _rank(example, reply_a), _rank(example, reply_b)
@@ -331,12 +341,19 @@ def read_examples(path) -> list[Example]:
 
 
 def write_world(
-  directory, seed: int = 0, n_train: int = 10_000, n_eval: int = 500, n_pairs: int = 5_000, n_pretrain: int = 5_000
+  directory,
+  seed: int = 0,
+  n_train: int = 10_000,
+  n_eval: int = 500,
+  n_pairs: int = 5_000,
+  n_pretrain: int = 5_000,
+  n_prompts: int = 5_000,
 ) -> dict[str, epath.Path]:
   """Writes the world's files into `directory` (see the module docstring) and returns their paths by name:
   pretrain (`n_pretrain` documents), sft_train (`n_train` conversations), prefs_train (`n_pairs` pairs,
-  drawn apart from the SFT examples), and on the same `n_eval` held-out examples sft_eval, prefs_eval and
-  eval. Each file is replaced whole (written aside, then renamed)."""
+  drawn apart from the SFT examples), prompts_train (`n_prompts` examples, drawn apart again, for
+  reinforcement learning), and on the same `n_eval` held-out examples sft_eval, prefs_eval and eval. Each
+  file is replaced whole (written aside, then renamed)."""
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   heldout = sample_examples(seed, n_eval, "eval")
@@ -346,6 +363,7 @@ def write_world(
     "sft_eval": conversations(heldout, seed),
     "prefs_train": preference_pairs(sample_examples(seed, n_pairs, "train", "pairs"), seed),
     "prefs_eval": preference_pairs(heldout, seed),
+    "prompts_train": [example_record(e) for e in sample_examples(seed, n_prompts, "train", "prompts")],
     "eval": [example_record(e) for e in heldout],
   }
   paths = {}
