@@ -183,6 +183,10 @@ class Sampler:
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("length",))
     self._decode = jax.jit(self._decode_impl, donate_argnames=("state",))
 
+  def compiles(self) -> int:
+    """Programs compiled so far (prefill and decode loop): what a caller that keeps its shapes fixed keeps at 2."""
+    return self._prefill._cache_size() + self._decode._cache_size()
+
   def _prefill_impl(self, params, prompt_BxP, positions_BxP, length: int):
     logits_BxPxV, cache = self.apply_fn(params, prompt_BxP, positions_BxP, self.init_cache(prompt_BxP.shape[0], length))
     return logits_BxPxV[:, -1], cache

@@ -101,6 +101,12 @@ def _isolated_cache(tmp_path, monkeypatch):
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
+def length_reward(prompt, response: str, metadata: dict) -> float:
+  """A reward function for RL tests (`rl.reward_fn = "conftest:length_reward"`): varied for any model's replies."""
+  del prompt, metadata
+  return len(response) / 16
+
+
 def write_conversations(path, n: int, seed: int = 0) -> str:
   """`n` conversations as JSONL: the user says 8 random letters (noise), the assistant always replies "yes".
 

@@ -19,6 +19,7 @@ from lm import metrics as metrics_lib
 from lm import state as state_lib
 from lm import tokenizer as tokenizer_lib
 from lm import workdir as workdir_lib
+from lm.worlds import instructions
 
 from conftest import REPO, run_devices_script, tiny_config, write_conversations, write_pairs
 
@@ -58,6 +59,19 @@ POST_TRAINING = {
     'c.dpo.reference = "precomputed"',
   ],
 }
+RL = [  # rollouts at steps 1 and 7: checkpoints 4 and 8 fall inside a rollout, 12 at its end
+  'c.data.post_source = "jsonl:{root}/world/prompts_train.jsonl"',
+  'c.data.post_eval_source = "jsonl:{root}/world/eval.jsonl"',
+  "c.data.seq_len = 96",
+  'c.train.init_from = "{root}/source"',
+  'c.rl.reward_fn = "conftest:length_reward"',
+  "c.rl.max_new_tokens = 16",
+  "c.rl.num_minibatches = 2",
+  "c.rl.ppo_epochs = 3",
+  "c.rl.eval_prompts = 8",
+]
+POST_TRAINING["ppo"] = [*RL, 'c.train.objective = "ppo"']
+POST_TRAINING["grpo"] = [*RL, 'c.train.objective = "grpo"', "c.rl.group_size = 4"]
 
 # `lm train` with each logged row followed by a pause, so that a signal lands mid-run, and optionally
 # with the commit of one checkpoint step held back, so that a kill lands during its asynchronous save.
@@ -99,7 +113,9 @@ def experiment(tmp_path_factory):
     (root / f"{objective}.py").write_text(EXPERIMENT.format(root=root, extra=extra))
   write_conversations(root / "chats.jsonl", 300)
   write_pairs(root / "pairs.jsonl", 200)
+  instructions.write_world(root / "world", seed=0, n_train=10, n_eval=20, n_pairs=10, n_pretrain=5, n_prompts=100)
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(REPO, "tests"), env.get("PYTHONPATH")]))
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # later processes reuse the first one's executables
   return root, env
 
@@ -197,7 +213,7 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_losses(experiment
 @pytest.mark.parametrize("objective", POST_TRAINING)
 def test_a_killed_post_training_run_resumes_to_the_uninterrupted_losses(experiment, tmp_path, objective):
   root, _ = experiment
-  if objective == "dpo" and not (root / "source").exists():
+  if objective in ("dpo", "ppo", "grpo") and not (root / "source").exists():
     finish(lm_train(experiment, root / "source", "--config.train.steps=4"))
   reference, workdir = tmp_path / "reference", tmp_path / "run"
   finish(lm_train(experiment, reference, config=objective))
@@ -211,7 +227,12 @@ def test_a_killed_post_training_run_resumes_to_the_uninterrupted_losses(experime
   rows = metrics_lib.read_metrics(str(workdir))
   assert [r["step"] for r in rows] == list(range(1, 13))
   assert {r["step"]: r["train/loss"] for r in rows} == expected  # bitwise: the data and its reference log-probs
-  assert rows[-1]["eval/loss"] == metrics_lib.read_metrics(str(reference))[-1]["eval/loss"]
+  last = metrics_lib.read_metrics(str(reference))[-1]
+  evaluated = "eval/reward" if objective in ("ppo", "grpo") else "eval/loss"
+  assert rows[-1][evaluated] == last[evaluated]
+  if objective in ("ppo", "grpo"):  # the rollouts too: rewards, KL and advantages' effect on the loss
+    for key in ("rl/reward", "rl/kl", "rl/response_length", "train/policy_loss"):
+      assert [r[key] for r in rows] == [r[key] for r in metrics_lib.read_metrics(str(reference))], key
   resumed, uninterrupted = state_at(workdir, 12), state_at(reference, 12)
   for name in ("rng", "params", "opt_state", "frozen"):
     leaves = jax.tree.leaves((getattr(resumed, name), getattr(uninterrupted, name)))

@@ -176,8 +176,22 @@ class RL(Objective):
     ids, items = self.eval.ids[:n], self.eval.items[:n]
 
     def evaluate(params) -> dict:
-      rows, texts, ended, lengths = batches.respond(params, ids, temperature=0.0, seed=0)
-      scores = self.scores(batches.to_global(rows), texts, items)
+      scores, texts, ended, lengths = [], [], [], []
+      for lo in range(0, n, batches.rows):  # rollout-sized batches (the last one padded): no new compilation
+        chunk = ids[lo : lo + batches.rows]
+        padded = chunk + chunk[:1] * (batches.rows - len(chunk))
+        rows, chunk_texts, chunk_ended, chunk_lengths = batches.respond(params, padded, temperature=0.0, seed=0)
+        chunk_scores = self.scores(
+          batches.to_global(rows),
+          chunk_texts,
+          items[lo : lo + batches.rows] + [items[lo]] * (batches.rows - len(chunk)),
+        )
+        keep = len(chunk)
+        scores.append(chunk_scores[:keep])
+        texts += chunk_texts[:keep]
+        ended.append(chunk_ended[:keep])
+        lengths.append(chunk_lengths[:keep])
+      scores, ended, lengths = np.concatenate(scores), np.concatenate(ended), np.concatenate(lengths)
       row = {
         "eval/reward": float(np.mean(scores - self.cfg.rl.missing_eos_penalty * (1 - ended))),
         "eval/score": float(np.mean(scores)),
@@ -462,6 +476,7 @@ class Rollouts:
         "rl/rollout_s": time.perf_counter() - now,
         "rl/rollout_tokens_per_s": float(np.sum(lengths)) / generate_s,
         "rl/rollouts": float(self.rollouts + 1),
+        "rl/sampler_compiles": float(self.sampler.compiles()),
       }
     )
     if "explained_variance" in host:
@@ -493,6 +508,7 @@ class Rollouts:
   def get_state(self) -> dict:
     state = {"batches": self.batches, "rollouts": self.rollouts, "kl_coef": self.kl_coef, "rm_step": self.rm_step}
     if self.buffer is not None and self.batches % self.per_rollout:
+      state["metrics"] = self.metrics  # the rollout's, logged until the next
       state["buffer"] = {k: {"dtype": str(v.dtype), "values": v.tolist()} for k, v in self.buffer.items()}
     return state
 
@@ -501,5 +517,6 @@ class Rollouts:
       raise UserError("the checkpoint holds no RL rollout state (was it saved by another objective?)")
     self.batches, self.rollouts, self.kl_coef = int(state["batches"]), int(state["rollouts"]), float(state["kl_coef"])
     self.rm_step = state.get("rm_step")
+    self.metrics = dict(state.get("metrics", {}))
     buffer = state.get("buffer")
     self.buffer = None if buffer is None else {k: np.array(v["values"], v["dtype"]) for k, v in buffer.items()}
