@@ -4,7 +4,7 @@ lm train --config FILE --workdir DIR [--config.KEY=VALUE ...]
 lm plot DIR [DIR ...] [--out DIR]
 lm bench train [--preset ref] [--config.KEY=VALUE ...]
 lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P ...]
-lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON]
+lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON];  lm bench rl [--preset ref] [--steps ROLLOUTS]
 lm chat --workdir DIR [--system TEXT] [--messages F|- --json] [decoding controls as lm sample]
 lm reward --workdir DIR --file F.jsonl;  lm lora merge --workdir DIR --out DIR2
 lm study --config FILE --workdir DIR   (a chain of dependent runs and steps, then its report)
@@ -78,9 +78,9 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: DIR/plots of the first run)")
 
   p = sub.add_parser("bench", help="benchmarks that print one JSON line")
-  p.add_argument("what", choices=["train", "sample", "matmul", "fit", "data"])
+  p.add_argument("what", choices=["train", "sample", "matmul", "fit", "data", "rl"])
   p.add_argument("--preset", default="ref", help="model preset (default: ref)")
-  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--steps", type=int, default=10, help="timed steps (rl: rollouts)")
   p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
   p.add_argument(
     "--peer", default=None, metavar="PYTHON", help="also run the peer with this interpreter (matmul: one with torch)"

@@ -364,25 +364,29 @@ def load_run(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizer_lib.Tok
   return config_lib.from_json((path / "config.json").read_text()), tokenizer_lib.load_tokenizer(path)
 
 
-def load_params(workdir: str) -> tuple[ml_collections.ConfigDict, tokenizer_lib.Tokenizer, state.Setup, dict]:
-  """(config, tokenizer, Setup, params) of the newest checkpoint in `workdir` that restores; writes nothing.
+def load_params(
+  workdir: str, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, tokenizer_lib.Tokenizer, state.Setup, dict]:
+  """(config, tokenizer, Setup, params) of the newest checkpoint in `workdir` that restores (or of checkpoint
+  `step`); writes nothing.
 
   The run's mesh and sharding rules are kept when the devices fit them; otherwise the params are
   laid out data-parallel over the devices present. Damaged newer checkpoints are skipped, with a warning.
   A LoRA run's params hold its base weights and adapters, as its model reads them.
   """
-  cfg, tok, setup, restored = load_checkpoint(workdir)
+  cfg, tok, setup, restored = load_checkpoint(workdir, step)
   return cfg, tok, setup, restored.state.params
 
 
 def load_checkpoint(
-  workdir: str,
+  workdir: str, step: int | None = None
 ) -> tuple[ml_collections.ConfigDict, tokenizer_lib.Tokenizer, state.Setup, checkpoint_lib.Restored]:
-  """(config, tokenizer, Setup, the newest checkpoint that restores) of the run in `workdir`, as `load_params`."""
+  """(config, tokenizer, Setup, the newest checkpoint that restores, or checkpoint `step`) of the run in
+  `workdir`, as `load_params`."""
   cfg, tok = load_run(workdir)
   try:
     config_lib.mesh_shape(cfg, jax.device_count())
   except UserError:
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
   setup = state.build(cfg, tok.loaded_vocab_size, partitioning.make_mesh(cfg))
-  return cfg, tok, setup, restore_newest(workdir, cfg, tok, setup)
+  return cfg, tok, setup, restore_newest(workdir, cfg, tok, setup, step)

@@ -122,3 +122,14 @@ def test_bench_data_times_both_pipelines_from_a_fresh_cache(tmp_path, capsys, te
   for shuffle in ("global", "window"):
     assert record[f"{shuffle}_tokens_per_s"] > 0 and record[f"{shuffle}_first_batch_s"] > 0
   assert cli.main(["bench", "data"]) == 2
+
+
+def test_bench_rl_reports_rollout_and_update_rates_from_a_real_run(capsys):
+  tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64"]
+  args = ["bench", "rl", "--preset", "small", "--steps", "3", *[f"--config.{o}" for o in tiny]]
+  args.append("--config.train.batch_size=8")
+  assert cli.main(args) == 0
+  record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert record["preset"] == "small" and record["rollouts_timed"] == 3 and record["rollout_rows"] == 16
+  assert record["rollout_tokens_per_s"] > 0 and record["update_tokens_per_s"] > 0 and 0 < record["rollout_share"] < 1
+  assert record["sampler_compiles"] == 2  # one prefill and one decode loop for every rollout

@@ -158,3 +158,18 @@ def test_bad_input_is_a_one_line_error(world, tmp_path):
     instruct.chat_accuracy(runs["a"], tmp_path / "nope.jsonl")
   with pytest.raises(UserError, match="n must be at least 1, got 0"):
     instruct.win_rate(runs["a"], runs["b"], paths["eval"], n=0)
+
+
+def test_reward_and_kl_of_a_run_against_itself_is_zero_and_the_frontier_plots_every_checkpoint(world, tmp_path):
+  paths, runs = world
+  same = instruct.reward_and_kl(runs["a"], runs["a"], runs["rm"], paths["eval"], n=6, max_new_tokens=12)
+  assert same["kl"] == 0.0 and same["step"] == 2 and same["n"] == 6 and np.isfinite(same["reward"])
+  other = instruct.reward_and_kl(runs["a"], runs["b"], runs["rm"], paths["eval"], n=6, max_new_tokens=12)
+  assert other["kl"] != 0.0 and other["reward"] == same["reward"]  # the same replies, scored by the same model
+  points = instruct.frontier({"b": runs["b"]}, runs["a"], runs["rm"], paths["eval"], tmp_path, n=6)
+  assert [p["step"] for p in points["b"]] == [2] and points["reference"][0]["kl"] == 0.0
+  assert points["b"][0]["kl"] == pytest.approx(
+    instruct.reward_and_kl(runs["b"], runs["a"], runs["rm"], paths["eval"], n=6)["kl"]
+  )
+  assert (tmp_path / "frontier.png").stat().st_size > 0
+  assert json.loads((tmp_path / "frontier.json").read_text()) == points

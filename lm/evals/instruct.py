@@ -25,10 +25,12 @@ import json
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from lm import chat, sample_cli
+from lm import sampling as sampling_lib
 from lm import workdir as workdir_lib
 from lm.data import post
 from lm.errors import UserError
@@ -251,3 +253,115 @@ def reward_accuracy(rm_run_dir, pairs_path, n: int | None = None, batch_size: in
     "truncated": truncated,
     "dropped": len(records) - len(examples),
   }
+
+
+def reward_and_kl(
+  run_dir,
+  reference_dir,
+  rm_dir,
+  eval_path,
+  n: int | None = None,
+  step: int | None = None,
+  max_new_tokens: int = MAX_NEW_TOKENS,
+  temperature: float = 1.0,
+  seed: int = 0,
+  batch_size: int = 64,
+) -> dict[str, float]:
+  """Where a policy checkpoint sits on the reward-KL plane: its replies to the first `n` examples of `eval_path`
+  (sampled at `temperature`, example i with seed `seed` + i), their mean score under the reward model in `rm_dir`
+  (`reward`), and KL(policy || reference) estimated on them (`kl`: the mean over replies of the summed
+  log-ratio of the policy in `run_dir` (checkpoint `step`, else the newest) to the reference run's, over the
+  reply's tokens and its end-of-turn token). Also `accuracy` and `preferred_style` of the replies, and `step`.
+  Run in one process."""
+  from lm.objectives import rl  # noqa: PLC0415
+
+  examples = read_examples(eval_path, n)
+  cfg, tok, setup, params = workdir_lib.load_params(str(run_dir), step)
+  restored_step = workdir_lib.load_checkpoint(str(run_dir), step)[3].step if step is None else step
+  sampler = sampling_lib.Sampler.for_model(setup.model, cfg.data.seq_len, tok)
+  stops = chat.stop_tokens(tok)
+  prompts = [chat_prompt(tok, e) for e in examples]
+  responses = []
+  with setup.context():
+    for lo in range(0, len(prompts), batch_size):
+      batch = prompts[lo : lo + batch_size]
+      requests = [
+        SamplingParams(
+          min(max_new_tokens, cfg.data.seq_len - len(p)), temperature, stop_tokens=stops, seed=seed + lo + i
+        )
+        for i, p in enumerate(batch)
+      ]
+      *_, last = sampler.stream(
+        rl.model_params(params), batch, requests, first_chunk=max_new_tokens, chunk=max_new_tokens
+      )
+      responses += last.tokens
+  rows, texts, _, _ = rl.response_rows(tok, prompts, responses, cfg.data.seq_len, set(stops) | {sampler.eos_id})
+
+  def summed_logps(workdir, params_=None, setup_=None):
+    if params_ is None:
+      _, _, setup_, params_ = workdir_lib.load_params(str(workdir))
+    logps = jax.jit(lambda p, b: jnp.sum(rl.token_logps(setup_.model, p, b)[0] * b["loss_mask"], axis=1))
+    with setup_.context():
+      return np.concatenate(
+        [np.asarray(logps(params_, _slice(rows, lo, batch_size))) for lo in range(0, len(prompts), batch_size)]
+      )
+
+  policy, reference = summed_logps(run_dir, params, setup), summed_logps(reference_dir)
+  _, _, rm_setup, rm_params = workdir_lib.load_params(str(rm_dir))
+  score = jax.jit(functools.partial(reward.rewards, rm_setup.model))
+  with rm_setup.context():
+    scores = np.concatenate(
+      [np.asarray(score(rm_params, _slice(rows, lo, batch_size))) for lo in range(0, len(prompts), batch_size)]
+    )
+  return {
+    "step": int(restored_step),
+    "reward": float(np.mean(scores)),
+    "kl": float(np.mean(policy - reference)),
+    **shares(examples, texts),
+    "n": len(examples),
+  }
+
+
+def _slice(rows: dict, lo: int, size: int) -> dict:
+  return {k: v[lo : lo + size] for k, v in rows.items()}
+
+
+def frontier(runs: dict, reference_dir, rm_dir, eval_path, out_dir, n: int = 128, seed: int = 0) -> dict:
+  """`reward_and_kl` of every checkpoint of each run in `runs` ({label: run_dir}) and of the reference itself,
+  plotted as reward against KL (`out_dir/frontier.png`, one line per run through its checkpoints in order);
+  returns {label: [points]} (also in `out_dir/frontier.json`), the reference under "reference"."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  from lm import checkpoint as checkpoint_lib  # noqa: PLC0415
+
+  points = {"reference": [reward_and_kl(reference_dir, reference_dir, rm_dir, eval_path, n, seed=seed)]}
+  for label, run in runs.items():
+    directory = checkpoint_lib.checkpoint_dir(str(run))
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    points[label] = [reward_and_kl(run, reference_dir, rm_dir, eval_path, n, step=s, seed=seed) for s in steps]
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "frontier.json").write_text(json.dumps(points, indent=2))
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  base = points["reference"][0]
+  ax.scatter([0.0], [base["reward"]], color="black", zorder=3, label="SFT (reference)")
+  for label, run_points in points.items():
+    if label == "reference":
+      continue
+    xs, ys = [0.0] + [p["kl"] for p in run_points], [base["reward"]] + [p["reward"] for p in run_points]
+    ax.plot(xs, ys, marker="o", label=label)
+    ax.annotate(
+      f"step {run_points[-1]['step']}", (xs[-1], ys[-1]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+    )
+  ax.set_xlabel("KL(policy || SFT) per reply, nats")
+  ax.set_ylabel("reward model score")
+  ax.set_title("Reward against KL on held-out prompts")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out / "frontier.png", dpi=120)
+  plt.close(fig)
+  return points

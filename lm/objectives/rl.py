@@ -205,6 +205,26 @@ class RL(Objective):
     return evaluate
 
 
+def response_rows(tok, prompts: list[list[int]], responses: list[list[int]], seq_len: int, stops: set[int]):
+  """(rows in the batch format [N, seq_len], response texts, ended [N], response lengths [N]) of prompts and the
+  responses sampled after them (each with the stop token that ended it, if one did): one right-padded sequence a
+  row, `loss_mask` on the response's tokens, the stop token included."""
+  n = len(prompts)
+  rows = {k: np.zeros((n, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+  rows["loss_mask"] = np.zeros((n, seq_len), np.float32)
+  ended, lengths, texts = np.zeros(n), np.zeros(n), []
+  for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+    ids = np.array(prompt + response, np.int32)
+    m = len(ids) - 1
+    rows["inputs"][i, :m], rows["targets"][i, :m] = ids[:-1], ids[1:]
+    rows["segment_ids"][i, :m], rows["positions"][i, :m] = 1, np.arange(m)
+    rows["loss_mask"][i, len(prompt) - 1 : m] = 1.0
+    ended[i] = bool(response) and response[-1] in stops
+    lengths[i] = len(response)
+    texts.append(tok.decode([x for x in response if x not in stops]))
+  return rows, texts, ended, lengths
+
+
 def reward_model_setup(cfg, tok):
   """(config, tokenizer, Setup on this run's mesh) of the reward-model run `rl.reward_model`, checked."""
   from lm import state as state_lib  # noqa: PLC0415
@@ -404,21 +424,7 @@ class Rollouts:
       chunk=c.rl.max_new_tokens,
       prompt_length=self.prompt_length,
     )
-    n, t = len(prompts), c.data.seq_len
-    rows = {k: np.zeros((n, t), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-    rows["loss_mask"] = np.zeros((n, t), np.float32)
-    stops = set(self.stop) | {self.sampler.eos_id}
-    ended, lengths, texts = np.zeros(n), np.zeros(n), []
-    for i, (prompt, response) in enumerate(zip(prompts, last.tokens, strict=True)):
-      ids = np.array(prompt + response, np.int32)
-      m = len(ids) - 1
-      rows["inputs"][i, :m], rows["targets"][i, :m] = ids[:-1], ids[1:]
-      rows["segment_ids"][i, :m], rows["positions"][i, :m] = 1, np.arange(m)
-      rows["loss_mask"][i, len(prompt) - 1 : m] = 1.0
-      ended[i] = bool(response) and response[-1] in stops
-      lengths[i] = len(response)
-      texts.append(self.tok.decode([x for x in response if x not in stops]))
-    return rows, texts, ended, lengths
+    return response_rows(self.tok, prompts, last.tokens, c.data.seq_len, set(self.stop) | {self.sampler.eos_id})
 
   def prompt_indices(self, k: int) -> list[int]:
     """The prompts of rollout k: the next rows / group_size of an order reshuffled every epoch."""

@@ -1,0 +1,42 @@
+"""Post-training chain, stage 6: GRPO of the SFT model with a reward a program checks.
+
+  lm study --config experiments/instruct_rl.py --workdir runs/instruct    (after instruct.py's stages)
+
+The reward is 1 for a correct reply and 0 otherwise (`lm.worlds.instructions:correct`, reading the answer in
+each prompt record); no reward model, no critic. A rollout answers 8 train prompts 8 times each (temperature 1,
+at most 48 new bytes); advantages are each reply's reward less its group's mean, over the group's std; four
+minibatch updates of 16 rows follow (2 epochs). Measured results are in README ("RL").
+"""
+
+import os
+
+from lm.config import load_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD = "runs/instruct/world"
+
+
+def get_config():
+  c = load_config(os.path.join(HERE, "instruct_base.py"))
+  c.train.objective = "grpo"
+  c.data.post_source = f"jsonl:{WORLD}/prompts_train.jsonl"
+  c.data.post_eval_source = f"jsonl:{WORLD}/eval.jsonl"
+  c.train.init_from = "runs/instruct/sft"
+  c.rl.reward_fn = "lm.worlds.instructions:correct"
+  c.rl.group_size = 8
+  c.rl.max_new_tokens = 48
+  c.rl.kl_coef = 0.04
+  c.rl.num_minibatches = 2
+  c.rl.ppo_epochs = 2
+  c.rl.eval_prompts = 128
+  c.train.batch_size = 32
+  c.train.steps = 200
+  c.train.eval_every = 40
+  c.train.checkpoint_every = 40
+  c.train.keep_checkpoints = 10
+  c.train.log_every = 4
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 8
+  c.optim.schedule = "constant"
+  c.optim.weight_decay = 0.0
+  return c

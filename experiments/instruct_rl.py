@@ -1,0 +1,63 @@
+"""The post-training chain with reinforcement learning: instruct.py's stages, then PPO and GRPO.
+
+  lm study --config experiments/instruct_rl.py --workdir runs/instruct
+
+In the same workdir as `experiments/instruct.py`, its finished stages are skipped. Then:
+  ppo        instruct_ppo.py: PPO from the SFT run against the reward model (rm), KL penalty 0.05
+  ppo_eval   PPO's win rate over SFT (temperature 1, judged by the hidden rule) and its KL from SFT
+  grpo       instruct_grpo.py: GRPO from the SFT run, reward 1 for a correct reply (a program checks it)
+  grpo_eval  GRPO's greedy held-out accuracy (SFT's is sft_eval's)
+  frontier   reward-model score against KL from SFT for every checkpoint of ppo, grpo and dpo (frontier.png)
+runs/instruct/report/report.json adds ppo_win_rate, ppo_kl, grpo_accuracy to instruct.py's numbers.
+"""
+
+import os
+
+from lm.config import load_module
+from lm.evals import instruct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHAIN = load_module(os.path.join(HERE, "instruct.py"))
+
+
+def get_study(workdir):
+  world, examples = f"{workdir}/world", f"{workdir}/world/eval.jsonl"
+  prompts = {
+    "data.post_source": f"jsonl:{world}/prompts_train.jsonl",
+    "data.post_eval_source": f"jsonl:{world}/eval.jsonl",
+  }
+
+  def ppo_eval(d):
+    win = instruct.win_rate(f"{workdir}/ppo", f"{workdir}/sft", examples, out_dir=d)
+    at = instruct.reward_and_kl(f"{workdir}/ppo", f"{workdir}/sft", f"{workdir}/rm", examples)
+    return {**win, "kl": at["kl"], "reward": at["reward"]}
+
+  runs = {"PPO": f"{workdir}/ppo", "GRPO": f"{workdir}/grpo", "DPO": f"{workdir}/dpo"}
+  return [
+    *CHAIN.get_study(workdir),
+    {
+      "id": "ppo",
+      "config": "instruct_ppo.py",
+      "init_from": "sft",
+      "overrides": {**prompts, "rl.reward_model": f"{workdir}/rm"},
+    },
+    {"id": "ppo_eval", "run": ppo_eval},
+    {"id": "grpo", "config": "instruct_grpo.py", "init_from": "sft", "overrides": prompts},
+    {"id": "grpo_eval", "run": lambda d: instruct.chat_accuracy(f"{workdir}/grpo", examples, out_dir=d)},
+    {
+      "id": "frontier",
+      "run": lambda d: {
+        label: points[-1]
+        for label, points in instruct.frontier(runs, f"{workdir}/sft", f"{workdir}/rm", examples, d).items()
+      },
+    },
+  ]
+
+
+def get_report(results):
+  return {
+    **CHAIN.get_report(results),
+    "ppo_win_rate": results["ppo_eval"]["win_rate"],
+    "ppo_kl": results["ppo_eval"]["kl"],
+    "grpo_accuracy": results["grpo_eval"]["accuracy"],
+  }
