@@ -115,6 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dpo.beta = 0.1
   c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo | hinge
   c.dpo.label_smoothing = 0.0  # sigmoid only: the assumed share of flipped labels (cDPO)
+  c.dpo.rpo_alpha = 0.0  # > 0: add this times the chosen reply's NLL per token (RPO)
   c.dpo.reference = "step"  # the reference log-probs: computed in each step, or "precomputed" once per example
 
   c.rl = ml_collections.ConfigDict()  # objectives ppo and grpo (lm.objectives.rl): prompts in data.post_source
@@ -359,6 +360,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"dpo.loss must be 'sigmoid', 'ipo' or 'hinge', got {cfg.dpo.loss!r}")
   if cfg.dpo.label_smoothing and cfg.dpo.loss != "sigmoid":
     raise UserError(f"dpo.label_smoothing applies to dpo.loss 'sigmoid' only, not {cfg.dpo.loss!r}")
+  if cfg.dpo.rpo_alpha < 0:
+    raise UserError(f"dpo.rpo_alpha must be >= 0, got {cfg.dpo.rpo_alpha}")
   if cfg.dpo.reference not in ("step", "precomputed"):
     raise UserError(f"dpo.reference must be 'step' or 'precomputed', got {cfg.dpo.reference!r}")
   _validate_rl(cfg)

@@ -30,6 +30,7 @@ def runs(tmp_path_factory):
     "step": {},
     "precomputed": {"dpo.reference": "precomputed", "optim.grad_accum_steps": 2},
     "lora": {"model.lora_rank": 4},
+    "rpo": {"dpo.rpo_alpha": 0.5},
   }.items():
     cfg = tiny_config(**common, **settings, **{"train.objective": "dpo", "train.init_from": str(root / "sft")})
     cfg.data.post_source, cfg.train.steps, cfg.train.eval_every = pairs, 12, 12
@@ -41,10 +42,11 @@ def test_the_policy_starts_as_its_reference_and_learns_the_preference(runs):
   _, out = runs
   for name, (workdir, final) in out.items():
     first = metrics_lib.read_metrics(str(workdir))[0]
-    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6), name
+    nll = 0.5 * first.get("train/nll_loss", 0.0)  # the rpo run's NLL term (test_rpo_...)
+    assert first["train/loss"] == pytest.approx(math.log(2) + nll, abs=1e-6), name
     assert first["train/rewards/accuracy"] == 0.5 and first["train/rewards/margin"] == 0.0, name  # every reward 0
     assert first["train/logps/chosen"] < 0 and first["train/logps/rejected"] < 0
-    assert final["eval/rewards/margin"] > 0 and final["eval/loss"] < math.log(2), name
+    assert final["eval/rewards/margin"] > 0 and final["eval/loss"] < math.log(2) + nll, name
     assert final["eval/pairs"] == 8
   assert out["step"][1]["eval/rewards/accuracy"] > 0.8
 
@@ -90,3 +92,13 @@ def test_lm_plan_compiles_the_step_on_the_batch_the_objective_reads(reference, k
   assert {k for k, x in batch.items() if x.shape == (8,)} == keys
   with setup.context():
     step_lib.make_train_step(setup).lower(setup.abstract_state, batch)  # the loss finds every key it reads
+
+
+def test_rpo_adds_the_chosen_replies_nll_per_token(runs):
+  _, out = runs
+  first = {name: metrics_lib.read_metrics(str(workdir))[0] for name, (workdir, _) in out.items()}
+  rpo, plain = first["rpo"], first["step"]
+  assert "train/nll_loss" not in plain and rpo["train/nll_loss"] > 0
+  assert rpo["train/loss"] == pytest.approx(math.log(2) + 0.5 * rpo["train/nll_loss"], abs=1e-6)
+  # The same params and batch as the plain run's first step: its chosen log-prob over the chosen tokens.
+  assert rpo["train/logps/chosen"] == plain["train/logps/chosen"]

@@ -2,7 +2,9 @@
 frozen reference.
 
 The policy starts from `train.init_from` (required: an SFT run, typically) and the reference is that same
-starting model. A row's log-probability is the sum of log p(target) over its response's targets
+starting model. `dpo.rpo_alpha` > 0 adds that weight times the chosen reply's negative log-likelihood per token
+(RPO, Pang et al. 2024; TRL's rpo_alpha), logged as nll_loss: it keeps DPO from lowering the likelihood of the
+replies it prefers. A row's log-probability is the sum of log p(target) over its response's targets
 (`lm.preference.hidden_sequence_logps`, from the final hidden states a chunk of positions at a time, so the
 [B, T, V] logits are never held whole); the loss is `lm.preference.dpo_loss` of the policy's and the
 reference's, with `dpo.beta`, `dpo.loss` (sigmoid | ipo | hinge) and `dpo.label_smoothing`. While the policy is
@@ -98,6 +100,11 @@ class DPO(Pairs):
         pi_chosen_P, pi_rejected_P, ref_chosen_P, ref_rejected_P, d.beta, d.loss, d.label_smoothing, weights_P
       )
       pairs = jnp.sum(weights_P)
+      if d.rpo_alpha:  # RPO: the chosen reply's mean negative log-likelihood per token, weighted
+        tokens_P, _ = split_pairs(jnp.sum(batch["loss_mask"], axis=1))
+        nll_P = -pi_chosen_P / jnp.maximum(tokens_P, 1.0)
+        nll = jnp.sum(weights_P * nll_P) / jnp.maximum(pairs, 1.0)
+        mean, metrics = mean + d.rpo_alpha * nll, {**metrics, "nll_loss": nll}
       return mean * pairs, pairs, {name: value * pairs for name, value in metrics.items()}
 
     return loss
