@@ -2,8 +2,11 @@
 
   lm train --config experiments/instruct_dpo.py --workdir runs/instruct/dpo   (after the SFT stage)
 
-The policy and the frozen reference both start as the SFT run's parameters; the sigmoid DPO loss (beta
-0.1) on 5,000 pairs ranked by the world's hidden rule, which the SFT data does not teach.
+The policy and the frozen reference both start as the SFT run's parameters; the sigmoid DPO loss (beta 0.5)
+on 5,000 pairs ranked by the world's hidden rule, which the SFT data does not teach, plus the chosen reply's
+NLL per token (RPO, `dpo.rpo_alpha` 1.0). Without that term DPO lowers the likelihood of correct answers too:
+at beta 0.1 and lr 3e-4 its sampled replies were 22% correct against SFT's 34% (win rate 0.64); with it, 39%
+(win rate 0.78). README ("Post-training") has the numbers.
 """
 
 import os
@@ -20,7 +23,8 @@ def get_config():
   c.data.post_source = f"jsonl:{WORLD}/prefs_train.jsonl"
   c.data.post_eval_source = f"jsonl:{WORLD}/prefs_eval.jsonl"
   c.train.init_from = "runs/instruct/sft"
-  c.dpo.beta = 0.1
+  c.dpo.beta = 0.5
+  c.dpo.rpo_alpha = 1.0
   c.train.steps = 200
   c.train.eval_every = 100
   c.train.eval_batches = 32  # all 500 held-out pairs, 16 a batch
