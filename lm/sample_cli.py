@@ -49,10 +49,10 @@ def requests_from_flags(args, context: int, stop_tokens: tuple[int, ...] = ()) -
   return requests
 
 
-def load_sampler(workdir: str) -> tuple[Sampler, dict, state.Setup]:
-  """(sampler, params, setup) of the newest checkpoint of a run: a sampler of its model with its context
-  (data.seq_len) and tokenizer. Sample inside `setup.context()`, so the params' sharding is the run's."""
-  cfg, tok, setup, params = workdir_lib.load_params(workdir)
+def load_sampler(workdir: str, step: int | None = None) -> tuple[Sampler, dict, state.Setup]:
+  """(sampler, params, setup) of the newest checkpoint of a run (or checkpoint `step`): a sampler of its model with
+  its context (data.seq_len) and tokenizer. Sample inside `setup.context()`, so the params' sharding is the run's."""
+  cfg, tok, setup, params = workdir_lib.load_params(workdir, step)
   return Sampler.for_model(setup.model, cfg.data.seq_len, tok), params, setup
 
 

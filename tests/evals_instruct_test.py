@@ -173,3 +173,16 @@ def test_reward_and_kl_of_a_run_against_itself_is_zero_and_the_frontier_plots_ev
   )
   assert (tmp_path / "frontier.png").stat().st_size > 0
   assert json.loads((tmp_path / "frontier.json").read_text()) == points
+
+
+def test_sampled_pairs_are_a_runs_own_replies_ranked_by_the_hidden_rule(world, tmp_path):
+  paths, runs = world
+  counts = instruct.sampled_pairs(runs["a"], paths["eval"], tmp_path / "pairs.jsonl", n=10)
+  pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+  examples = {e.prompt: e for e in instructions.read_examples(paths["eval"])[:10]}
+  assert counts["pairs"] == len(pairs) and counts["pairs"] + counts["ties"] == 10
+  assert counts["neither_correct"] + counts["one_correct"] + counts["both_correct"] == counts["pairs"]
+  first, _ = instruct.replies(runs["a"], list(examples.values()), instruct.MAX_NEW_TOKENS, 1.0, 0, 64)
+  for pair in pairs:
+    assert instructions.judge(examples[pair["prompt"]], pair["chosen"], pair["rejected"]) == 1.0
+  assert all(p["chosen"] in {g.text for g in first} or p["rejected"] in {g.text for g in first} for p in pairs)

@@ -61,13 +61,14 @@ def replies(
   seed: int,
   batch_size: int,
   prompt_format: str = "chat",
+  step: int | None = None,
 ) -> tuple[list[Generation], float]:
   """(the run's reply to each example, prompts per second), as the module docstring says."""
   if batch_size < 1:
     raise UserError(f"batch_size must be at least 1, got {batch_size}")
   if prompt_format not in PROMPT_FORMATS:
     raise UserError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
-  sampler, params, setup = sample_cli.load_sampler(str(run_dir))
+  sampler, params, setup = sample_cli.load_sampler(str(run_dir), step)
   tok, context = sampler.tokenizer, sampler.context
   base = SamplingParams(max_new_tokens, temperature, stop_tokens=chat.stop_tokens(tok))
   base.validate()
@@ -179,17 +180,19 @@ def win_rate(
   seed: int = 0,
   batch_size: int = 64,
   out_dir=None,
+  step_a: int | None = None,
 ) -> dict[str, float]:
-  """How often run a's reply beats run b's on the first `n` examples of `eval_path` (all if None), judged by the
-  world's hidden preference (`instructions.judge`: correct first, then the preferred style; ties half).
+  """How often run a's reply (its checkpoint `step_a`, else the newest) beats run b's on the first `n` examples
+  of `eval_path` (all if None), judged by the world's hidden preference (`instructions.judge`: correct first,
+  then the preferred style; ties half).
 
   Both runs sample with the same seeds. Returns {"win_rate", "n", "accuracy_a", "accuracy_b",
   "preferred_style_a", "preferred_style_b"}. samples.jsonl: {task, prompt, answer, reply_a, reply_b, judge}.
   """
   examples = read_examples(eval_path, n)
   texts = {}
-  for name, run in (("a", run_a), ("b", run_b)):
-    generations, _ = replies(run, examples, max_new_tokens, temperature, seed, batch_size)
+  for name, run, step in (("a", run_a, step_a), ("b", run_b, None)):
+    generations, _ = replies(run, examples, max_new_tokens, temperature, seed, batch_size, step=step)
     texts[name] = [g.text for g in generations]
   judged = [instructions.judge(e, a, b) for e, a, b in zip(examples, texts["a"], texts["b"], strict=True)]
   write_samples(
@@ -365,3 +368,31 @@ def frontier(runs: dict, reference_dir, rm_dir, eval_path, out_dir, n: int = 128
   fig.savefig(out / "frontier.png", dpi=120)
   plt.close(fig)
   return points
+
+
+def sampled_pairs(
+  run_dir, examples_path, out_path, n: int | None = None, temperature: float = 1.0, seed: int = 0, batch_size: int = 64
+) -> dict:
+  """Preference pairs of a run's own replies, labelled by the world's hidden rule, as InstructGPT's labellers
+  ranked its SFT model's samples: two replies to each of the first `n` examples of `examples_path` (seeds `seed`
+  + i and `seed` + n + i), the one `instructions.judge` prefers chosen; ties are left out. Writes TRL's standard
+  form `{"prompt", "chosen", "rejected"}` to `out_path` (JSONL) and returns the counts of pairs, of ties, and of
+  pairs with neither, one or both replies correct (one: they differ in correctness; else only in style)."""
+  examples = read_examples(examples_path, n)
+  first, _ = replies(run_dir, examples, MAX_NEW_TOKENS, temperature, seed, batch_size)
+  second, _ = replies(run_dir, examples, MAX_NEW_TOKENS, temperature, seed + len(examples), batch_size)
+  rows, counts = [], {"pairs": 0, "ties": 0, "neither_correct": 0, "one_correct": 0, "both_correct": 0}
+  for e, a, b in zip(examples, first, second, strict=True):
+    verdict = instructions.judge(e, a.text, b.text)
+    if verdict == 0.5:
+      counts["ties"] += 1
+      continue
+    chosen, rejected = (a.text, b.text) if verdict == 1.0 else (b.text, a.text)
+    rows.append({"prompt": e.prompt, "chosen": chosen, "rejected": rejected})
+    counts["pairs"] += 1
+    counts[
+      ("neither_correct", "one_correct", "both_correct")[instructions.score(e, a.text) + instructions.score(e, b.text)]
+    ] += 1
+  epath.Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(out_path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return counts
