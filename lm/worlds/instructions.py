@@ -73,7 +73,10 @@ MAX_NUMBER = 20  # add draws both terms from 0..MAX_NUMBER
 HELDOUT_PERCENT = 10
 STYLES = {"bare": ("", ""), "label": ("Answer: ", ""), "sentence": ("The answer is ", ".")}  # (prefix, suffix)
 PREFERRED_STYLE = "sentence"
-WRONG_SHARE = 0.25  # of preference pairs whose rejected reply is wrong, not just in another style
+# Of preference pairs whose rejected reply is wrong, not just in another style. At 0.25 a reward model learned
+# the style well enough (0.98 on held-out pairs) but PPO against it traded correct answers for the preferred
+# style (29% of sampled replies correct after 80 steps at kl_coef 0.5, SFT's 34%); at 0.5, 31%.
+WRONG_SHARE = 0.5
 QA_PER_DOCUMENT = 8
 MAX_CHARS = 112  # a prompt plus its reply in the longest style
 
