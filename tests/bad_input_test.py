@@ -154,7 +154,7 @@ CASES = {
   "mesh larger than the devices": (["--config.mesh.data=2"], "needs 2 devices, but 1 are present", "run"),
   "unknown objective": (
     ["--config.train.objective=nope"],
-    "train.objective must be one of ('lm', 'reward', 'dpo'), got 'nope'",
+    "train.objective must be one of ('lm', 'reward', 'dpo', 'ppo', 'grpo'), got 'nope'",
     "run",
   ),
   "bad fault-injection steps": (["--config.train.debug_nan_steps=3,x"], "train.debug_nan_steps must be", "run"),
