@@ -75,6 +75,9 @@ def test_each_rollout_starts_at_ratio_one_and_the_policy_starts_at_its_reference
   assert max(r["train/approx_kl"] for r in rows.values()) > 0
   if objective == "grpo":
     assert rows[1]["train/kl"] == pytest.approx(0.0, abs=1e-10)
+    assert all(0 <= r["rl/frac_reward_zero_std"] <= 1 for r in rows.values())
+  else:
+    assert "rl/frac_reward_zero_std" not in rows[1]  # PPO's groups are single replies
   final = finals[objective]
   for key in ("eval/reward", "eval/response_length", "eval/ended", "rl/rollout_tokens_per_s", "rl/rollout_share"):
     assert np.isfinite(final[key]), key

@@ -496,6 +496,9 @@ class Rollouts:
     )
     if "explained_variance" in host:
       self.metrics["rl/explained_variance"] = float(host["explained_variance"])
+    if c.rl.group_size > 1:  # groups whose replies all scored alike teach nothing (TRL's frac_reward_zero_std)
+      groups = reward_B.reshape(-1, c.rl.group_size)
+      self.metrics["rl/frac_reward_zero_std"] = float(np.mean(groups.std(axis=1) == 0))
     if c.rl.kl_target > 0:  # the proportional controller, after the rollout it measured
       error = float(np.clip(kl / c.rl.kl_target - 1, -0.2, 0.2))
       self.kl_coef *= 1 + error * self.rows / c.rl.kl_horizon
