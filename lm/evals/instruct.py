@@ -279,8 +279,8 @@ def reward_and_kl(
   from lm.objectives import rl  # noqa: PLC0415
 
   examples = read_examples(eval_path, n)
-  cfg, tok, setup, params = workdir_lib.load_params(str(run_dir), step)
-  restored_step = workdir_lib.load_checkpoint(str(run_dir), step)[3].step if step is None else step
+  cfg, tok, setup, restored = workdir_lib.load_checkpoint(str(run_dir), step)
+  params = restored.state.params
   sampler = sampling_lib.Sampler.for_model(setup.model, cfg.data.seq_len, tok)
   stops = chat.stop_tokens(tok)
   prompts = [chat_prompt(tok, e) for e in examples]
@@ -317,7 +317,7 @@ def reward_and_kl(
       [np.asarray(score(rm_params, _slice(rows, lo, batch_size))) for lo in range(0, len(prompts), batch_size)]
     )
   return {
-    "step": int(restored_step),
+    "step": int(restored.step),
     "reward": float(np.mean(scores)),
     "kl": float(np.mean(policy - reference)),
     **shares(examples, texts),

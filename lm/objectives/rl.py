@@ -438,10 +438,13 @@ class Rollouts:
   def prompt_indices(self, k: int) -> list[int]:
     """The prompts of rollout k: the next rows / group_size of an order reshuffled every epoch."""
     n, per = len(self.objective.train.ids), self.rows // self.cfg.rl.group_size
+    orders = {}  # one permutation per epoch the rollout touches
     out = []
     for j in range(k * per, (k + 1) * per):
       epoch, i = divmod(j, n)
-      out.append(int(np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)[i]))
+      if epoch not in orders:
+        orders[epoch] = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
+      out.append(int(orders[epoch][i]))
     return out
 
   def rollout(self, state) -> None:
