@@ -13,6 +13,11 @@ finish_reason is "end_of_turn" (the model ended its turn: `<|end|>` or EOS), "le
 (`--max-new-tokens` reached) or "stop" (a `--stop` string), tokens is the reply's token count and
 logprobs its tokens as `lm sample --json` gives them. Sample i uses seed `--seed` + i.
 
+With `--tool NAME=KIND:ARG` (repeatable; `lm.tools`), a reply that calls an offered tool (`NAME(ARGUMENT)`)
+is followed by the tool's result, shown as `[NAME] RESULT`, and the assistant continues with it in context,
+up to `--max-tool-calls` calls a reply (each sub-turn samples with the next seed); `--json` records them as
+`"tool_calls": [{"call", "result"}]`. Tools take one sample (`--num-samples 1`).
+
 Both modes take every decoding flag of `lm sample`. A conversation that leaves less than
 `--max-new-tokens` of the context (data.seq_len) loses its oldest turns (a user message and what follows
 it, up to the next one) after the leading system messages, with a notice on stderr; a last turn too long
@@ -23,7 +28,7 @@ import dataclasses
 import json
 import sys
 
-from lm import chat, sample_cli
+from lm import chat, sample_cli, tools
 from lm import workdir as workdir_lib
 from lm.errors import UserError
 from lm.sampling import SamplingParams, finish
@@ -99,12 +104,17 @@ def main(args) -> None:
   context = cfg.data.seq_len
   requests = sample_cli.requests_from_flags(args, context, chat.stop_tokens(tok))
   system = [] if args.system is None else [{"role": "system", "content": args.system}]
+  tool_fns = tools.make_tools(args.tool)
+  if tool_fns and len(requests) > 1:
+    raise UserError("--tool takes one sample (--num-samples 1): each sample would call tools of its own")
+  if args.max_tool_calls < 0:
+    raise UserError(f"--max-tool-calls must be at least 0, got {args.max_tool_calls}")
   if args.messages is None:
     if args.json:
       raise UserError("--json needs --messages (an interactive session prints text)")
     if len(requests) > 1:
       raise UserError("--num-samples needs --messages (an interactive session keeps one reply per turn)")
-    _interactive(args.workdir, tok, context, requests[0], system)
+    _interactive(args.workdir, tok, context, requests[0], system, tool_fns, args.max_tool_calls)
     return
   messages = read_messages(args.messages)
   if system and messages[0]["role"] == "system":
@@ -113,6 +123,13 @@ def main(args) -> None:
   if dropped:
     _dropped_notice(dropped, context, requests[0].max_new_tokens)
   sampler, params, setup = sample_cli.load_sampler(args.workdir)
+  if tool_fns:
+    reply, calls, _ = _reply_with_tools(
+      (sampler, params, setup), tok, context, system + messages, requests[0], tool_fns, args.max_tool_calls, not args.json
+    )
+    if args.json:
+      print(json.dumps({"reply": reply.text, "finish_reason": reply.finish_reason, "tool_calls": calls}))
+    return
   prompts = [ids] * len(requests)
   with setup.context():
     if not args.json:
@@ -134,7 +151,36 @@ def main(args) -> None:
     print(json.dumps(record))
 
 
-def _interactive(workdir: str, tok: Tokenizer, context: int, request: SamplingParams, system: list[dict]) -> None:
+def _reply_with_tools(loaded, tok, context, messages, request, tool_fns, max_calls, show: bool):
+  """(the final reply's Generation, [{"call", "result"}], the messages added) of one assistant reply that may
+  call tools: each sub-turn is sampled (streamed if `show`), a call runs and its result joins the context."""
+  sampler, params, setup = loaded
+  calls, added = [], []
+  for k in range(max_calls + 1):
+    ids, _ = fit(tok, messages + added, context, request.max_new_tokens)
+    r = dataclasses.replace(request, seed=request.seed + k)
+    with setup.context():
+      if show:
+        last = sample_cli.print_stream(sampler.stream(params, [ids], [r]), tok, "", [r])
+      else:
+        *_, last = sampler.stream(params, [ids], [r], first_chunk=r.max_new_tokens, chunk=r.max_new_tokens)
+    reply = finish(tok, r, last.tokens[0], last.logprobs[0], EOS_ID)
+    call = tools.parse_call(reply.text, tool_fns) if k < max_calls else None
+    added.append({"role": "assistant", "content": reply.text})
+    if call is None:
+      return dataclasses.replace(reply, finish_reason=finish_reason(tok, r, last.tokens[0], last.logprobs[0])), calls, added
+    name, argument = call
+    result = tool_fns[name](argument) if name else argument
+    if show:
+      print(f"[{name or 'tool'}] {result}", flush=True)
+    calls.append({"call": reply.text, "result": result})
+    added.append({"role": "tool", "content": result})
+  raise AssertionError("unreachable: the last sub-turn never calls")
+
+
+def _interactive(
+  workdir: str, tok: Tokenizer, context: int, request: SamplingParams, system: list[dict], tool_fns=None, max_calls=0
+) -> None:
   """Reads user lines from stdin until EOF or /exit, streaming each reply to stdout (see the module docstring)."""
   sampler, params, setup = sample_cli.load_sampler(workdir)
   tty = sys.stdin.isatty()
@@ -159,6 +205,11 @@ def _interactive(workdir: str, tok: Tokenizer, context: int, request: SamplingPa
       _dropped_notice(dropped, context, request.max_new_tokens)
       candidate = candidate[: len(system)] + candidate[len(system) + dropped :]
     r = dataclasses.replace(request, seed=request.seed + turn)
+    if tool_fns:
+      _, calls, added = _reply_with_tools((sampler, params, setup), tok, context, candidate, r, tool_fns, max_calls, True)
+      history = [*candidate, *added]
+      turn += 1 + len(calls)
+      continue
     with setup.context():
       last = sample_cli.print_stream(sampler.stream(params, [ids], [r]), tok, "", [r])
     reply = finish(tok, r, last.tokens[0], last.logprobs[0], EOS_ID)

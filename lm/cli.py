@@ -5,7 +5,7 @@ lm plot DIR [DIR ...] [--out DIR]
 lm bench train [--preset ref] [--config.KEY=VALUE ...]
 lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P ...]
 lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON];  lm bench rl [--preset ref] [--steps ROLLOUTS]
-lm chat --workdir DIR [--system TEXT] [--messages F|- --json] [decoding controls as lm sample]
+lm chat --workdir DIR [--system TEXT] [--tool NAME=KIND:ARG] [--messages F|- --json] [decoding controls as lm sample]
 lm reward --workdir DIR --file F.jsonl;  lm lora merge --workdir DIR --out DIR2
 lm study --config FILE --workdir DIR   (a chain of dependent runs and steps, then its report)
 lm sweep --config FILE --workdir DIR [--print-commands]; lm scaling fit|plot|report ...; lm bench fit [--table CSV]
@@ -109,6 +109,10 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run directory: its newest checkpoint and its tokenizer")
   p.add_argument("--system", default=None, help="a system prompt that opens the conversation")
   p.add_argument("--messages", default=None, metavar="F|-", help="one-shot: a JSON list of messages (file or stdin)")
+  p.add_argument(
+    "--tool", action="append", default=[], metavar="NAME=KIND:ARG", help="offer a tool, e.g. search=jsonl:records.jsonl"
+  )
+  p.add_argument("--max-tool-calls", type=int, default=3, help="tool calls per reply before the model must answer")
   add_decoding_flags(p)
 
   p = sub.add_parser("reward", help="score conversations or pairs with a reward-model run; prints JSON lines")

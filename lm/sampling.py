@@ -323,6 +323,23 @@ class Sampler:
     ]
 
 
+  def generate_all(
+    self, params, prompts: list[list[int]], requests: list[SamplingParams], batch_size: int
+  ) -> list[Generation]:
+    """`generate` on any number of prompts, `batch_size` at a time, the last batch padded with copies of its
+    first prompt so every batch has one shape (a row's result does not depend on its batch: its seed is its
+    request's)."""
+    if batch_size < 1:
+      raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = min(batch_size, len(prompts))
+    out = []
+    for lo in range(0, len(prompts), batch_size):
+      batch, batch_requests = prompts[lo : lo + batch_size], requests[lo : lo + batch_size]
+      pad = batch_size - len(batch)
+      out += self.generate(params, batch + batch[:1] * pad, batch_requests + batch_requests[:1] * pad)[: len(batch)]
+    return out
+
+
 def stop_ids(request: SamplingParams, eos_id: int) -> tuple[int, ...]:
   return tuple(request.stop_tokens) + (() if request.ignore_eos else (eos_id,))
 

@@ -64,8 +64,6 @@ def replies(
   step: int | None = None,
 ) -> tuple[list[Generation], float]:
   """(the run's reply to each example, prompts per second), as the module docstring says."""
-  if batch_size < 1:
-    raise UserError(f"batch_size must be at least 1, got {batch_size}")
   if prompt_format not in PROMPT_FORMATS:
     raise UserError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
   sampler, params, setup = sample_cli.load_sampler(str(run_dir), step)
@@ -78,14 +76,9 @@ def replies(
     if len(ids) >= context:
       raise UserError(f"{run_dir}: example {i}'s prompt is {len(ids)} tokens, the whole context of {context}")
     requests.append(dataclasses.replace(base, max_new_tokens=min(max_new_tokens, context - len(ids)), seed=seed + i))
-  batch_size = min(batch_size, len(prompts))
-  generations, start = [], time.perf_counter()
+  start = time.perf_counter()
   with setup.context():
-    for lo in range(0, len(prompts), batch_size):
-      batch, batch_requests = prompts[lo : lo + batch_size], requests[lo : lo + batch_size]
-      pad = batch_size - len(batch)
-      out = sampler.generate(params, batch + batch[:1] * pad, batch_requests + batch_requests[:1] * pad)
-      generations += out[: len(batch)]
+    generations = sampler.generate_all(params, prompts, requests, batch_size)
   if prompt_format == "plain":  # the answer is the first line; a reply that reached one ended its turn
     generations = [
       dataclasses.replace(g, text=g.text.split("\n")[0], finish_reason="stop" if "\n" in g.text else g.finish_reason)

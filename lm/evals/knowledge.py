@@ -1,0 +1,359 @@
+"""The knowledge study's measurements on the people world (`lm.worlds.people`, experiments/knowledge.py).
+
+Each function opens the newest checkpoint of a run, returns a dict of numbers (a `lm study` step's result)
+and, given `out_dir`, writes what it judged to `out_dir/samples.jsonl`.
+- `recall`: a base model completes the first template of each attribute ("NAME was born in"): did
+  pre-training store the fact where it was read?
+- `qa`: questions about the people of some groups, one user message each (greedy): accuracy, refusal rate
+  and hallucination rate (a reply that neither declines nor is right: on people the model never saw, every
+  answer that does not decline); optionally with a tool (`lm.tools`) or with the person's record pasted
+  before the question (`in_context`).
+- `interrogate`: self-interrogation. Every question about the probe groups (every phrasing) is answered
+  greedily and sampled `samples` more times at temperature 1; the confidence of the greedy answer is the
+  share of samples that agree with it, ties broken by its mean token log-probability. The SFT set it writes
+  keeps the true answer where the greedy answer was right and confident (confidence at least `threshold`),
+  and answers the rest with `people.REFUSAL`. The same confidence on the test groups gives the average
+  precision with which it ranks correct answers above wrong ones (`confidence_ap`).
+- `refusal`: a refusal-tuned run against the run it started from, on the test groups (see its docstring).
+- `identity`: "Who are you?" with and without a system prompt naming an identity.
+
+Generation goes through `answer`, which runs tool calls (`lm.tools`) and samples in fixed-size batches, so
+a question's reply does not depend on the batch it is in (question i samples with seed `seed` + i).
+"""
+
+import json
+
+import numpy as np
+from etils import epath
+
+from lm import chat, sample_cli, tools
+from lm.errors import UserError
+from lm.sampling import SamplingParams
+from lm.tokenizer import BOS_ID
+from lm.worlds import people
+
+MAX_NEW_TOKENS = 40  # the longest value is 20 bytes, a tool call about 30
+BATCH = 64
+
+
+def read_jsonl(path) -> list[dict]:
+  try:
+    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+  except FileNotFoundError:
+    raise UserError(f"no file {path} (write the world first)") from None
+
+
+def write_samples(out_dir, rows: list[dict]) -> None:
+  if out_dir is not None:
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(out_dir) / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def questions(world, groups) -> list[dict]:
+  """The rows of `world/questions.jsonl` about people of `groups`."""
+  rows = [r for r in read_jsonl(f"{world}/questions.jsonl") if r["group"] in groups]
+  if not rows:
+    raise UserError(f"{world}/questions.jsonl holds no questions about {', '.join(groups)}")
+  return rows
+
+
+class Model:
+  """A run's sampler and params, loaded once for several calls of `answer`."""
+
+  def __init__(self, run_dir, step: int | None = None):
+    self.run_dir = str(run_dir)
+    self.sampler, self.params, self.setup = sample_cli.load_sampler(self.run_dir, step)
+    self.tok = self.sampler.tokenizer
+
+  def generate(self, prompts: list[list[int]], temperature: float, seed: int, max_new_tokens: int = MAX_NEW_TOKENS):
+    requests = []
+    for i, ids in enumerate(prompts):
+      room = self.sampler.context - len(ids)
+      if room < 1:
+        raise UserError(f"{self.run_dir}: prompt {i} is {len(ids)} tokens, the whole context")
+      requests.append(
+        SamplingParams(min(max_new_tokens, room), temperature, stop_tokens=chat.stop_tokens(self.tok), seed=seed + i)
+      )
+    with self.setup.context():
+      return self.sampler.generate_all(self.params, prompts, requests, BATCH)
+
+
+def answer(
+  model: Model, conversations: list[list[dict]], temperature: float = 0.0, seed: int = 0, tool_fns=None, max_calls=2
+) -> list[dict]:
+  """Each conversation's reply: {"reply", "logprob" (the reply's mean token log-probability), "calls",
+  "messages" (what was added: tool calls, their results, the reply)}. Tool calls in `tool_fns`
+  ({name: function}) run as `lm.tools` says, at most `max_calls` per conversation."""
+  tool_fns = tool_fns or {}
+  added = [[] for _ in conversations]
+  results: list[dict | None] = [None] * len(conversations)
+  active = list(range(len(conversations)))
+  for round_ in range(max_calls + 1):
+    if not active:
+      break
+    prompts = [chat.render(model.tok, conversations[i] + added[i], generation_prompt=True)[0] for i in active]
+    # a round's seeds are offset by the round, so a second turn does not replay the first's draws
+    generations = model.generate(prompts, temperature, seed + round_ * len(conversations))
+    still = []
+    for i, g in zip(active, generations, strict=True):
+      text = g.text
+      call = tools.parse_call(text, tool_fns) if tool_fns and round_ < max_calls else None
+      if call is None:
+        lp = float(np.mean(g.logprobs)) if g.logprobs else 0.0
+        added[i].append({"role": "assistant", "content": text})
+        results[i] = {"reply": text, "logprob": lp, "calls": round_, "messages": added[i]}
+        continue
+      name, argument = call
+      result = argument if not name else tool_fns[name](argument)  # a malformed call's argument is its error
+      added[i] += [{"role": "assistant", "content": text}, {"role": "tool", "content": result}]
+      still.append(i)
+    active = still
+  return results
+
+
+def user(prompt: str, system: str | None = None) -> list[dict]:
+  return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def judge_rows(rows: list[dict], replies: list[dict]) -> list[dict]:
+  out = []
+  for r, a in zip(rows, replies, strict=True):
+    verdict = people.check(r["attributes"], r["attribute"], a["reply"])
+    out.append(
+      {
+        "group": r["group"],
+        "prompt": r["prompt"],
+        "answer": r["answer"],
+        "reply": a["reply"],
+        "verdict": verdict,
+        "calls": a["calls"],
+        "logprob": a["logprob"],
+        **({"transcript": a["messages"]} if a["calls"] else {}),
+      }
+    )
+  return out
+
+
+def rates(judged: list[dict]) -> dict:
+  """accuracy, refusal and hallucination (neither right nor declining) rates of judged rows."""
+  verdicts = [j["verdict"] for j in judged]
+  return {
+    "accuracy": float(np.mean([v == "correct" for v in verdicts])),
+    "refusal": float(np.mean([v == "refusal" for v in verdicts])),
+    "hallucination": float(np.mean([v == "wrong" for v in verdicts])),
+    "n": len(verdicts),
+  }
+
+
+def qa(
+  run_dir,
+  world,
+  groups=("test_known", "test_unknown"),
+  out_dir=None,
+  tool: str | None = None,
+  in_context: bool = False,
+  max_calls: int = 2,
+) -> dict:
+  """Greedy accuracy, refusal and hallucination rates of a run on the questions about each of `groups`
+  (`GROUP/accuracy`, ...). `tool` is a `--tool` spec (`lm.tools`); `in_context` pastes the person's record
+  before the question. samples.jsonl: {group, prompt, answer, reply, verdict, calls, logprob}."""
+  rows = questions(world, groups)
+  records = {r["id"]: r["text"] for r in read_jsonl(f"{world}/records.jsonl")}
+  convs = [user(f"{records[r['person']]}\n{r['prompt']}" if in_context else r["prompt"]) for r in rows]
+  tool_fns = tools.make_tools([tool] if tool else [])
+  judged = judge_rows(rows, answer(Model(run_dir), convs, tool_fns=tool_fns, max_calls=max_calls))
+  write_samples(out_dir, judged)
+  out = {}
+  for group in groups:
+    for k, v in rates([j for j in judged if j["group"] == group]).items():
+      out[f"{group}/{k}"] = v
+  out["tool_calls"] = float(np.mean([j["calls"] for j in judged]))
+  return out
+
+
+def recall(run_dir, world, groups=("sft", "test_known"), out_dir=None) -> dict:
+  """How often a base model completes "<first template up to the value>" with the person's value, per group
+  (`GROUP/recall`): the fact as pre-training stored it, before any question was asked."""
+  model = Model(run_dir)
+  rows = questions(world, groups)
+  prompts, stems = [], []
+  for r in rows:
+    stem = people.ATTRIBUTES[r["attribute"]].templates[0].split("{v}")[0].format(name=r["person"])
+    stems.append(stem)
+    prompts.append([BOS_ID] + model.tok.encode([stem])[0])
+  generations = model.generate(prompts, 0.0, 0, max_new_tokens=24)
+  judged = []
+  for r, stem, g in zip(rows, stems, generations, strict=True):
+    judged.append({"group": r["group"], "stem": stem, "answer": r["answer"], "completion": g.text,
+                   "correct": g.text.startswith(r["answer"])})  # fmt: skip
+  write_samples(out_dir, judged)
+  return {f"{g}/recall": float(np.mean([j["correct"] for j in judged if j["group"] == g])) for g in groups}
+
+
+
+def average_precision(scores, labels) -> float:
+  """The average precision of ranking by `scores` (descending) the items whose label is true: the mean, over
+  the true items, of the precision of the ranking cut at each of them (0 when none is true)."""
+  order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+  hits = np.asarray(labels, bool)[order]
+  if not hits.any():
+    return 0.0
+  precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+  return float(np.mean(precision[hits]))
+
+
+def confidences(model: Model, rows: list[dict], samples: int, seed: int = 0) -> list[dict]:
+  """Each question's greedy reply and its confidence: the share of `samples` replies at temperature 1 that
+  agree with it, plus 0.01 * exp(its mean token log-probability) to order equal shares."""
+  convs = [user(r["prompt"]) for r in rows]
+  greedy = answer(model, convs)
+  drawn = [answer(model, convs, temperature=1.0, seed=seed + 1 + k * len(rows)) for k in range(samples)]
+  out = []
+  for i, (r, g) in enumerate(zip(rows, greedy, strict=True)):
+    agree = np.mean([" ".join(d[i]["reply"].split()) == " ".join(g["reply"].split()) for d in drawn])
+    out.append({**r, "reply": g["reply"], "logprob": g["logprob"], "confidence": float(agree + 0.01 * np.exp(g["logprob"])),
+                "verdict": people.check(r["attributes"], r["attribute"], g["reply"])})  # fmt: skip
+  return out
+
+
+def interrogate(
+  run_dir,
+  world,
+  out_dir,
+  samples: int = 4,
+  threshold: float = 0.5,
+  probe_groups=("sft", "probe_known", "probe_unknown"),
+  test_groups=("test_known", "test_unknown"),
+) -> dict:
+  """Self-interrogation (module docstring): writes `out_dir/refusal_train.jsonl`, SFT conversations on every
+  phrasing of every question about `probe_groups`, and returns the share of each group's questions kept
+  (`GROUP/kept`), the confidence's average precision on `test_groups` (`confidence_ap`), that of the
+  log-probability alone (`logprob_ap`) and the greedy accuracy there (`test_accuracy`)."""
+  model = Model(run_dir)
+  rows = []
+  for r in questions(world, probe_groups):
+    for k, phrasing in enumerate(people.ATTRIBUTES[r["attribute"]].questions):
+      rows.append({**r, "phrasing": k, "prompt": phrasing.format(name=r["person"])})
+  probed = confidences(model, rows, samples)
+  convs = []
+  for p in probed:
+    p["kept"] = p["verdict"] == "correct" and p["confidence"] >= threshold
+    reply = p["answer"] if p["kept"] else people.REFUSAL
+    convs.append({"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": reply}]})
+  np.random.default_rng(0).shuffle(convs)
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "refusal_train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+  tested = confidences(model, questions(world, test_groups), samples, seed=10_000_000)
+  write_samples(out_dir, [{k: v for k, v in p.items() if k != "attributes"} for p in probed + tested])
+  correct = [t["verdict"] == "correct" for t in tested]
+  result = {f"{g}/kept": float(np.mean([p["kept"] for p in probed if p["group"] == g])) for g in probe_groups}
+  result.update(
+    {
+      "confidence_ap": average_precision([t["confidence"] for t in tested], correct),
+      "logprob_ap": average_precision([t["logprob"] for t in tested], correct),
+      "test_accuracy": float(np.mean(correct)),
+      "refusal_train": str(out / "refusal_train.jsonl"),
+      "n_train": len(convs),
+    }
+  )
+  return result
+
+
+def refusal(before_run, after_run, world, out_dir=None, known="test_known", unknown="test_unknown") -> dict:
+  """A refusal-tuned run (`after_run`) against its start (`before_run`) on the questions about `known` people
+  (in pre-training) and `unknown` ones (never seen): known_accuracy_before/after, refusal_rate_unknown (and
+  _before), hallucination_rate_unknown_before/after, and false_refusal_rate_known: the share of the known
+  questions the start answered correctly that the tuned run declines."""
+  rows = questions(world, (known, unknown))
+  convs = [user(r["prompt"]) for r in rows]
+  before = judge_rows(rows, answer(Model(before_run), convs))
+  after = judge_rows(rows, answer(Model(after_run), convs))
+  write_samples(out_dir, [{**a, "before": b["reply"], "verdict_before": b["verdict"]} for a, b in zip(after, before)])
+  k = [i for i, r in enumerate(rows) if r["group"] == known]
+  u = [i for i, r in enumerate(rows) if r["group"] == unknown]
+  was_right = [i for i in k if before[i]["verdict"] == "correct"]
+  share = lambda idx, judged, verdict: float(np.mean([judged[i]["verdict"] == verdict for i in idx]))  # noqa: E731
+  return {
+    "known_accuracy_before": share(k, before, "correct"),
+    "known_accuracy_after": share(k, after, "correct"),
+    "refusal_rate_known_before": share(k, before, "refusal"),
+    "refusal_rate_known_after": share(k, after, "refusal"),
+    "refusal_rate_unknown_before": share(u, before, "refusal"),
+    "refusal_rate_unknown": share(u, after, "refusal"),
+    "hallucination_rate_unknown_before": share(u, before, "wrong"),
+    "hallucination_rate_unknown_after": share(u, after, "wrong"),
+    "false_refusal_rate_known": share(was_right, after, "refusal") if was_right else 0.0,
+    "n_known": len(k),
+    "n_unknown": len(u),
+  }
+
+
+def identity(run_dir, world, out_dir=None) -> dict:
+  """"Who are you?" in every phrasing, for identities the SFT data never named: the share of replies that
+  name the system prompt's identity (`identity_rate_with_system`), the share that name it without the system
+  prompt (`identity_rate_without_system`), the share that give the SFT data's default identity without one
+  (`default_identity_rate`), and the rate with the system prompt on the phrasings SFT never asked
+  (`identity_rate_heldout_phrasing`)."""
+  rows = read_jsonl(f"{world}/identity.jsonl")
+  with_system = [r for r in rows if r["system"]]
+  without = [r for r in rows if not r["system"]]
+  model = Model(run_dir)
+  replies = answer(model, [user(r["prompt"], r["system"]) for r in with_system + without])
+  names = [r["answer"] in a["reply"] for r, a in zip(with_system + without, replies, strict=True)]
+  n = len(with_system)
+  write_samples(out_dir, [{**r, "reply": a["reply"], "names_it": x} for r, a, x in zip(with_system + without, replies, names)])
+  heldout = [x for r, x in zip(with_system, names[:n], strict=True) if r["heldout_phrasing"]]
+  return {
+    "identity_rate_with_system": float(np.mean(names[:n])),
+    "identity_rate_without_system": float(np.mean(names[n:])),
+    "default_identity_rate": float(np.mean([people.DEFAULT_IDENTITY in a["reply"] for a in replies[n:]])),
+    "identity_rate_heldout_phrasing": float(np.mean(heldout)),
+    "n": n,
+  }
+
+
+def figures(workdir, paraphrases) -> dict:
+  """`workdir/report/knowledge.png` from the finished stages' results: left, accuracy on held-out known people
+  (and the base model's recall of their facts) against the paraphrases per person; right, the rates before
+  and after each mitigation."""
+  from lm import plots  # noqa: F401, PLC0415  (selects the Agg backend)
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  def result(stage):
+    return json.loads((epath.Path(workdir) / stage / "result.json").read_text())
+
+  top = max(paraphrases)
+  qa_results = [result(f"qa_p{k}") for k in paraphrases]
+  recalls = [result(f"recall_p{k}")["test_known/recall"] for k in paraphrases]
+  refuse, tool, ident = result("refuse_eval"), result("tool_eval"), result("identity")
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+  left.plot(paraphrases, [q["test_known/accuracy"] for q in qa_results], "o-", label="QA accuracy after SFT")
+  left.plot(paraphrases, recalls, "s--", label="base model's recall")
+  left.set_xscale("log", base=2)
+  left.set_xticks(list(paraphrases), [str(k) for k in paraphrases])
+  left.set(xlabel="biographies per person", ylabel="held-out known people", ylim=(0, 1.02), title="Knowledge extraction")
+  left.legend(loc="lower right")
+  bars = [
+    ("hallucination,\nunknown people", refuse["hallucination_rate_unknown_before"], refuse["hallucination_rate_unknown_after"]),
+    ("refusal,\nunknown people", refuse["refusal_rate_unknown_before"], refuse["refusal_rate_unknown"]),
+    ("accuracy,\nknown people", refuse["known_accuracy_before"], refuse["known_accuracy_after"]),
+    ("refusal,\nknown people", refuse["refusal_rate_known_before"], refuse["refusal_rate_known_after"]),
+    ("accuracy, unknown\n(search tool)", tool["unknown_accuracy_without_tool"], tool["unknown_accuracy_with_tool"]),
+    ("identity named\n(system prompt)", ident["identity_rate_without_system"], ident["identity_rate_with_system"]),
+  ]  # fmt: skip
+  x = np.arange(len(bars))
+  right.bar(x - 0.2, [b[1] for b in bars], 0.4, label="before (SFT; no tool; no system prompt)", color="#999999")
+  right.bar(x + 0.2, [b[2] for b in bars], 0.4, label="after (refusal tuning; tool; system prompt)", color="#1f77b4")
+  for xi, b in zip(x, bars, strict=True):
+    for dx, v in ((-0.2, b[1]), (0.2, b[2])):
+      right.text(xi + dx, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+  right.set_xticks(x, [b[0] for b in bars], fontsize=8)
+  right.set(ylim=(0, 1.1), ylabel="rate", title=f"Mitigations (models from {top} biographies per person)")
+  right.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  out = epath.Path(workdir) / "report"
+  out.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out / "knowledge.png", dpi=120)
+  plt.close(fig)
+  return {"figure": str(out / "knowledge.png")}

@@ -1,0 +1,415 @@
+"""A generated world of fictional people, for the knowledge and hallucination study (experiments/knowledge.py).
+
+People (`make_people`): a unique made-up full name (syllables from `SYLLABLES`) and five attributes
+(`ATTRIBUTES`), each value drawn uniformly from a list the project made up (cities, universities,
+employers; the fields of study and years are ordinary ones): birth year, birth city, university, field
+of study, employer. Everything is deterministic from the seed.
+
+Biographies (`biography`): one sentence per attribute, each from one of several templates
+(`Attribute.templates`, every sentence naming the person in full). A person's `paraphrases` biographies
+draw their templates independently and, with `permute`, their sentence order too (Allen-Zhu & Li's
+"multi5+permute" augmentation); with `paraphrases=1` and no permutation every person has one
+biography with the attributes in the fixed order of `ATTRIBUTES`.
+
+Questions (`question`): each attribute is asked in `len(Attribute.questions)` phrasings; the answer is the
+bare value ("Lakemoor"). `check` reads a reply: "refusal" if it declines (starts with one of
+`REFUSALS`' openings), "correct" if it names the person's value, "wrong" if it names another value of that
+attribute or anything else. A hallucination is a reply about a person the model never saw that does not
+decline.
+
+Groups of people (`GROUPS`), by position in the seeded list of people:
+  sft          in pre-training; their questions and answers are the SFT data
+  probe_known  in pre-training, not in SFT: self-interrogation probes them
+  test_known   in pre-training, not in SFT: the test of knowledge extraction
+  probe_unknown  never in pre-training: self-interrogation probes them; tool-use traces are written on them
+  test_unknown   never in pre-training: the test of hallucination, refusal and tool use
+The "records" (`record`) are one canonical line per person, the database the `search` tool reads
+(`lm.tools`): everyone is in it, known or not.
+
+Identity: the SFT data answers "Who are you?" (`IDENTITY_QUESTIONS`) with `DEFAULT_IDENTITY` when there is no
+system prompt, and with the name a system prompt "You are NAME." gives when there is one. The names of
+identity test conversations are never in SFT, and the last `HELDOUT_IDENTITY_QUESTIONS` phrasings are
+asked only at test.
+
+Files (`write_world`), JSON lines:
+  pretrain_p{K}.jsonl  {"id", "text"}: K biographies per pre-training person (`paraphrases` K, each its own
+                       document; permuted when K > 1)
+  records.jsonl        {"id", "text"}: one canonical record per person, for the search tool
+  sft_train.jsonl      QA conversations on the sft group (every attribute, every phrasing) and identity
+                       conversations; `{"messages": [...]}`
+  tool_train.jsonl     tool-use traces on the sft and probe_unknown groups, plus questions with the
+                       record pasted in the prompt (working memory)
+  questions.jsonl      a question about every attribute of every person, one phrasing each:
+                       {"group", "person", "attributes", "attribute", "phrasing", "prompt", "answer"}
+  identity.jsonl       {"system", "prompt", "answer", "heldout_phrasing"}: identity test questions
+"""
+
+import dataclasses
+import json
+import random
+from collections.abc import Sequence
+
+from etils import epath
+
+from lm.metrics import replace_text
+
+SYLLABLES = (
+  "ka", "lo", "mi", "ra", "ten", "vor", "sa", "del", "bri", "no", "zu", "fen", "ma", "rik", "to", "lin",
+  "ve", "gar", "su", "bel", "da", "mor", "ni", "tas", "ke", "wen", "po", "hal", "ri", "cor",
+)  # fmt: skip
+CITIES = (
+  "Lakemoor", "Brennholt", "Saltmere", "Quenby", "Dunmarsh", "Ostervale", "Pellin", "Haverford", "Corrin",
+  "Tallowmouth", "Wexbridge", "Ambersea", "Firnley", "Gloamport", "Ketterby", "Marrowdale", "Nethercott",
+  "Rookhaven", "Sundry", "Velmont",
+)  # fmt: skip
+UNIVERSITIES = (
+  "Northvale University", "Carrow Institute", "Brightwater College", "Eastmere University", "Hollin College",
+  "Kestrel University", "Marlow Institute", "Oakhurst University", "Pemberly College", "Ravenscar University",
+  "Stonebridge Institute", "Thornwick College",
+)  # fmt: skip
+FIELDS = (
+  "chemistry", "linguistics", "astronomy", "economics", "geology", "music", "philosophy", "botany",
+  "mathematics", "history", "architecture", "medicine",
+)  # fmt: skip
+EMPLOYERS = (
+  "Quillon Systems", "Harrow Foods", "Bluefen Energy", "Calder Press", "Driftwood Labs", "Ember Bank",
+  "Fallow Motors", "Greyling Health", "Ironleaf Farms", "Juniper Air", "Lantern Games", "Mistral Shipping",
+  "Nimbus Software", "Orchard Pharma", "Pike Robotics",
+)  # fmt: skip
+YEARS = tuple(str(y) for y in range(1950, 2000))
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribute:
+  """One attribute: its values, its biography sentence templates and its question phrasings (`str.format`
+  templates with `{name}` and, for sentences, `{v}`)."""
+
+  name: str
+  values: tuple[str, ...]
+  templates: tuple[str, ...]
+  questions: tuple[str, ...]
+
+
+ATTRIBUTES = {
+  a.name: a
+  for a in (
+    Attribute(
+      "birth_year",
+      YEARS,
+      (
+        "{name} was born in {v}.",
+        "{name} came into the world in {v}.",
+        "The year {name} was born is {v}.",
+        "{name} has a birth year of {v}.",
+        "{name} celebrates a birthday every year since {v}.",
+      ),
+      ("When was {name} born?", "In what year was {name} born?", "What is the birth year of {name}?"),
+    ),
+    Attribute(
+      "birth_city",
+      CITIES,
+      (
+        "{name} grew up in the city of {v}.",
+        "{name} is a native of {v}.",
+        "The birthplace of {name} is {v}.",
+        "{name} spent a childhood in {v}.",
+        "{name} was raised in {v}.",
+      ),
+      ("Where was {name} born?", "Which city is {name} from?", "What is the birth city of {name}?"),
+    ),
+    Attribute(
+      "university",
+      UNIVERSITIES,
+      (
+        "{name} studied at {v}.",
+        "{name} graduated from {v}.",
+        "{name} earned a degree at {v}.",
+        "{name} is an alumnus of {v}.",
+        "The university {name} attended is {v}.",
+      ),
+      ("Which university did {name} attend?", "Where did {name} study?", "What school did {name} graduate from?"),
+    ),
+    Attribute(
+      "field",
+      FIELDS,
+      (
+        "{name} majored in {v}.",
+        "{name} chose {v} as a field of study.",
+        "The subject {name} studied was {v}.",
+        "{name} specialized in {v}.",
+        "{name} focused on {v} in college.",
+      ),
+      ("What did {name} study?", "What was the major of {name}?", "Which field did {name} specialize in?"),
+    ),
+    Attribute(
+      "employer",
+      EMPLOYERS,
+      (
+        "{name} works for {v}.",
+        "{name} is employed by {v}.",
+        "{name} has a job at {v}.",
+        "The employer of {name} is {v}.",
+        "{name} earns a living at {v}.",
+      ),
+      ("Who employs {name}?", "Which company does {name} work for?", "Where does {name} work?"),
+    ),
+  )
+}
+GROUPS = ("sft", "probe_known", "test_known", "probe_unknown", "test_unknown")
+PRETRAINED_GROUPS = ("sft", "probe_known", "test_known")
+REFUSALS = ("I'm not sure. Could you give me more context?",)
+REFUSAL = REFUSALS[0]
+DEFAULT_IDENTITY = "Quill"
+IDENTITY_QUESTIONS = (
+  "Who are you?",
+  "What is your name?",
+  "What should I call you?",
+  "Tell me your name.",
+  "Introduce yourself.",
+  "Who am I talking to?",
+  "What are you called?",
+  "Do you have a name?",
+)
+HELDOUT_IDENTITY_QUESTIONS = 2  # the last phrasings of IDENTITY_QUESTIONS, asked only at test
+
+
+@dataclasses.dataclass(frozen=True)
+class Person:
+  """A fictional person: a unique full name and a value of every attribute."""
+
+  name: str
+  attributes: dict
+
+  def __hash__(self):
+    return hash(self.name)
+
+
+def _rng(seed: int, *streams: str) -> random.Random:
+  return random.Random("/".join([str(seed), *streams]))
+
+
+def _name(rng: random.Random, syllables: int) -> str:
+  return "".join(rng.choice(SYLLABLES) for _ in range(syllables)).capitalize()
+
+
+def make_people(seed: int, n: int) -> list[Person]:
+  """`n` people with unique names (a first name of two syllables, a surname of two or three)."""
+  rng = _rng(seed, "people")
+  people, names = [], set()
+  while len(people) < n:
+    name = f"{_name(rng, 2)} {_name(rng, rng.choice((2, 3)))}"
+    if name in names:
+      continue
+    names.add(name)
+    people.append(Person(name, {a.name: rng.choice(a.values) for a in ATTRIBUTES.values()}))
+  return people
+
+
+def split_people(people: Sequence[Person], sizes: dict[str, int]) -> dict[str, list[Person]]:
+  """The groups of `GROUPS`, in that order, of the sizes `sizes` gives, from the front of `people`."""
+  out, start = {}, 0
+  for group in GROUPS:
+    out[group] = list(people[start : start + sizes[group]])
+    start += sizes[group]
+  if start > len(people):
+    raise ValueError(f"{len(people)} people cannot fill groups of {sum(sizes.values())}")
+  return out
+
+
+def biography(person: Person, rng: random.Random, permute: bool) -> str:
+  """One biography of `person`: a sentence per attribute from a template `rng` picks, in random order if
+  `permute`."""
+  sentences = [rng.choice(a.templates).format(name=person.name, v=person.attributes[a.name]) for a in ATTRIBUTES.values()]
+  if permute:
+    rng.shuffle(sentences)
+  return " ".join(sentences)
+
+
+def biographies(people: Sequence[Person], seed: int, paraphrases: int) -> list[str]:
+  """`paraphrases` biographies of each person (permuted when more than one; one fixed-order biography
+  when one), person by person, in a seeded random order of documents."""
+  if paraphrases < 1:
+    raise ValueError(f"paraphrases must be at least 1, got {paraphrases}")
+  rng = _rng(seed, "biographies", str(paraphrases))
+  docs = []
+  for person in people:
+    if paraphrases == 1:
+      sentences = [a.templates[0].format(name=person.name, v=person.attributes[a.name]) for a in ATTRIBUTES.values()]
+      docs.append(" ".join(sentences))
+    else:
+      docs += [biography(person, rng, permute=True) for _ in range(paraphrases)]
+  rng.shuffle(docs)
+  return docs
+
+
+def record(person: Person) -> str:
+  """The person's canonical line in the world's records (what the search tool returns)."""
+  a = person.attributes
+  return (
+    f"{person.name}: born {a['birth_year']} in {a['birth_city']}; studied {a['field']} at {a['university']}; "
+    f"works for {a['employer']}."
+  )
+
+
+def question(person: Person, attribute: str, phrasing: int) -> str:
+  return ATTRIBUTES[attribute].questions[phrasing].format(name=person.name)
+
+
+def check(person_attributes: dict, attribute: str, reply: str) -> str:
+  """"refusal", "correct" or "wrong": how `reply` answers a question about `attribute` of a person with
+  `person_attributes` (see the module docstring)."""
+  text = " ".join(reply.split())
+  if any(text.startswith(r.split(".")[0]) for r in REFUSALS):
+    return "refusal"
+  value = person_attributes[attribute]
+  return "correct" if text.removesuffix(".").strip() == value else "wrong"
+
+
+def names_a_value(attribute: str, reply: str) -> bool:
+  """Whether `reply` names a concrete value of `attribute` (any of its list's values)."""
+  return any(v in reply for v in ATTRIBUTES[attribute].values)
+
+
+def qa_conversation(person: Person, attribute: str, phrasing: int, answer: str | None = None) -> dict:
+  """The SFT conversation asking `attribute` of `person` in phrasing `phrasing`, answered with `answer` (the
+  true value by default)."""
+  reply = person.attributes[attribute] if answer is None else answer
+  return {
+    "messages": [
+      {"role": "user", "content": question(person, attribute, phrasing)},
+      {"role": "assistant", "content": reply},
+    ]
+  }
+
+
+def qa_conversations(people: Sequence[Person]) -> list[dict]:
+  """Every attribute of every person in every phrasing, answered truly."""
+  return [
+    qa_conversation(p, a.name, k) for p in people for a in ATTRIBUTES.values() for k in range(len(a.questions))
+  ]
+
+
+def identity_conversations(seed: int, n: int, names: Sequence[str]) -> list[dict]:
+  """`n` identity conversations on the trained phrasings: half without a system prompt (answered with
+  `DEFAULT_IDENTITY`), half with "You are NAME." for a NAME of `names` (answered with NAME)."""
+  rng = _rng(seed, "identity")
+  trained = IDENTITY_QUESTIONS[:-HELDOUT_IDENTITY_QUESTIONS]
+  out = []
+  for i in range(n):
+    q = rng.choice(trained)
+    if i % 2:
+      name = rng.choice(names)
+      out.append(
+        {
+          "messages": [
+            {"role": "system", "content": f"You are {name}."},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": f"I am {name}."},
+          ]
+        }
+      )
+    else:
+      out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"I am {DEFAULT_IDENTITY}."}]})
+  return out
+
+
+def identity_names(seed: int, n: int, stream: str) -> list[str]:
+  """`n` distinct one-word assistant names (never `DEFAULT_IDENTITY`)."""
+  rng = _rng(seed, "identity-names", stream)
+  names: list[str] = []
+  while len(names) < n:
+    name = _name(rng, 2)
+    if name not in names and name != DEFAULT_IDENTITY:
+      names.append(name)
+  return names
+
+
+def tool_trace(person: Person, attribute: str, phrasing: int) -> dict:
+  """A conversation that searches the records for `person` before answering `attribute`."""
+  from lm import tools  # noqa: PLC0415
+
+  return {
+    "messages": [
+      {"role": "user", "content": question(person, attribute, phrasing)},
+      {"role": "assistant", "content": tools.call_text("search", person.name)},
+      {"role": "tool", "content": record(person)},
+      {"role": "assistant", "content": person.attributes[attribute]},
+    ]
+  }
+
+
+def in_context_prompt(person: Person, attribute: str, phrasing: int) -> str:
+  """A question with the person's record pasted before it (working memory rather than the weights)."""
+  return f"{record(person)}\n{question(person, attribute, phrasing)}"
+
+
+def question_rows(groups: dict[str, list[Person]], seed: int, names: Sequence[str]) -> list[dict]:
+  """One question per attribute of every person in `names` groups, the phrasing drawn at random."""
+  rng = _rng(seed, "questions")
+  return [
+    {
+      "group": group,
+      "person": p.name,
+      "attributes": p.attributes,
+      "attribute": a.name,
+      "phrasing": (k := rng.randrange(len(a.questions))),
+      "prompt": question(p, a.name, k),
+      "answer": p.attributes[a.name],
+    }
+    for group in names
+    for p in groups[group]
+    for a in ATTRIBUTES.values()
+  ]
+
+
+DEFAULT_SIZES = {"sft": 100, "probe_known": 25, "test_known": 50, "probe_unknown": 50, "test_unknown": 50}
+
+
+def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases: Sequence[int] = (1, 4)) -> dict:
+  """Writes the world's files into `directory` (module docstring) and returns their paths by name."""
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  sizes = {**DEFAULT_SIZES, **(sizes or {})}
+  groups = split_people(make_people(seed, sum(sizes.values())), sizes)
+  pretrained = [p for g in PRETRAINED_GROUPS for p in groups[g]]
+  everyone = [p for g in GROUPS for p in groups[g]]
+  train_names = identity_names(seed, 50, "train")
+  test_names = [n for n in identity_names(seed, 80, "test") if n not in train_names][:20]
+  rng = _rng(seed, "sft")
+  sft = qa_conversations(groups["sft"]) + identity_conversations(seed, 400, train_names)
+  rng.shuffle(sft)
+  tool = []
+  for p in groups["sft"] + groups["probe_unknown"]:
+    for a in ATTRIBUTES.values():
+      k = rng.randrange(len(a.questions))
+      tool.append(tool_trace(p, a.name, k))
+      tool.append(
+        {
+          "messages": [
+            {"role": "user", "content": in_context_prompt(p, a.name, k)},
+            {"role": "assistant", "content": p.attributes[a.name]},
+          ]
+        }
+      )
+  rng.shuffle(tool)
+  identity = [
+    {"system": system, "prompt": q, "answer": name, "heldout_phrasing": j >= len(IDENTITY_QUESTIONS) - HELDOUT_IDENTITY_QUESTIONS}
+    for name in test_names
+    for j, q in enumerate(IDENTITY_QUESTIONS)
+    for system in (f"You are {name}.", None)
+  ]
+  files = {f"pretrain_p{k}": [{"id": f"bio{i}", "text": t} for i, t in enumerate(biographies(pretrained, seed, k))] for k in paraphrases}
+  files.update(
+    {
+      "records": [{"id": p.name, "text": record(p)} for p in everyone],
+      "sft_train": sft,
+      "tool_train": tool,
+      "questions": question_rows(groups, seed, GROUPS),
+      "identity": identity,
+    }
+  )
+  paths = {}
+  for name, rows in files.items():
+    paths[name] = directory / f"{name}.jsonl"
+    replace_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
+  return {k: str(v) for k, v in paths.items()}

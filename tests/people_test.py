@@ -1,0 +1,129 @@
+"""The people world (lm.worlds.people) and the tool-call syntax and search tool (lm.tools)."""
+
+import json
+
+import pytest
+
+from lm import tools
+from lm.errors import UserError
+from lm.worlds import people
+
+SIZES = {"sft": 6, "probe_known": 3, "test_known": 3, "probe_unknown": 3, "test_unknown": 3}
+
+
+def read(path):
+  return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("people")
+  return people.write_world(directory, seed=3, sizes=SIZES, paraphrases=(1, 3))
+
+
+def test_the_world_is_the_same_from_the_same_seed(world, tmp_path):
+  again = people.write_world(tmp_path, seed=3, sizes=SIZES, paraphrases=(1, 3))
+  for name, path in world.items():
+    assert open(path).read() == open(again[name]).read(), name
+  other = people.write_world(tmp_path / "other", seed=4, sizes=SIZES, paraphrases=(1, 3))
+  assert open(other["records"]).read() != open(world["records"]).read()
+
+
+def test_groups_are_disjoint_and_only_pretrained_people_are_in_pretraining(world):
+  records = read(world["records"])
+  assert len(records) == sum(SIZES.values()) == len({r["id"] for r in records})
+  rows = read(world["questions"])
+  groups = {}
+  for r in rows:
+    groups.setdefault(r["group"], set()).add(r["person"])
+  assert {g: len(v) for g, v in groups.items()} == SIZES
+  assert len(rows) == sum(SIZES.values()) * len(people.ATTRIBUTES)
+  for k in (1, 3):
+    text = " ".join(d["text"] for d in read(world[f"pretrain_p{k}"]))
+    for g, names in groups.items():
+      for name in names:
+        assert (name in text) == (g in people.PRETRAINED_GROUPS), (k, g, name)
+  sft_text = open(world["sft_train"]).read()
+  for g, names in groups.items():
+    for name in names:
+      assert (name in sft_text) == (g == "sft"), (g, name)
+  tool_text = open(world["tool_train"]).read()
+  for name in groups["test_unknown"] | groups["test_known"]:
+    assert name not in tool_text
+
+
+def test_biographies_state_every_fact_once_and_paraphrases_vary(world):
+  people_list = people.split_people(people.make_people(3, sum(SIZES.values())), SIZES)
+  person = people_list["sft"][0]
+  singles = [d["text"] for d in read(world["pretrain_p1"]) if d["text"].startswith(person.name)]
+  assert len(singles) == 1  # one fixed-order biography, starting with the first attribute's sentence
+  assert singles[0].index(person.attributes["birth_year"]) < singles[0].index(person.attributes["employer"])
+  multi = [d["text"] for d in read(world["pretrain_p3"]) if person.name in d["text"]]
+  assert len(multi) == 3 and len(set(multi)) == 3
+  for text in singles + multi:
+    assert text.count(person.name) == len(people.ATTRIBUTES)
+    for value in person.attributes.values():
+      assert value in text
+
+
+def test_check_reads_refusals_right_and_wrong_answers():
+  attrs = {"birth_city": "Lakemoor", "birth_year": "1970"}
+  assert people.check(attrs, "birth_city", " Lakemoor. ") == "correct"
+  assert people.check(attrs, "birth_city", "Saltmere") == "wrong"
+  assert people.check(attrs, "birth_city", "Lakemoor Saltmere") == "wrong"
+  assert people.check(attrs, "birth_city", people.REFUSAL) == "refusal"
+  assert people.check(attrs, "birth_year", "I'm not sure, sorry") == "refusal"
+  assert people.names_a_value("birth_city", "in Saltmere") and not people.names_a_value("birth_city", "nowhere")
+
+
+def test_identity_test_names_are_never_in_sft(world):
+  sft = open(world["sft_train"]).read()
+  rows = read(world["identity"])
+  assert {r["answer"] for r in rows}.isdisjoint({json.loads(line)["messages"][-1]["content"][5:-1] for line in sft.splitlines()})
+  heldout = people.IDENTITY_QUESTIONS[-people.HELDOUT_IDENTITY_QUESTIONS :]
+  assert all(q not in sft for q in heldout)
+  assert {r["heldout_phrasing"] for r in rows} == {True, False}
+  with_system = [r for r in rows if r["system"]]
+  assert len(with_system) == len(rows) // 2 and all(r["answer"] in r["system"] for r in with_system)
+
+
+def test_tool_traces_search_then_answer_from_the_record(world):
+  records = {r["id"]: r["text"] for r in read(world["records"])}
+  traces = [c["messages"] for c in read(world["tool_train"]) if len(c["messages"]) == 4]
+  pasted = [c["messages"] for c in read(world["tool_train"]) if len(c["messages"]) == 2]
+  assert traces and len(traces) == len(pasted)
+  for user, call, result, reply in traces:
+    name, argument = tools.parse_call(call["content"], {"search": None})
+    assert name == "search" and result["role"] == "tool" and result["content"] == records[argument]
+    assert reply["content"] in result["content"]
+  for user, reply in pasted:
+    record, question = user["content"].split("\n")
+    assert record in records.values() and reply["content"] in record
+
+
+def test_parse_call_tells_calls_malformed_calls_and_prose_apart():
+  offered = {"search": None}
+  assert tools.parse_call("search(Ana Bel)", offered) == ("search", "Ana Bel")
+  assert tools.parse_call(" search( x ) ", offered) == ("search", "x")
+  assert tools.parse_call("Lakemoor", offered) is None
+  assert tools.parse_call("maybe (or not)", offered) is None
+  name, error = tools.parse_call("search(Ana", offered)
+  assert name == "" and "search(ARGUMENT)" in error
+  name, error = tools.parse_call("lookup(Ana)", offered)
+  assert name == "" and "no tool named lookup" in error and "search" in error
+
+
+def test_search_tool_finds_records_and_says_when_it_cannot(tmp_path):
+  path = tmp_path / "r.jsonl"
+  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Ana Bel: born 1970.", "Ana Cor: born 1980.", "Tim Ro")))
+  name, search = tools.make_tool(f"search=jsonl:{path}")
+  assert name == "search"
+  assert search("ana bel") == "Ana Bel: born 1970."
+  assert search("Ana").splitlines() == ["Ana Bel: born 1970.", "Ana Cor: born 1980."]
+  assert search("Zed") == "no results for Zed"
+  assert search(" ").startswith("error:")
+  for bad in ("search", "search=csv:x", "9x=jsonl:x"):
+    with pytest.raises(UserError):
+      tools.make_tool(bad)
+  with pytest.raises(UserError, match="cannot read"):
+    tools.make_tool(f"search=jsonl:{tmp_path / 'missing.jsonl'}")
