@@ -157,8 +157,11 @@ def _reply_with_tools(loaded, tok, context, messages, request, tool_fns, max_cal
   sampler, params, setup = loaded
   calls, added = [], []
   for k in range(max_calls + 1):
-    ids, _ = fit(tok, messages + added, context, request.max_new_tokens)
-    r = dataclasses.replace(request, seed=request.seed + k)
+    try:
+      ids, _ = fit(tok, messages + added, context, request.max_new_tokens)
+    except UserError:  # a tool's result filled the context: the sub-turn gets the room that is left
+      ids, _ = fit(tok, messages + added, context, 1)
+    r = dataclasses.replace(request, seed=request.seed + k, max_new_tokens=min(request.max_new_tokens, context - len(ids)))
     with setup.context():
       if show:
         last = sample_cli.print_stream(sampler.stream(params, [ids], [r]), tok, "", [r])

@@ -73,7 +73,9 @@ def test_check_reads_refusals_right_and_wrong_answers():
   assert people.check(attrs, "birth_city", "Lakemoor Saltmere") == "wrong"
   assert people.check(attrs, "birth_city", people.REFUSAL) == "refusal"
   assert people.check(attrs, "birth_year", "I'm not sure, sorry") == "refusal"
-  assert people.names_a_value("birth_city", "in Saltmere") and not people.names_a_value("birth_city", "nowhere")
+  assert people.check(attrs, "birth_city", "Ana Bel grew up in the city of Lakemoor.") == "correct"
+  assert people.check(attrs, "birth_year", "born in 19701") == "wrong"  # values are whole words
+  assert people.named_values("birth_city", "from Saltmere to Quenby") == ["Saltmere", "Quenby"]
 
 
 def test_identity_test_names_are_never_in_sft(world):
@@ -95,10 +97,11 @@ def test_tool_traces_search_then_answer_from_the_record(world):
   for user, call, result, reply in traces:
     name, argument = tools.parse_call(call["content"], {"search": None})
     assert name == "search" and result["role"] == "tool" and result["content"] == records[argument]
-    assert reply["content"] in result["content"]
+    values = [v for a in people.ATTRIBUTES for v in people.named_values(a, reply["content"])]
+    assert reply["content"].startswith(argument) and len(values) == 1 and values[0] in result["content"]
   for user, reply in pasted:
     record, question = user["content"].split("\n")
-    assert record in records.values() and reply["content"] in record
+    assert record in records.values() and reply["content"].split(" ")[0] in record
 
 
 def test_parse_call_tells_calls_malformed_calls_and_prose_apart():

@@ -32,7 +32,7 @@ from lm.sampling import SamplingParams
 from lm.tokenizer import BOS_ID
 from lm.worlds import people
 
-MAX_NEW_TOKENS = 40  # the longest value is 20 bytes, a tool call about 30
+MAX_NEW_TOKENS = 64  # the longest answer sentence is about 50 bytes, a tool call about 30
 BATCH = 64
 
 

@@ -12,9 +12,10 @@ draw their templates independently and, with `permute`, their sentence order too
 biography with the attributes in the fixed order of `ATTRIBUTES`.
 
 Questions (`question`): each attribute is asked in `len(Attribute.questions)` phrasings; the answer is the
-bare value ("Lakemoor"). `check` reads a reply: "refusal" if it declines (starts with one of
-`REFUSALS`' openings), "correct" if it names the person's value, "wrong" if it names another value of that
-attribute or anything else. A hallucination is a reply about a person the model never saw that does not
+attribute's first template filled in (`answer_sentence`: "Ana Bel was born in 1970."), the sentence a
+model that stored the fact under the person's name can complete. `check` reads a reply: "refusal" if it
+declines (starts with one of `REFUSALS`' openings), "correct" if the only value of that attribute it names
+is the person's, "wrong" otherwise. A hallucination is a reply about a person the model never saw that does not
 decline.
 
 Groups of people (`GROUPS`), by position in the seeded list of people:
@@ -47,6 +48,7 @@ Files (`write_world`), JSON lines:
 import dataclasses
 import json
 import random
+import re
 from collections.abc import Sequence
 
 from etils import epath
@@ -170,6 +172,7 @@ IDENTITY_QUESTIONS = (
   "What are you called?",
   "Do you have a name?",
 )
+IDENTITY_NAMES = 400  # the names system prompts give in SFT: enough that copying beats remembering them
 HELDOUT_IDENTITY_QUESTIONS = 2  # the last phrasings of IDENTITY_QUESTIONS, asked only at test
 
 
@@ -255,25 +258,29 @@ def question(person: Person, attribute: str, phrasing: int) -> str:
   return ATTRIBUTES[attribute].questions[phrasing].format(name=person.name)
 
 
+def answer_sentence(person: Person, attribute: str) -> str:
+  """The SFT answer to a question about `attribute`: the attribute's first biography template, filled in."""
+  return ATTRIBUTES[attribute].templates[0].format(name=person.name, v=person.attributes[attribute])
+
+
+def named_values(attribute: str, reply: str) -> list[str]:
+  """The values of `attribute` that `reply` names (as whole words)."""
+  return [v for v in ATTRIBUTES[attribute].values if re.search(rf"\b{re.escape(v)}\b", reply)]
+
+
 def check(person_attributes: dict, attribute: str, reply: str) -> str:
   """"refusal", "correct" or "wrong": how `reply` answers a question about `attribute` of a person with
   `person_attributes` (see the module docstring)."""
   text = " ".join(reply.split())
   if any(text.startswith(r.split(".")[0]) for r in REFUSALS):
     return "refusal"
-  value = person_attributes[attribute]
-  return "correct" if text.removesuffix(".").strip() == value else "wrong"
-
-
-def names_a_value(attribute: str, reply: str) -> bool:
-  """Whether `reply` names a concrete value of `attribute` (any of its list's values)."""
-  return any(v in reply for v in ATTRIBUTES[attribute].values)
+  return "correct" if named_values(attribute, text) == [person_attributes[attribute]] else "wrong"
 
 
 def qa_conversation(person: Person, attribute: str, phrasing: int, answer: str | None = None) -> dict:
   """The SFT conversation asking `attribute` of `person` in phrasing `phrasing`, answered with `answer` (the
   true value by default)."""
-  reply = person.attributes[attribute] if answer is None else answer
+  reply = answer_sentence(person, attribute) if answer is None else answer
   return {
     "messages": [
       {"role": "user", "content": question(person, attribute, phrasing)},
@@ -298,7 +305,7 @@ def identity_conversations(seed: int, n: int, names: Sequence[str]) -> list[dict
   for i in range(n):
     q = rng.choice(trained)
     if i % 2:
-      name = rng.choice(names)
+      name = names[(i // 2) % len(names)]
       out.append(
         {
           "messages": [
@@ -333,7 +340,7 @@ def tool_trace(person: Person, attribute: str, phrasing: int) -> dict:
       {"role": "user", "content": question(person, attribute, phrasing)},
       {"role": "assistant", "content": tools.call_text("search", person.name)},
       {"role": "tool", "content": record(person)},
-      {"role": "assistant", "content": person.attributes[attribute]},
+      {"role": "assistant", "content": answer_sentence(person, attribute)},
     ]
   }
 
@@ -373,10 +380,10 @@ def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases
   groups = split_people(make_people(seed, sum(sizes.values())), sizes)
   pretrained = [p for g in PRETRAINED_GROUPS for p in groups[g]]
   everyone = [p for g in GROUPS for p in groups[g]]
-  train_names = identity_names(seed, 50, "train")
+  train_names = identity_names(seed, IDENTITY_NAMES, "train")
   test_names = [n for n in identity_names(seed, 80, "test") if n not in train_names][:20]
   rng = _rng(seed, "sft")
-  sft = qa_conversations(groups["sft"]) + identity_conversations(seed, 400, train_names)
+  sft = qa_conversations(groups["sft"]) + identity_conversations(seed, 2 * IDENTITY_NAMES, train_names)
   rng.shuffle(sft)
   tool = []
   for p in groups["sft"] + groups["probe_unknown"]:
@@ -387,7 +394,7 @@ def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases
         {
           "messages": [
             {"role": "user", "content": in_context_prompt(p, a.name, k)},
-            {"role": "assistant", "content": p.attributes[a.name]},
+            {"role": "assistant", "content": answer_sentence(p, a.name)},
           ]
         }
       )
