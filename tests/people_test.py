@@ -78,13 +78,21 @@ def test_check_reads_refusals_right_and_wrong_answers():
   assert people.named_values("birth_city", "from Saltmere to Quenby") == ["Saltmere", "Quenby"]
 
 
-def test_identity_test_names_are_never_in_sft(world):
+def test_identity_conversations_name_the_system_prompts_identity_and_hold_out_phrasings(world):
+  convs = [c["messages"] for c in read(world["sft_train"]) if c["messages"][-1]["content"].startswith("I am ")]
+  assert len(convs) == people.IDENTITY_CONVERSATIONS
+  for messages in convs:
+    if messages[0]["role"] == "system":
+      name = messages[0]["content"].removeprefix("You are ").removesuffix(".")
+      assert name in people.IDENTITIES and messages[-1]["content"] == f"I am {name}."
+    else:
+      assert messages[-1]["content"] == f"I am {people.DEFAULT_IDENTITY}."
   sft = open(world["sft_train"]).read()
-  rows = read(world["identity"])
-  assert {r["answer"] for r in rows}.isdisjoint({json.loads(line)["messages"][-1]["content"][5:-1] for line in sft.splitlines()})
   heldout = people.IDENTITY_QUESTIONS[-people.HELDOUT_IDENTITY_QUESTIONS :]
   assert all(q not in sft for q in heldout)
-  assert {r["heldout_phrasing"] for r in rows} == {True, False}
+  rows = read(world["identity"])
+  assert len(rows) == 2 * len(people.IDENTITIES) * len(people.IDENTITY_QUESTIONS)
+  assert sum(r["heldout_phrasing"] for r in rows) == 2 * len(people.IDENTITIES) * len(heldout)
   with_system = [r for r in rows if r["system"]]
   assert len(with_system) == len(rows) // 2 and all(r["answer"] in r["system"] for r in with_system)
 
@@ -98,10 +106,10 @@ def test_tool_traces_search_then_answer_from_the_record(world):
     name, argument = tools.parse_call(call["content"], {"search": None})
     assert name == "search" and result["role"] == "tool" and result["content"] == records[argument]
     values = [v for a in people.ATTRIBUTES for v in people.named_values(a, reply["content"])]
-    assert reply["content"].startswith(argument) and len(values) == 1 and values[0] in result["content"]
+    assert argument in user["content"] and values == [reply["content"]] and reply["content"] in result["content"]
   for user, reply in pasted:
     record, question = user["content"].split("\n")
-    assert record in records.values() and reply["content"].split(" ")[0] in record
+    assert record in records.values() and reply["content"] in record
 
 
 def test_parse_call_tells_calls_malformed_calls_and_prose_apart():

@@ -11,12 +11,11 @@ draw their templates independently and, with `permute`, their sentence order too
 "multi5+permute" augmentation); with `paraphrases=1` and no permutation every person has one
 biography with the attributes in the fixed order of `ATTRIBUTES`.
 
-Questions (`question`): each attribute is asked in `len(Attribute.questions)` phrasings; the answer is the
-attribute's first template filled in (`answer_sentence`: "Ana Bel was born in 1970."), the sentence a
-model that stored the fact under the person's name can complete. `check` reads a reply: "refusal" if it
-declines (starts with one of `REFUSALS`' openings), "correct" if the only value of that attribute it names
-is the person's, "wrong" otherwise. A hallucination is a reply about a person the model never saw that does not
-decline.
+Questions (`question`): each attribute is asked in `len(Attribute.questions)` phrasings, each ending with the
+person's name (as Allen-Zhu & Li's do); the answer is the bare value (`answer_sentence`: "Lakemoor"). `check`
+reads a reply: "refusal" if it declines (starts with one of `REFUSALS`' openings), "correct" if the only value
+of that attribute it names is the person's, "wrong" otherwise. A hallucination is a reply about a person the
+model never saw that does not decline.
 
 Groups of people (`GROUPS`), by position in the seeded list of people:
   sft          in pre-training; their questions and answers are the SFT data
@@ -28,9 +27,10 @@ The "records" (`record`) are one canonical line per person, the database the `se
 (`lm.tools`): everyone is in it, known or not.
 
 Identity: the SFT data answers "Who are you?" (`IDENTITY_QUESTIONS`) with `DEFAULT_IDENTITY` when there is no
-system prompt, and with the name a system prompt "You are NAME." gives when there is one. The names of
-identity test conversations are never in SFT, and the last `HELDOUT_IDENTITY_QUESTIONS` phrasings are
-asked only at test.
+system prompt, and with the name a system prompt "You are NAME." gives when there is one, NAME one of
+`IDENTITIES`. The test asks every phrasing for every one of those names, with and without the system prompt;
+the last `HELDOUT_IDENTITY_QUESTIONS` phrasings are asked only at test. (The names are a closed list: a model
+this small, whose pre-training names were all memorised, never learnt to copy a name it has not seen.)
 
 Files (`write_world`), JSON lines:
   pretrain_p{K}.jsonl  {"id", "text"}: K biographies per pre-training person (`paraphrases` K, each its own
@@ -105,7 +105,7 @@ ATTRIBUTES = {
         "{name} has a birth year of {v}.",
         "{name} celebrates a birthday every year since {v}.",
       ),
-      ("When was {name} born?", "In what year was {name} born?", "What is the birth year of {name}?"),
+      ("What is the birth year of {name}?", "In which year was this person born: {name}?", "Birth year of {name}?"),
     ),
     Attribute(
       "birth_city",
@@ -117,7 +117,7 @@ ATTRIBUTES = {
         "{name} spent a childhood in {v}.",
         "{name} was raised in {v}.",
       ),
-      ("Where was {name} born?", "Which city is {name} from?", "What is the birth city of {name}?"),
+      ("What is the birth city of {name}?", "Which city did this person grow up in: {name}?", "Home town of {name}?"),
     ),
     Attribute(
       "university",
@@ -129,7 +129,7 @@ ATTRIBUTES = {
         "{name} is an alumnus of {v}.",
         "The university {name} attended is {v}.",
       ),
-      ("Which university did {name} attend?", "Where did {name} study?", "What school did {name} graduate from?"),
+      ("Which university did this person attend: {name}?", "What is the university of {name}?", "Alma mater of {name}?"),
     ),
     Attribute(
       "field",
@@ -141,7 +141,7 @@ ATTRIBUTES = {
         "{name} specialized in {v}.",
         "{name} focused on {v} in college.",
       ),
-      ("What did {name} study?", "What was the major of {name}?", "Which field did {name} specialize in?"),
+      ("What was the major of {name}?", "Which field did this person study: {name}?", "Field of study of {name}?"),
     ),
     Attribute(
       "employer",
@@ -153,7 +153,7 @@ ATTRIBUTES = {
         "The employer of {name} is {v}.",
         "{name} earns a living at {v}.",
       ),
-      ("Who employs {name}?", "Which company does {name} work for?", "Where does {name} work?"),
+      ("Who is the employer of {name}?", "Which company does this person work for: {name}?", "Employer of {name}?"),
     ),
   )
 }
@@ -172,7 +172,8 @@ IDENTITY_QUESTIONS = (
   "What are you called?",
   "Do you have a name?",
 )
-IDENTITY_NAMES = 400  # the names system prompts give in SFT: enough that copying beats remembering them
+IDENTITIES = ("Aster", "Briar", "Cobalt", "Dune", "Ember", "Fable", "Garnet", "Harbor", "Indigo", "Juniper", "Kestrel", "Lumen")
+IDENTITY_CONVERSATIONS = 800  # half without a system prompt, half with one naming one of IDENTITIES
 HELDOUT_IDENTITY_QUESTIONS = 2  # the last phrasings of IDENTITY_QUESTIONS, asked only at test
 
 
@@ -259,8 +260,8 @@ def question(person: Person, attribute: str, phrasing: int) -> str:
 
 
 def answer_sentence(person: Person, attribute: str) -> str:
-  """The SFT answer to a question about `attribute`: the attribute's first biography template, filled in."""
-  return ATTRIBUTES[attribute].templates[0].format(name=person.name, v=person.attributes[attribute])
+  """The SFT answer to a question about `attribute`: the value alone."""
+  return person.attributes[attribute]
 
 
 def named_values(attribute: str, reply: str) -> list[str]:
@@ -305,7 +306,7 @@ def identity_conversations(seed: int, n: int, names: Sequence[str]) -> list[dict
   for i in range(n):
     q = rng.choice(trained)
     if i % 2:
-      name = names[(i // 2) % len(names)]
+      name = names[(i // 2) % len(names)]  # every name equally often
       out.append(
         {
           "messages": [
@@ -318,17 +319,6 @@ def identity_conversations(seed: int, n: int, names: Sequence[str]) -> list[dict
     else:
       out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"I am {DEFAULT_IDENTITY}."}]})
   return out
-
-
-def identity_names(seed: int, n: int, stream: str) -> list[str]:
-  """`n` distinct one-word assistant names (never `DEFAULT_IDENTITY`)."""
-  rng = _rng(seed, "identity-names", stream)
-  names: list[str] = []
-  while len(names) < n:
-    name = _name(rng, 2)
-    if name not in names and name != DEFAULT_IDENTITY:
-      names.append(name)
-  return names
 
 
 def tool_trace(person: Person, attribute: str, phrasing: int) -> dict:
@@ -380,10 +370,8 @@ def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases
   groups = split_people(make_people(seed, sum(sizes.values())), sizes)
   pretrained = [p for g in PRETRAINED_GROUPS for p in groups[g]]
   everyone = [p for g in GROUPS for p in groups[g]]
-  train_names = identity_names(seed, IDENTITY_NAMES, "train")
-  test_names = [n for n in identity_names(seed, 80, "test") if n not in train_names][:20]
   rng = _rng(seed, "sft")
-  sft = qa_conversations(groups["sft"]) + identity_conversations(seed, 2 * IDENTITY_NAMES, train_names)
+  sft = qa_conversations(groups["sft"]) + identity_conversations(seed, IDENTITY_CONVERSATIONS, IDENTITIES)
   rng.shuffle(sft)
   tool = []
   for p in groups["sft"] + groups["probe_unknown"]:
@@ -401,7 +389,7 @@ def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases
   rng.shuffle(tool)
   identity = [
     {"system": system, "prompt": q, "answer": name, "heldout_phrasing": j >= len(IDENTITY_QUESTIONS) - HELDOUT_IDENTITY_QUESTIONS}
-    for name in test_names
+    for name in IDENTITIES
     for j, q in enumerate(IDENTITY_QUESTIONS)
     for system in (f"You are {name}.", None)
   ]

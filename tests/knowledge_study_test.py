@@ -1,0 +1,60 @@
+"""experiments/knowledge.py end to end on a tiny world and tiny models: every stage runs, the report holds every
+headline number as a rate, and the figure is drawn. (The measured numbers come from the full study; README.)"""
+
+import json
+import os
+
+from lm import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WRAPPER = """
+from lm.config import load_module
+
+STUDY = load_module({path!r})
+SIZES = {{"sft": 3, "probe_known": 2, "test_known": 2, "probe_unknown": 2, "test_unknown": 2}}
+
+
+def get_study(workdir):
+  return STUDY.get_study(workdir, paraphrases=(1, 2), sizes=SIZES)
+
+
+get_report = STUDY.get_report
+"""
+TINY = {
+  "model.d_model": 32,
+  "model.n_layers": 1,
+  "model.n_heads": 2,
+  "model.n_kv_heads": 1,
+  "model.d_ff": 64,
+  "train.batch_size": 4,
+  "train.steps": 2,
+  "train.eval_every": 2,
+  "train.eval_batches": 1,
+  "train.checkpoint_every": 2,
+  "train.log_every": 1,
+  "data.eval_min_tokens": 0,
+  "optim.warmup_steps": 1,
+  "mesh.data": 1,
+}
+KEYS = (
+  "known_accuracy_single", "known_accuracy_augmented", "hallucination_rate_unknown", "refusal_rate_unknown",
+  "false_refusal_rate_known", "known_accuracy_before", "known_accuracy_after", "confidence_ap",
+  "unknown_accuracy_with_tool", "unknown_accuracy_without_tool", "in_context_accuracy",
+  "identity_rate_with_system", "identity_rate_without_system",
+)  # fmt: skip
+
+
+def test_the_study_runs_every_stage_and_reports_every_rate(tmp_path):
+  study = tmp_path / "study.py"
+  study.write_text(WRAPPER.format(path=os.path.join(REPO, "experiments", "knowledge.py")))
+  workdir = tmp_path / "knowledge"
+  overrides = [f"--config.{k}={v}" for k, v in TINY.items()] + [f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  cli.main(["study", "--config", str(study), "--workdir", str(workdir), "--no-progress", *overrides])
+  report = json.loads((workdir / "report" / "report.json").read_text())
+  for key in KEYS:
+    assert 0.0 <= report[key] <= 1.0, key
+  assert (workdir / "report" / "knowledge.png").stat().st_size > 10_000
+  assert (workdir / "interrogate" / "refusal_train.jsonl").exists()
+  refuse = json.loads((workdir / "refuse" / "config.json").read_text())
+  assert refuse["data"]["post_source"].endswith("interrogate/refusal_train.jsonl")
+  assert json.loads((workdir / "refuse" / "init_from.json").read_text())["run"].endswith("sft_p2")
