@@ -27,7 +27,7 @@ from lm.worlds import people
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE, SFT = os.path.join(HERE, "knowledge_base.py"), os.path.join(HERE, "knowledge_sft.py")  # a wrapper may live elsewhere
 
-PARAPHRASES = (1, 2, 4)
+PARAPHRASES = (1, 4, 8)
 SEARCH = "search=jsonl:{world}/records.jsonl"
 
 
@@ -70,7 +70,7 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None):
       "id": "refuse",
       "config": SFT,
       "init_from": f"sft_p{top}",
-      "overrides": {"data.post_source": f"jsonl:{workdir}/interrogate/refusal_train.jsonl", "train.steps": 200},
+      "overrides": {"data.post_source": f"jsonl:{workdir}/interrogate/refusal_train.jsonl", "train.steps": 150},
     },
     {"id": "refuse_eval", "run": lambda d: knowledge.refusal(final, f"{workdir}/refuse", world, out_dir=d)},
     {

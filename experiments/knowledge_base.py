@@ -1,12 +1,13 @@
 """Knowledge study, stage: pre-training on the people world's biographies (lm/worlds/people.py).
 
   lm study --config experiments/knowledge.py --workdir runs/knowledge    (the whole study), or alone:
-  lm train --config experiments/knowledge_base.py --workdir runs/knowledge/base_p4
+  lm train --config experiments/knowledge_base.py --workdir runs/knowledge/base_p8
 
-A byte-level 4-layer decoder reads the biographies of the pre-training people; `data.source` picks how many
-paraphrases each person has (pretrain_p1.jsonl: one fixed-order biography; pretrain_p4.jsonl: four, each
-with its own templates and sentence order). Every setting trains the same steps on the same number of
-tokens, so the paraphrased world sees each fact in more forms, not more often.
+A byte-level 4-layer decoder (d_model 128, 0.8M parameters) reads the biographies of the 175 pre-training
+people for 600 steps of 32 x 256 bytes (4.9M bytes); `data.source` picks how many paraphrases each person has
+(pretrain_p1.jsonl: one fixed-order biography; pretrain_p8.jsonl: eight, each with its own templates and
+sentence order). Every setting trains the same steps on the same number of tokens, so the paraphrased world
+sees each fact in more forms, not more often.
 """
 
 from lm.config import default_config
@@ -16,7 +17,7 @@ WORLD = "runs/knowledge/world"
 
 def get_config():
   c = default_config()
-  c.data.source = f"jsonl:{WORLD}/pretrain_p4.jsonl"
+  c.data.source = f"jsonl:{WORLD}/pretrain_p8.jsonl"
   c.data.seq_len = 256
   c.data.eval_fraction = 0.02
   c.data.eval_min_tokens = 2_000

@@ -19,14 +19,14 @@ WORLD = "runs/knowledge/world"
 def get_config():
   c = load_config(os.path.join(HERE, "knowledge_base.py"))  # the base run's model, which this run starts from
   c.data.post_source = f"jsonl:{WORLD}/sft_train.jsonl"
-  c.train.init_from = "runs/knowledge/base_p4"
+  c.train.init_from = "runs/knowledge/base_p8"
   c.train.loss_on = "assistant"
-  c.train.steps = 300
-  c.train.eval_every = 100
+  c.train.steps = 150
+  c.train.eval_every = 75
   c.train.eval_batches = 4
   c.data.eval_min_tokens = 1_000
-  c.train.checkpoint_every = 100
-  c.optim.lr = 1e-3
+  c.train.checkpoint_every = 75
+  c.optim.lr = 5e-4
   c.optim.warmup_steps = 20
   c.optim.schedule = "cosine"
   return c
