@@ -25,7 +25,10 @@ from lm.evals import knowledge
 from lm.worlds import people
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BASE, SFT = os.path.join(HERE, "knowledge_base.py"), os.path.join(HERE, "knowledge_sft.py")  # a wrapper may live elsewhere
+BASE, SFT = (
+  os.path.join(HERE, "knowledge_base.py"),
+  os.path.join(HERE, "knowledge_sft.py"),
+)  # a wrapper may live elsewhere
 
 PARAPHRASES = (1, 4, 8)
 SEARCH = "search=jsonl:{world}/records.jsonl"

@@ -125,7 +125,14 @@ def main(args) -> None:
   sampler, params, setup = sample_cli.load_sampler(args.workdir)
   if tool_fns:
     reply, calls, _ = _reply_with_tools(
-      (sampler, params, setup), tok, context, system + messages, requests[0], tool_fns, args.max_tool_calls, not args.json
+      (sampler, params, setup),
+      tok,
+      context,
+      system + messages,
+      requests[0],
+      tool_fns,
+      args.max_tool_calls,
+      not args.json,
     )
     if args.json:
       print(json.dumps({"reply": reply.text, "finish_reason": reply.finish_reason, "tool_calls": calls}))
@@ -161,7 +168,9 @@ def _reply_with_tools(loaded, tok, context, messages, request, tool_fns, max_cal
       ids, _ = fit(tok, messages + added, context, request.max_new_tokens)
     except UserError:  # a tool's result filled the context: the sub-turn gets the room that is left
       ids, _ = fit(tok, messages + added, context, 1)
-    r = dataclasses.replace(request, seed=request.seed + k, max_new_tokens=min(request.max_new_tokens, context - len(ids)))
+    r = dataclasses.replace(
+      request, seed=request.seed + k, max_new_tokens=min(request.max_new_tokens, context - len(ids))
+    )
     with setup.context():
       if show:
         last = sample_cli.print_stream(sampler.stream(params, [ids], [r]), tok, "", [r])
@@ -171,7 +180,11 @@ def _reply_with_tools(loaded, tok, context, messages, request, tool_fns, max_cal
     call = tools.parse_call(reply.text, tool_fns) if k < max_calls else None
     added.append({"role": "assistant", "content": reply.text})
     if call is None:
-      return dataclasses.replace(reply, finish_reason=finish_reason(tok, r, last.tokens[0], last.logprobs[0])), calls, added
+      return (
+        dataclasses.replace(reply, finish_reason=finish_reason(tok, r, last.tokens[0], last.logprobs[0])),
+        calls,
+        added,
+      )
     name, argument = call
     result = tool_fns[name](argument) if name else argument
     if show:
@@ -209,7 +222,9 @@ def _interactive(
       candidate = candidate[: len(system)] + candidate[len(system) + dropped :]
     r = dataclasses.replace(request, seed=request.seed + turn)
     if tool_fns:
-      _, calls, added = _reply_with_tools((sampler, params, setup), tok, context, candidate, r, tool_fns, max_calls, True)
+      _, calls, added = _reply_with_tools(
+        (sampler, params, setup), tok, context, candidate, r, tool_fns, max_calls, True
+      )
       history = [*candidate, *added]
       turn += 1 + len(calls)
       continue

@@ -322,7 +322,6 @@ class Sampler:
       for r, tokens, logprobs in zip(requests, last.tokens, last.logprobs, strict=True)
     ]
 
-
   def generate_all(
     self, params, prompts: list[list[int]], requests: list[SamplingParams], batch_size: int
   ) -> list[Generation]:

@@ -126,7 +126,9 @@ def test_parse_call_tells_calls_malformed_calls_and_prose_apart():
 
 def test_search_tool_finds_records_and_says_when_it_cannot(tmp_path):
   path = tmp_path / "r.jsonl"
-  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Ana Bel: born 1970.", "Ana Cor: born 1980.", "Tim Ro")))
+  path.write_text(
+    "".join(json.dumps({"text": t}) + "\n" for t in ("Ana Bel: born 1970.", "Ana Cor: born 1980.", "Tim Ro"))
+  )
   name, search = tools.make_tool(f"search=jsonl:{path}")
   assert name == "search"
   assert search("ana bel") == "Ana Bel: born 1970."

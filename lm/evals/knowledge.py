@@ -190,7 +190,6 @@ def recall(run_dir, world, groups=("sft", "test_known"), out_dir=None) -> dict:
   return {f"{g}/recall": float(np.mean([j["correct"] for j in judged if j["group"] == g])) for g in groups}
 
 
-
 def average_precision(scores, labels) -> float:
   """The average precision of ranking by `scores` (descending) the items whose label is true: the mean, over
   the true items, of the precision of the ranking cut at each of them (0 when none is true)."""
@@ -211,8 +210,9 @@ def confidences(model: Model, rows: list[dict], samples: int, seed: int = 0) -> 
   out = []
   for i, (r, g) in enumerate(zip(rows, greedy, strict=True)):
     agree = np.mean([" ".join(d[i]["reply"].split()) == " ".join(g["reply"].split()) for d in drawn])
-    out.append({**r, "reply": g["reply"], "logprob": g["logprob"], "confidence": float(agree + 0.01 * np.exp(g["logprob"])),
-                "verdict": people.check(r["attributes"], r["attribute"], g["reply"])})  # fmt: skip
+    confidence = float(agree + 0.01 * np.exp(g["logprob"]))
+    verdict = people.check(r["attributes"], r["attribute"], g["reply"])
+    out.append({**r, "reply": g["reply"], "logprob": g["logprob"], "confidence": confidence, "verdict": verdict})
   return out
 
 
@@ -269,7 +269,9 @@ def refusal(before_run, after_run, world, out_dir=None, known="test_known", unkn
   convs = [user(r["prompt"]) for r in rows]
   before = judge_rows(rows, answer(Model(before_run), convs))
   after = judge_rows(rows, answer(Model(after_run), convs))
-  write_samples(out_dir, [{**a, "before": b["reply"], "verdict_before": b["verdict"]} for a, b in zip(after, before)])
+  write_samples(
+    out_dir, [{**a, "before": b["reply"], "verdict_before": b["verdict"]} for a, b in zip(after, before, strict=True)]
+  )
   k = [i for i, r in enumerate(rows) if r["group"] == known]
   u = [i for i, r in enumerate(rows) if r["group"] == unknown]
   was_right = [i for i in k if before[i]["verdict"] == "correct"]
@@ -290,7 +292,7 @@ def refusal(before_run, after_run, world, out_dir=None, known="test_known", unkn
 
 
 def identity(run_dir, world, out_dir=None) -> dict:
-  """"Who are you?" in every phrasing, for identities the SFT data never named: the share of replies that
+  """ "Who are you?" in every phrasing, for identities the SFT data never named: the share of replies that
   name the system prompt's identity (`identity_rate_with_system`), the share that name it without the system
   prompt (`identity_rate_without_system`), the share that give the SFT data's default identity without one
   (`default_identity_rate`), and the rate with the system prompt on the phrasings SFT never asked
@@ -302,7 +304,10 @@ def identity(run_dir, world, out_dir=None) -> dict:
   replies = answer(model, [user(r["prompt"], r["system"]) for r in with_system + without])
   names = [r["answer"] in a["reply"] for r, a in zip(with_system + without, replies, strict=True)]
   n = len(with_system)
-  write_samples(out_dir, [{**r, "reply": a["reply"], "names_it": x} for r, a, x in zip(with_system + without, replies, names)])
+  write_samples(
+    out_dir,
+    [{**r, "reply": a["reply"], "names_it": x} for r, a, x in zip(with_system + without, replies, names, strict=True)],
+  )
   heldout = [x for r, x in zip(with_system, names[:n], strict=True) if r["heldout_phrasing"]]
   return {
     "identity_rate_with_system": float(np.mean(names[:n])),
@@ -317,8 +322,9 @@ def figures(workdir, paraphrases) -> dict:
   """`workdir/report/knowledge.png` from the finished stages' results: left, accuracy on held-out known people
   (and the base model's recall of their facts) against the paraphrases per person; right, the rates before
   and after each mitigation."""
-  from lm import plots  # noqa: F401, PLC0415  (selects the Agg backend)
   import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  from lm import plots  # noqa: F401, PLC0415  (selects the Agg backend)
 
   def result(stage):
     return json.loads((epath.Path(workdir) / stage / "result.json").read_text())
@@ -332,10 +338,13 @@ def figures(workdir, paraphrases) -> dict:
   left.plot(paraphrases, recalls, "s--", label="base model's recall")
   left.set_xscale("log", base=2)
   left.set_xticks(list(paraphrases), [str(k) for k in paraphrases])
-  left.set(xlabel="biographies per person", ylabel="held-out known people", ylim=(0, 1.02), title="Knowledge extraction")
+  left.set(
+    xlabel="biographies per person", ylabel="held-out known people", ylim=(0, 1.02), title="Knowledge extraction"
+  )
   left.legend(loc="lower right")
   bars = [
-    ("hallucination,\nunknown people", refuse["hallucination_rate_unknown_before"], refuse["hallucination_rate_unknown_after"]),
+    ("hallucination,\nunknown people", refuse["hallucination_rate_unknown_before"],
+     refuse["hallucination_rate_unknown_after"]),
     ("refusal,\nunknown people", refuse["refusal_rate_unknown_before"], refuse["refusal_rate_unknown"]),
     ("accuracy,\nknown people", refuse["known_accuracy_before"], refuse["known_accuracy_after"]),
     ("refusal,\nknown people", refuse["refusal_rate_known_before"], refuse["refusal_rate_known_after"]),

@@ -129,7 +129,11 @@ ATTRIBUTES = {
         "{name} is an alumnus of {v}.",
         "The university {name} attended is {v}.",
       ),
-      ("Which university did this person attend: {name}?", "What is the university of {name}?", "Alma mater of {name}?"),
+      (
+        "Which university did this person attend: {name}?",
+        "What is the university of {name}?",
+        "Alma mater of {name}?",
+      ),
     ),
     Attribute(
       "field",
@@ -172,7 +176,20 @@ IDENTITY_QUESTIONS = (
   "What are you called?",
   "Do you have a name?",
 )
-IDENTITIES = ("Aster", "Briar", "Cobalt", "Dune", "Ember", "Fable", "Garnet", "Harbor", "Indigo", "Juniper", "Kestrel", "Lumen")
+IDENTITIES = (
+  "Aster",
+  "Briar",
+  "Cobalt",
+  "Dune",
+  "Ember",
+  "Fable",
+  "Garnet",
+  "Harbor",
+  "Indigo",
+  "Juniper",
+  "Kestrel",
+  "Lumen",
+)
 IDENTITY_CONVERSATIONS = 800  # half without a system prompt, half with one naming one of IDENTITIES
 HELDOUT_IDENTITY_QUESTIONS = 2  # the last phrasings of IDENTITY_QUESTIONS, asked only at test
 
@@ -223,7 +240,9 @@ def split_people(people: Sequence[Person], sizes: dict[str, int]) -> dict[str, l
 def biography(person: Person, rng: random.Random, permute: bool) -> str:
   """One biography of `person`: a sentence per attribute from a template `rng` picks, in random order if
   `permute`."""
-  sentences = [rng.choice(a.templates).format(name=person.name, v=person.attributes[a.name]) for a in ATTRIBUTES.values()]
+  sentences = [
+    rng.choice(a.templates).format(name=person.name, v=person.attributes[a.name]) for a in ATTRIBUTES.values()
+  ]
   if permute:
     rng.shuffle(sentences)
   return " ".join(sentences)
@@ -270,7 +289,7 @@ def named_values(attribute: str, reply: str) -> list[str]:
 
 
 def check(person_attributes: dict, attribute: str, reply: str) -> str:
-  """"refusal", "correct" or "wrong": how `reply` answers a question about `attribute` of a person with
+  """ "refusal", "correct" or "wrong": how `reply` answers a question about `attribute` of a person with
   `person_attributes` (see the module docstring)."""
   text = " ".join(reply.split())
   if any(text.startswith(r.split(".")[0]) for r in REFUSALS):
@@ -292,9 +311,7 @@ def qa_conversation(person: Person, attribute: str, phrasing: int, answer: str |
 
 def qa_conversations(people: Sequence[Person]) -> list[dict]:
   """Every attribute of every person in every phrasing, answered truly."""
-  return [
-    qa_conversation(p, a.name, k) for p in people for a in ATTRIBUTES.values() for k in range(len(a.questions))
-  ]
+  return [qa_conversation(p, a.name, k) for p in people for a in ATTRIBUTES.values() for k in range(len(a.questions))]
 
 
 def identity_conversations(seed: int, n: int, names: Sequence[str]) -> list[dict]:
@@ -317,7 +334,9 @@ def identity_conversations(seed: int, n: int, names: Sequence[str]) -> list[dict
         }
       )
     else:
-      out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"I am {DEFAULT_IDENTITY}."}]})
+      out.append(
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"I am {DEFAULT_IDENTITY}."}]}
+      )
   return out
 
 
@@ -388,12 +407,20 @@ def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases
       )
   rng.shuffle(tool)
   identity = [
-    {"system": system, "prompt": q, "answer": name, "heldout_phrasing": j >= len(IDENTITY_QUESTIONS) - HELDOUT_IDENTITY_QUESTIONS}
+    {
+      "system": system,
+      "prompt": q,
+      "answer": name,
+      "heldout_phrasing": j >= len(IDENTITY_QUESTIONS) - HELDOUT_IDENTITY_QUESTIONS,
+    }
     for name in IDENTITIES
     for j, q in enumerate(IDENTITY_QUESTIONS)
     for system in (f"You are {name}.", None)
   ]
-  files = {f"pretrain_p{k}": [{"id": f"bio{i}", "text": t} for i, t in enumerate(biographies(pretrained, seed, k))] for k in paraphrases}
+  files = {
+    f"pretrain_p{k}": [{"id": f"bio{i}", "text": t} for i, t in enumerate(biographies(pretrained, seed, k))]
+    for k in paraphrases
+  }
   files.update(
     {
       "records": [{"id": p.name, "text": record(p)} for p in everyone],
