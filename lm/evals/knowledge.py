@@ -322,12 +322,13 @@ def figures(workdir, paraphrases) -> dict:
   """`workdir/report/knowledge.png` from the finished stages' results: left, accuracy on held-out known people
   (and the base model's recall of their facts) against the paraphrases per person; right, the rates before
   and after each mitigation."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  from lm import plots  # noqa: F401, PLC0415  (selects the Agg backend)
-
-  def result(stage):
-    return json.loads((epath.Path(workdir) / stage / "result.json").read_text())
+  def result(stage):  # a finished step's result, as `lm study` records it
+    return json.loads((epath.Path(workdir) / stage / "result.json").read_text())["final"]
 
   top = max(paraphrases)
   qa_results = [result(f"qa_p{k}") for k in paraphrases]
