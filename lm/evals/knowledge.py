@@ -337,6 +337,8 @@ def figures(workdir, paraphrases) -> dict:
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
   left.plot(paraphrases, [q["test_known/accuracy"] for q in qa_results], "o-", label="QA accuracy after SFT")
   left.plot(paraphrases, recalls, "s--", label="base model's recall")
+  chance = float(np.mean([1 / len(a.values) for a in people.ATTRIBUTES.values()]))
+  left.axhline(chance, color="gray", linestyle=":", label=f"chance ({chance:.2f})")
   left.set_xscale("log", base=2)
   left.set_xticks(list(paraphrases), [str(k) for k in paraphrases])
   left.set(
@@ -359,8 +361,8 @@ def figures(workdir, paraphrases) -> dict:
     for dx, v in ((-0.2, b[1]), (0.2, b[2])):
       right.text(xi + dx, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
   right.set_xticks(x, [b[0] for b in bars], fontsize=8)
-  right.set(ylim=(0, 1.1), ylabel="rate", title=f"Mitigations (models from {top} biographies per person)")
-  right.legend(loc="upper left", fontsize=8)
+  right.set(ylim=(0, 1.3), ylabel="rate", title=f"Mitigations (models from {top} biographies per person)")
+  right.legend(loc="upper center", fontsize=8, ncol=2)
   fig.tight_layout()
   out = epath.Path(workdir) / "report"
   out.mkdir(parents=True, exist_ok=True)
