@@ -11,7 +11,7 @@ WRAPPER = """
 from lm.config import load_module
 
 STUDY = load_module({path!r})
-SIZES = {{"sft": 3, "probe_known": 2, "test_known": 2, "probe_unknown": 2, "test_unknown": 2}}
+SIZES = {{"sft": 3, "probe_known": 2, "test_known": 2, "probe_unknown": 2, "test_unknown": 2, "tool": 5}}
 
 
 def get_study(workdir):

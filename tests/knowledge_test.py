@@ -17,7 +17,7 @@ from lm.worlds import people
 
 from conftest import tiny_config
 
-SIZES = {"sft": 4, "probe_known": 2, "test_known": 2, "probe_unknown": 2, "test_unknown": 2}
+SIZES = {"sft": 4, "probe_known": 2, "test_known": 2, "probe_unknown": 2, "test_unknown": 2, "tool": 5}
 
 
 @pytest.fixture(scope="module")

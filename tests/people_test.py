@@ -8,7 +8,7 @@ from lm import tools
 from lm.errors import UserError
 from lm.worlds import people
 
-SIZES = {"sft": 6, "probe_known": 3, "test_known": 3, "probe_unknown": 3, "test_unknown": 3}
+SIZES = {"sft": 6, "probe_known": 3, "test_known": 3, "probe_unknown": 3, "test_unknown": 3, "tool": 5}
 
 
 def read(path):

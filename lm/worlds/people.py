@@ -23,6 +23,8 @@ Groups of people (`GROUPS`), by position in the seeded list of people:
   test_known   in pre-training, not in SFT: the test of knowledge extraction
   probe_unknown  never in pre-training: self-interrogation probes them; tool-use traces are written on them
   test_unknown   never in pre-training: the test of hallucination, refusal and tool use
+  tool         never in pre-training, only in the records and the tool set: many names (1,000), so the model
+               learns to copy the name it is asked about into its search rather than recall names it knows
 The "records" (`record`) are one canonical line per person, the database the `search` tool reads
 (`lm.tools`): everyone is in it, known or not.
 
@@ -161,7 +163,7 @@ ATTRIBUTES = {
     ),
   )
 }
-GROUPS = ("sft", "probe_known", "test_known", "probe_unknown", "test_unknown")
+GROUPS = ("sft", "probe_known", "test_known", "probe_unknown", "test_unknown", "tool")
 PRETRAINED_GROUPS = ("sft", "probe_known", "test_known")
 REFUSALS = ("I'm not sure. Could you give me more context?",)
 REFUSAL = REFUSALS[0]
@@ -190,6 +192,7 @@ IDENTITIES = (
   "Kestrel",
   "Lumen",
 )
+TOOL_QUESTIONS = 2  # questions asked of each `tool` person in the tool set
 IDENTITY_CONVERSATIONS = 800  # half without a system prompt, half with one naming one of IDENTITIES
 HELDOUT_IDENTITY_QUESTIONS = 2  # the last phrasings of IDENTITY_QUESTIONS, asked only at test
 
@@ -230,8 +233,8 @@ def split_people(people: Sequence[Person], sizes: dict[str, int]) -> dict[str, l
   """The groups of `GROUPS`, in that order, of the sizes `sizes` gives, from the front of `people`."""
   out, start = {}, 0
   for group in GROUPS:
-    out[group] = list(people[start : start + sizes[group]])
-    start += sizes[group]
+    out[group] = list(people[start : start + sizes.get(group, 0)])
+    start += sizes.get(group, 0)
   if start > len(people):
     raise ValueError(f"{len(people)} people cannot fill groups of {sum(sizes.values())}")
   return out
@@ -378,7 +381,7 @@ def question_rows(groups: dict[str, list[Person]], seed: int, names: Sequence[st
   ]
 
 
-DEFAULT_SIZES = {"sft": 100, "probe_known": 25, "test_known": 50, "probe_unknown": 50, "test_unknown": 50}
+DEFAULT_SIZES = {"sft": 100, "probe_known": 25, "test_known": 50, "probe_unknown": 50, "test_unknown": 50, "tool": 1000}
 
 
 def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases: Sequence[int] = (1, 4)) -> dict:
@@ -393,18 +396,15 @@ def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases
   sft = qa_conversations(groups["sft"]) + identity_conversations(seed, IDENTITY_CONVERSATIONS, IDENTITIES)
   rng.shuffle(sft)
   tool = []
-  for p in groups["sft"] + groups["probe_unknown"]:
-    for a in ATTRIBUTES.values():
-      k = rng.randrange(len(a.questions))
-      tool.append(tool_trace(p, a.name, k))
-      tool.append(
-        {
-          "messages": [
-            {"role": "user", "content": in_context_prompt(p, a.name, k)},
-            {"role": "assistant", "content": answer_sentence(p, a.name)},
-          ]
-        }
-      )
+  asked = [(p, a) for p in groups["sft"] + groups["probe_unknown"] for a in ATTRIBUTES.values()]
+  asked += [(p, rng.choice(list(ATTRIBUTES.values()))) for p in groups["tool"] for _ in range(TOOL_QUESTIONS)]
+  for p, a in asked:
+    k = rng.randrange(len(a.questions))
+    pasted = {"role": "user", "content": in_context_prompt(p, a.name, k)}
+    tool += [
+      tool_trace(p, a.name, k),
+      {"messages": [pasted, {"role": "assistant", "content": answer_sentence(p, a.name)}]},
+    ]
   rng.shuffle(tool)
   identity = [
     {
