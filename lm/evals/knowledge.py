@@ -344,7 +344,7 @@ def figures(workdir, paraphrases) -> dict:
   left.set(
     xlabel="biographies per person", ylabel="held-out known people", ylim=(0, 1.02), title="Knowledge extraction"
   )
-  left.legend(loc="lower right")
+  left.legend(loc="upper left", fontsize=8)
   bars = [
     ("hallucination,\nunknown people", refuse["hallucination_rate_unknown_before"],
      refuse["hallucination_rate_unknown_after"]),
