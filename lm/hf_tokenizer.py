@@ -1,0 +1,159 @@
+"""lm's tokenizers as Hugging Face ones: a `tokenizers.Tokenizer` (`to_hf`) and a directory that
+`transformers.AutoTokenizer.from_pretrained` loads offline with no code of ours (`save_pretrained`).
+
+The exported tokenizer encodes text to the ids `tok.encode` gives and decodes them back, with no special ids
+added. lm's special tokens (`tok.special`) are special added tokens at their ids, so a rendered chat
+(`CHAT_TEMPLATE`) tokenizes to the ids of `lm.chat.render`. How each kind is rebuilt:
+
+- byte: a BPE with no merges whose vocabulary is the 256 byte-fallback pieces "<0x00>".."<0xFF>" at ids
+  offset + b, so every character falls back to its UTF-8 bytes.
+- sentencepiece: a BPE over the model's pieces at their ids, with merges that replay sentencepiece's encoding
+  (`_merges`), byte fallback and "<unk>". Its pieces are stored with U+2581 (sentencepiece's space mark) written
+  as the space it stands for, so no normalizer is needed and a literal U+2581 in text is not a piece: it falls
+  back to its 3 bytes, as lm writes it. The pre-tokenizer cuts where lm cuts the text before sentencepiece
+  sees it: around each U+2581, after each line end (`str.splitlines`' boundaries) and every CHUNK_CHARS
+  characters of a line.
+- huggingface: the imported tokenizer.json as it is, without its post-processor (lm adds no bos), its
+  appended specials placed at their ids.
+
+Parity is exact on any text for the byte kind, and for sentencepiece on every text tried in the tests (code,
+prose, runs of spaces, CRLF, CJK, emoji, combining and control characters, U+2581, lines over CHUNK_CHARS).
+The one place it could differ: sentencepiece breaks ties between two equally scored merges by position, a
+ranked merge list by rank; the two orders differ only when the two candidate pairs overlap and form the same
+piece (as "ab"+"a" and "a"+"ba" in "ab a ba"), and then only in which of the overlapping pieces is formed.
+
+A chat content holding a marker's text ("<|end|>") differs: Hugging Face reads it as the special id, lm as
+text, unless `apply_chat_template(..., sanitize_control_tokens=True)` is used (see `CHAT_TEMPLATE`).
+"""
+
+import json
+
+import sentencepiece
+import tokenizers
+from etils import epath
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+from lm import chat
+from lm.tokenizer import CHUNK_CHARS, SP_SPACE, Tokenizer
+
+LINE_END = "\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]"  # str.splitlines' boundaries (lm.tokenizer.split_lines)
+DICT_VOCAB_MODELS = ("BPE", "WordPiece", "WordLevel")  # models whose tokenizer.json vocabulary may skip ids
+
+# `bos_token` comes from tokenizer_config.json. Contents sit between special tokens, so each is encoded
+# alone, as lm.chat does. A content that holds a marker's text becomes that special id, unless
+# apply_chat_template is given sanitize_control_tokens=True (transformers >= 5): then the marker is text, as
+# in lm, but the text around it is encoded in separate pieces, which a sentencepiece tokenizer may split
+# differently from lm.
+CHAT_TEMPLATE = (
+  "{{ bos_token }}"
+  "{% for message in messages %}"
+  f"{{% if message['role'] not in {list(chat.ROLES)} %}}"
+  "{{ raise_exception('unknown role ' + message['role']) }}"
+  "{% endif %}"
+  "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def to_hf(tok: Tokenizer) -> tokenizers.Tokenizer:
+  """A `tokenizers.Tokenizer` that encodes and decodes as `tok` does (see the module docstring), with
+  `tok.special` as special added tokens at their ids."""
+  build = {"byte": _byte, "sentencepiece": _sentencepiece, "huggingface": _huggingface}[tok.kind]
+  hf = build(tok)
+  contents = {i: hf.id_to_token(i) or name for name, i in tok.special.items()}
+  ordered = sorted(contents.items())  # appended specials are added in id order
+  hf.add_special_tokens([AddedToken(content, special=True, normalized=False) for _, content in ordered])
+  for name, i in tok.special.items():
+    assert hf.token_to_id(contents[i]) == i, (name, i, contents[i], hf.token_to_id(contents[i]))
+    assert contents[i] == name or tok.kind == "huggingface", (name, contents[i])  # only imports rename
+  return hf
+
+
+def _byte(tok: Tokenizer) -> tokenizers.Tokenizer:
+  """Every character falls back to its UTF-8 bytes: a BPE of the byte pieces and no merges."""
+  vocab = {name: i for name, i in tok.special.items()} | {f"<0x{b:02X}>": tok.offset + b for b in range(256)}
+  assert len(vocab) == tok.vocab_size, (len(vocab), tok.vocab_size)
+  hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+  hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+  return hf
+
+
+def _sentencepiece(tok: Tokenizer) -> tokenizers.Tokenizer:
+  """The sentencepiece model as a BPE: pieces at their ids with U+2581 as a space, merges from `_merges`."""
+  sp = sentencepiece.SentencePieceProcessor(model_proto=tok.model_bytes())
+  vocab, normal = {}, {}
+  for i in range(sp.vocab_size()):
+    piece = sp.id_to_piece(i)
+    if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i):
+      vocab[piece] = i
+    else:
+      normal[piece.replace(SP_SPACE, " ")] = i
+  assert not vocab.keys() & normal.keys(), vocab.keys() & normal.keys()
+  vocab |= normal | {name: tok.special[name] for name in tok.added}
+  assert sorted(vocab.values()) == list(range(tok.vocab_size)), "the pieces do not fill ids 0..vocab_size-1"
+  model = models.BPE(vocab=vocab, merges=_merges(sp, normal), unk_token="<unk>", byte_fallback=True)
+  hf = tokenizers.Tokenizer(model)
+  hf.pre_tokenizer = pre_tokenizers.Sequence(
+    [
+      pre_tokenizers.Split(SP_SPACE, "isolated"),
+      pre_tokenizers.Split(Regex(LINE_END), "merged_with_previous"),
+      pre_tokenizers.Split(Regex(rf"[\s\S]{{1,{CHUNK_CHARS}}}"), "isolated"),
+    ]
+  )
+  hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+  return hf
+
+
+def _merges(sp: sentencepiece.SentencePieceProcessor, normal: dict[str, int]) -> list[tuple[str, str]]:
+  """BPE merges, first to last, that encode as sentencepiece does; `normal` maps its normal pieces to ids.
+
+  Sentencepiece starts from characters and repeatedly joins the adjacent pair whose concatenation is the
+  highest-scoring piece. Hugging Face's BPE repeatedly applies the lowest-ranked merge present; one merge per
+  way of cutting a piece into two pieces, ranked by the piece's score, makes it join the same pairs.
+  """
+  ranked = []
+  for piece, i in normal.items():
+    for cut in range(1, len(piece)):
+      left, right = piece[:cut], piece[cut:]
+      if left in normal and right in normal:
+        ranked.append((-sp.get_score(i), i, cut, left, right))
+  return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def _huggingface(tok: Tokenizer) -> tokenizers.Tokenizer:
+  """The imported tokenizer.json without its post-processor; specials appended past its vocabulary are put in
+  it at their ids, so a gap (a model vocabulary larger than the tokenizer's) keeps them there."""
+  data = json.loads(tok.model_bytes().decode())
+  data["post_processor"] = None
+  if data["model"]["type"] in DICT_VOCAB_MODELS:
+    data["model"]["vocab"] |= {name: tok.special[name] for name in tok.added}
+  return tokenizers.Tokenizer.from_str(json.dumps(data))
+
+
+def save_pretrained(tok: Tokenizer, out, model_max_length: int | None = None) -> None:
+  """Writes `tokenizer.json` and `tokenizer_config.json` into directory `out` for `AutoTokenizer`.
+
+  The config names bos, eos, pad (and unk when the vocabulary has "<unk>") by `tok`'s ids, sets the chat
+  template, adds no bos/eos when encoding (`tokenizer(text)` gives `tok.encode`'s ids) and does not clean up
+  spaces when decoding. "PreTrainedTokenizerFast" loads the tokenizers backend in transformers 4 and 5.
+  """
+  hf = to_hf(tok)
+  out = epath.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "tokenizer.json").write_text(hf.to_str(pretty=True))
+  config = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": hf.id_to_token(tok.special["<bos>"]),
+    "eos_token": hf.id_to_token(tok.special["<eos>"]),
+    "pad_token": hf.id_to_token(tok.special["<pad>"]),
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "clean_up_tokenization_spaces": False,
+    "chat_template": CHAT_TEMPLATE,
+  }
+  if hf.token_to_id("<unk>") is not None:
+    config["unk_token"] = "<unk>"
+  if model_max_length is not None:
+    config["model_max_length"] = model_max_length
+  (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
