@@ -18,7 +18,7 @@ counts. It is the target's mask: in the batch format (`lm.data.pipeline`) where 
 """
 
 from lm.errors import UserError
-from lm.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from lm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 LOSS_ON = ("assistant", "last", "all")  # every assistant turn | the last assistant turn | every token after bos
@@ -87,7 +87,7 @@ def _render(
   markers = [special_id(tok, f"<|{m['role']}|>") for m in messages]
   contents = tok.encode([m["content"] for m in messages])
   marker_mask = float(every_id)
-  ids, mask = [BOS_ID], [0.0]
+  ids, mask = [tok.bos_id], [0.0]
   for marker, content, count in zip(markers, contents, counts, strict=True):
     ids += [marker, *content, end]
     mask += [marker_mask] + [float(count or every_id)] * (len(content) + 1)
@@ -110,7 +110,7 @@ def parse(tok: Tokenizer, ids) -> tuple[dict, bool]:
   special id inside the reply is written as its name (`Tokenizer.decode`).
   """
   ids = [int(i) for i in ids]
-  stops = {*stop_tokens(tok), EOS_ID}
+  stops = {*stop_tokens(tok), tok.eos_id}
   cut = next((k for k, i in enumerate(ids) if i in stops), None)
   reply = ids if cut is None else ids[:cut]
   return {"role": "assistant", "content": tok.decode(reply)}, cut is not None

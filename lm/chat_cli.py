@@ -32,7 +32,7 @@ from lm import chat, sample_cli, tools
 from lm import workdir as workdir_lib
 from lm.errors import UserError
 from lm.sampling import SamplingParams, finish
-from lm.tokenizer import EOS_ID, Tokenizer
+from lm.tokenizer import Tokenizer
 
 EXIT = "/exit"
 
@@ -66,7 +66,7 @@ def _dropped_notice(k: int, context: int, max_new_tokens: int) -> None:
 
 def finish_reason(tok: Tokenizer, request: SamplingParams, tokens: list[int], logprobs: list[float]) -> str:
   """ "end_of_turn", "length" or "stop" (a stop string) for a row's raw tokens (see the module docstring)."""
-  ended = finish(tok, dataclasses.replace(request, stop_strings=()), tokens, logprobs, EOS_ID)
+  ended = finish(tok, dataclasses.replace(request, stop_strings=()), tokens, logprobs, tok.eos_id)
   if any(s in ended.text for s in request.stop_strings):
     return "stop"
   return "end_of_turn" if ended.finish_reason == "stop" else "length"
@@ -145,7 +145,7 @@ def main(args) -> None:
     longest = requests[0].max_new_tokens
     *_, last = sampler.stream(params, prompts, requests, first_chunk=longest, chunk=longest)  # as generate() runs
   for i, r in enumerate(requests):
-    g = finish(tok, r, last.tokens[i], last.logprobs[i], EOS_ID)
+    g = finish(tok, r, last.tokens[i], last.logprobs[i], tok.eos_id)
     record = {
       "reply": g.text,
       "finish_reason": finish_reason(tok, r, last.tokens[i], last.logprobs[i]),
@@ -176,7 +176,7 @@ def _reply_with_tools(loaded, tok, context, messages, request, tool_fns, max_cal
         last = sample_cli.print_stream(sampler.stream(params, [ids], [r]), tok, "", [r])
       else:
         *_, last = sampler.stream(params, [ids], [r], first_chunk=r.max_new_tokens, chunk=r.max_new_tokens)
-    reply = finish(tok, r, last.tokens[0], last.logprobs[0], EOS_ID)
+    reply = finish(tok, r, last.tokens[0], last.logprobs[0], tok.eos_id)
     call = tools.parse_call(reply.text, tool_fns) if k < max_calls else None
     added.append({"role": "assistant", "content": reply.text})
     if call is None:
@@ -230,6 +230,6 @@ def _interactive(
       continue
     with setup.context():
       last = sample_cli.print_stream(sampler.stream(params, [ids], [r]), tok, "", [r])
-    reply = finish(tok, r, last.tokens[0], last.logprobs[0], EOS_ID)
+    reply = finish(tok, r, last.tokens[0], last.logprobs[0], tok.eos_id)
     history = [*candidate, {"role": "assistant", "content": reply.text}]
     turn += 1

@@ -7,6 +7,7 @@ lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-
 lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON];  lm bench rl [--preset ref] [--steps ROLLOUTS]
 lm chat --workdir DIR [--system TEXT] [--tool NAME=KIND:ARG] [--messages F|- --json] [decoding controls as lm sample]
 lm reward --workdir DIR --file F.jsonl;  lm lora merge --workdir DIR --out DIR2
+lm export hf --workdir DIR --out OUT [--step N] [--dtype bfloat16];  lm import hf --from PATH --workdir DIR
 lm study --config FILE --workdir DIR   (a chain of dependent runs and steps, then its report)
 lm sweep --config FILE --workdir DIR [--print-commands]; lm scaling fit|plot|report ...; lm bench fit [--table CSV]
 lm plan --config FILE --topology v5p:2x2x4 [--json]   (ahead-of-time compile for a TPU slice: memory, time, cost)
@@ -124,6 +125,18 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="a run trained with model.lora_rank > 0")
   p.add_argument("--out", required=True, help="a new run directory: the adapters folded into plain weights")
 
+  p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face Llama model directory")
+  p.add_argument("format", choices=["hf"])
+  p.add_argument("--workdir", required=True, help="the run to export (its newest good checkpoint)")
+  p.add_argument("--out", required=True, help="a new directory for transformers' from_pretrained")
+  p.add_argument("--step", type=int, default=None, help="export this checkpoint instead of the newest")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the weights' dtype")
+  p.add_argument("--max-shard-mb", type=int, default=5120, help="safetensors files at most this size (default 5 GiB)")
+  p = sub.add_parser("import", help="turn a local Hugging Face Llama checkpoint into a run directory")
+  p.add_argument("format", choices=["hf"])
+  p.add_argument("--from", dest="source", required=True, help="config.json, safetensors, tokenizer.json")
+  p.add_argument("--workdir", required=True, help="a new run directory")
+  p.add_argument("--seq-len", type=int, default=None, help="the run's context (default: the model's, at most 2048)")
   p = sub.add_parser("study", help="run the stages of an experiment's get_study() in order, then its report")
   p.add_argument("--config", required=True, help="study file defining get_study(workdir) (and get_report)")
   p.add_argument("--workdir", required=True, help="study directory: one sub-directory per stage, report/")
@@ -188,6 +201,18 @@ def run(argv: list[str]) -> int:
     from lm import lora_cli  # noqa: PLC0415
 
     lora_cli.merge_run(args.workdir, args.out)
+  elif args.command == "export":
+    from lm import hf  # noqa: PLC0415
+
+    done = hf.export_hf(args.workdir, args.out, args.step, args.dtype, args.max_shard_mb * 2**20)
+    print(f"exported step {done['step']} of {args.workdir} ({done['params']:,} parameters) to {args.out}")
+  elif args.command == "import":
+    from lm import hf  # noqa: PLC0415
+
+    done = hf.import_hf(args.source, args.workdir, overrides, args.seq_len)
+    added = f"; appended {', '.join(done['added'])}" if done["added"] else ""
+    shown = f"{done['params']:,} parameters, vocabulary {done['vocab']}{added}"
+    print(f"imported {args.source} ({shown}) to {args.workdir}")
   elif args.command == "sample":
     from lm import sample_cli  # noqa: PLC0415
 

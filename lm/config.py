@@ -19,6 +19,9 @@ from lm.errors import UserError
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the projections LoRA may adapt
 
 
+TOKENIZER_KINDS = ("sentencepiece", "byte", "huggingface")
+
+
 def default_config() -> ml_collections.ConfigDict:
   """All keys with their defaults: a ~1M-parameter model on the standard library, 200 steps."""
   c = ml_collections.ConfigDict()
@@ -62,8 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.overlong = "truncate"  # an example longer than data.seq_len: truncate | drop | error
 
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.kind = "sentencepiece"  # sentencepiece | byte
-  c.tokenizer.vocab_size = 4096  # ignored by byte (256 + specials)
+  c.tokenizer.kind = "sentencepiece"  # sentencepiece | byte | huggingface (comes with `lm import hf`, not trained)
+  c.tokenizer.vocab_size = 4096  # ignored by byte (256 + specials); huggingface: the imported model's vocabulary
   c.tokenizer.train_bytes = 8_000_000  # corpus bytes sampled to train sentencepiece
 
   c.train = ml_collections.ConfigDict()
@@ -149,9 +152,18 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-  """Runs `get_config()` of the experiment file at `path` and applies `key=value` overrides."""
+  """Runs `get_config()` of the experiment file at `path` and applies `key=value` overrides. A `.json` path is a
+  run's saved `config.json` (an imported checkpoint's, say), read as it is."""
   if not os.path.isfile(path):
     raise UserError(f"config file not found: {path}")
+  if path.endswith(".json"):
+    try:
+      cfg = from_json(open(path).read())
+    except (ValueError, TypeError) as e:
+      raise UserError(f"cannot read {path}: {e}") from None
+    for item in overrides:
+      apply_override(cfg, item)
+    return cfg
   module = load_module(path)
   if not hasattr(module, "get_config"):
     raise UserError(f"{path} defines no get_config()")
@@ -325,8 +337,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"data.shards must be >= 0, got {d.shards}")
   if d.shards and t.batch_size % d.shards:
     raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by data.shards ({d.shards})")
-  if cfg.tokenizer.kind not in ("sentencepiece", "byte"):
-    raise UserError(f"tokenizer.kind must be 'sentencepiece' or 'byte', got {cfg.tokenizer.kind!r}")
+  if cfg.tokenizer.kind not in TOKENIZER_KINDS:
+    raise UserError(f"tokenizer.kind must be one of {', '.join(TOKENIZER_KINDS)}, got {cfg.tokenizer.kind!r}")
   if cfg.tokenizer.kind == "sentencepiece" and not 300 <= cfg.tokenizer.vocab_size <= 1_000_000:
     raise UserError(f"tokenizer.vocab_size must be in [300, 1000000], got {cfg.tokenizer.vocab_size}")
   if t.sample_prompts:

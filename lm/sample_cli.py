@@ -14,7 +14,6 @@ from lm import state
 from lm import workdir as workdir_lib
 from lm.errors import UserError
 from lm.sampling import Generation, Progress, Sampler, SamplingParams, encode_prompt, finish, token_texts
-from lm.tokenizer import BOS_ID, EOS_ID
 
 
 def _shown(text: str, request: SamplingParams, final: bool) -> str:
@@ -88,7 +87,7 @@ def main(args) -> None:
         {"text": g.text, "finish_reason": g.finish_reason, "seed": r.seed, "tokens": token_records(tok, g)}
         for r, g in zip(requests, generations, strict=True)
       ]
-      truncated = ids[0] != BOS_ID  # cutting a prompt drops its BOS
+      truncated = ids[0] != tok.bos_id  # cutting a prompt drops its BOS
       record = {"prompt": tok.decode(ids), "prompt_tokens": len(ids), "truncated": truncated, "samples": samples}
       print(json.dumps(record))
       return
@@ -110,7 +109,7 @@ def print_stream(progress: Iterator[Progress], tok, prompt: str, requests: list[
     while current < len(requests):
       final = p.finished[current] or all(p.finished)
       r = requests[current]
-      text = _shown(finish(tok, r, p.tokens[current], p.logprobs[current], EOS_ID).text, r, final)
+      text = _shown(finish(tok, r, p.tokens[current], p.logprobs[current], tok.eos_id).text, r, final)
       out.write(text[len(printed) :])
       printed = text
       if not final:

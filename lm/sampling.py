@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.errors import UserError
-from lm.tokenizer import BOS_ID, EOS_ID
+from lm.tokenizer import EOS_ID
 
 BUCKET = 16  # prompt and generation lengths are padded to multiples of this
 
@@ -168,8 +168,9 @@ class Sampler:
   """
 
   @classmethod
-  def for_model(cls, model, context: int, tokenizer=None, eos_id: int = EOS_ID) -> "Sampler":
-    """A sampler for an `lm.model.Transformer`; `tokenizer` is needed for text and stop strings."""
+  def for_model(cls, model, context: int, tokenizer=None, eos_id: int | None = None) -> "Sampler":
+    """A sampler for an `lm.model.Transformer`; `tokenizer` is needed for text and stop strings. Sampling ends
+    at `eos_id`, by default the tokenizer's end-of-sequence id (lm's own tokenizers': EOS_ID)."""
     from lm import model as model_lib  # noqa: PLC0415
 
     def apply_fn(params, tokens_BxT, positions_BxT, cache):
@@ -177,9 +178,10 @@ class Sampler:
 
     return cls(apply_fn, functools.partial(model_lib.init_cache, model.cfg), context, tokenizer, eos_id)
 
-  def __init__(self, apply_fn: Callable, init_cache: Callable, context: int, tokenizer=None, eos_id: int = EOS_ID):
+  def __init__(self, apply_fn: Callable, init_cache: Callable, context: int, tokenizer=None, eos_id: int | None = None):
     self.apply_fn, self.init_cache, self.context = apply_fn, init_cache, context
-    self.tokenizer, self.eos_id = tokenizer, eos_id
+    self.tokenizer = tokenizer
+    self.eos_id = eos_id if eos_id is not None else tokenizer.eos_id if tokenizer is not None else EOS_ID
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("length",))
     self._decode = jax.jit(self._decode_impl, donate_argnames=("state",))
 
@@ -242,7 +244,7 @@ class Sampler:
     b, longest = len(prompts), -(-max(len(p) for p in prompts) // BUCKET) * BUCKET
     longest = max(longest, prompt_length or 0)
     max_new = -(-max(r.max_new_tokens for r in requests) // BUCKET) * BUCKET
-    prompt_BxP = np.full((b, longest), EOS_ID, np.int32)
+    prompt_BxP = np.full((b, longest), self.eos_id, np.int32)
     positions_BxP = np.zeros((b, longest), np.int32)
     for i, p in enumerate(prompts):
       prompt_BxP[i, longest - len(p) :] = p
@@ -389,7 +391,7 @@ def encode_prompt(tokenizer, text: str, context: int, max_new_tokens: int, trunc
   room for `max_new_tokens` is an error, or keeps its last tokens with `truncate="left"`."""
   if not text:
     raise UserError("empty prompt")
-  ids = [BOS_ID] + tokenizer.encode([text])[0]
+  ids = [tokenizer.bos_id] + tokenizer.encode([text])[0]
   room = context - max_new_tokens
   if len(ids) > room:
     if truncate != "left":

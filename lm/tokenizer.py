@@ -1,7 +1,10 @@
-"""Tokenizers: a sentencepiece BPE trained on the corpus, or raw UTF-8 bytes.
+"""Tokenizers: a sentencepiece BPE trained on the corpus, raw UTF-8 bytes, or one imported with a Hugging Face
+checkpoint (`lm import hf`).
 
-Both kinds trained by lm reserve the same special ids at the start of the vocab (SPECIAL_TOKENS),
-so data and model code never ask which kind they hold. Special tokens never come from text:
+Both kinds trained by lm reserve the same special ids at the start of the vocab (SPECIAL_TOKENS); an
+imported one keeps its own ids and names its begin/end-of-sequence tokens `<bos>` and `<eos>` in
+`tok.special`. Code asks a tokenizer for `tok.bos_id`, `tok.eos_id` and `tok.pad_id`, never which kind
+it holds. Special tokens never come from text:
 `encode` turns the text "<|user|>" into ordinary tokens, and chat code inserts
 `tok.special["<|user|>"]` itself. Decoding is exact: `decode(encode([x])[0]) == x` for any text x.
 
@@ -52,11 +55,14 @@ class Tokenizer(abc.ABC):
   def model_bytes(self) -> bytes:
     """The trained model file, empty when there is none."""
 
-  def _init_special(self, reserved: dict[str, int]) -> None:
-    """Takes `reserved` (name -> id, inside the trained vocabulary) as the special tokens, none added yet."""
+  def _init_special(self, reserved: dict[str, int], fixed: bool = True) -> None:
+    """Takes `reserved` (name -> id, inside the trained vocabulary) as the special tokens, none added yet. With
+    `fixed` (lm's own kinds), <pad>, <bos> and <eos> must be ids 0, 1 and 2."""
     for name, i in (("<pad>", PAD_ID), ("<bos>", BOS_ID), ("<eos>", EOS_ID)):
-      if reserved.get(name) != i:
+      if fixed and reserved.get(name) != i:
         raise UserError(f"this {self.kind} tokenizer has {name} at id {reserved.get(name)}; lm needs it at id {i}")
+      if reserved.get(name) is None:
+        raise UserError(f"this {self.kind} tokenizer has no {name} token")
     self.special, self.added = dict(reserved), ()
     self._names = {i: name for name, i in self.special.items()}
     self.loaded_vocab_size = self.vocab_size
@@ -70,6 +76,18 @@ class Tokenizer(abc.ABC):
       self.added += (name,)
     self.token_bytes = np.concatenate([self.token_bytes, np.zeros(self.vocab_size - len(self.token_bytes), np.int32)])
 
+  @property
+  def bos_id(self) -> int:
+    return self.special["<bos>"]
+
+  @property
+  def eos_id(self) -> int:
+    return self.special["<eos>"]
+
+  @property
+  def pad_id(self) -> int:
+    return self.special["<pad>"]
+
   def decode(self, ids) -> str:
     """Text of `ids`, skipping pad/bos/eos and writing chat markers as their names."""
     parts, run = [], []
@@ -77,7 +95,7 @@ class Tokenizer(abc.ABC):
       name = self._names.get(i)
       if name is None:
         run.append(i)
-      elif i not in (PAD_ID, BOS_ID, EOS_ID):
+      elif i not in (self.pad_id, self.bos_id, self.eos_id):
         parts += [self.decode_plain(run), name]
         run = []
     return "".join(parts) + self.decode_plain(run)
@@ -87,12 +105,12 @@ class Tokenizer(abc.ABC):
     return {"kind": self.kind, "vocab_size": self.vocab_size, "special": self.special, "added": list(self.added)}
 
   def save(self, directory) -> None:
-    """Writes `tokenizer.json` (kind and metadata) and, for sentencepiece, `tokenizer.model`."""
+    """Writes `tokenizer.json` (kind and metadata) and the model file, if the kind has one (`MODEL_FILES`)."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.json").write_text(json.dumps(self.metadata(), indent=2))
     if self.model_bytes():
-      (directory / "tokenizer.model").write_bytes(self.model_bytes())
+      (directory / MODEL_FILES[self.kind]).write_bytes(self.model_bytes())
 
   def to_bytes(self) -> bytes:
     """The whole tokenizer as one blob: a JSON metadata line, then the model file."""
@@ -181,6 +199,62 @@ class SentencePieceTokenizer(Tokenizer):
     return self._model
 
 
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face `tokenizers` tokenizer (its tokenizer.json), imported with a checkpoint by `lm import hf`.
+
+  `encode` adds no special tokens and reads the text of a special token as ordinary text, as lm's own kinds
+  do. Ids keep the checkpoint's meaning; the vocabulary may be larger than the tokenizer's (a model whose
+  embedding has unused rows): `vocab_size` is the model's. `token_bytes` counts a byte-level (GPT-2 style)
+  token's characters as its bytes, a byte-fallback piece (<0xNN>) as one byte, and otherwise the UTF-8 of the
+  token decoded alone.
+  """
+
+  kind = "huggingface"
+
+  def __init__(self, model: bytes, reserved: dict[str, int], vocab_size: int):
+    import tokenizers  # noqa: PLC0415  (only imported runs need it)
+
+    self._model = model
+    self._tk = tokenizers.Tokenizer.from_str(model.decode())
+    self._tk.encode_special_tokens = True  # the text "<s>" is three characters, never the special id
+    self.vocab_size = vocab_size
+    if self._tk.get_vocab_size(with_added_tokens=True) > vocab_size:
+      raise UserError(
+        f"the tokenizer has {self._tk.get_vocab_size(with_added_tokens=True)} tokens, more than the model's "
+        f"vocabulary of {vocab_size}"
+      )
+    self.token_bytes = self._token_bytes()
+    self._init_special(reserved, fixed=False)
+
+  def _token_bytes(self) -> np.ndarray:
+    byte_level = (json.loads(self._model).get("decoder") or {}).get("type") == "ByteLevel"
+    specials = {t.content for t in self._tk.get_added_tokens_decoder().values() if t.special}
+    out = np.zeros(self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      piece = self._tk.id_to_token(i)
+      if piece is None or piece in specials:
+        continue
+      if byte_level:
+        out[i] = len(piece)
+      elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        out[i] = 1
+      else:
+        out[i] = len(self._tk.decode([i], skip_special_tokens=False).encode())
+    return out
+
+  def encode(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)] if texts else []
+
+  def decode_plain(self, ids: list[int]) -> str:
+    return self._tk.decode(list(ids), skip_special_tokens=False)
+
+  def model_bytes(self) -> bytes:
+    return self._model
+
+
+MODEL_FILES = {"sentencepiece": "tokenizer.model", "huggingface": "tokenizer_hf.json"}  # the byte kind has none
+
+
 def split_lines(text: str) -> list[str]:
   """`text` as its lines (with line ends), each cut into pieces of at most CHUNK_CHARS."""
   lines = text.splitlines(keepends=True)
@@ -248,7 +322,12 @@ def from_metadata(meta: dict, model: bytes, add_missing: bool = True) -> Tokeniz
   """
   added = list(meta.get("added", ()))  # tokenizer.json files from before added specials hold none
   reserved = {name: i for name, i in meta["special"].items() if name not in added}
-  tok = ByteTokenizer(reserved) if meta["kind"] == "byte" else SentencePieceTokenizer(model, reserved)
+  if meta["kind"] == "byte":
+    tok = ByteTokenizer(reserved)
+  elif meta["kind"] == "huggingface":
+    tok = HuggingFaceTokenizer(model, reserved, meta["vocab_size"] - len(added))
+  else:
+    tok = SentencePieceTokenizer(model, reserved)
   tok.add_special(added)
   assert {name: tok.special[name] for name in meta["special"]} == meta["special"], meta
   assert tok.vocab_size == meta["vocab_size"], meta
@@ -261,14 +340,15 @@ def from_metadata(meta: dict, model: bytes, add_missing: bool = True) -> Tokeniz
 def load_tokenizer(workdir, add_missing: bool = True) -> Tokenizer:
   """The tokenizer that `Tokenizer.save(workdir)` wrote, with missing specials added (see `from_metadata`)."""
   workdir = epath.Path(workdir)
-  meta_path, model_path = workdir / "tokenizer.json", workdir / "tokenizer.model"
+  meta_path = workdir / "tokenizer.json"
   if not meta_path.exists():
     raise UserError(f"no tokenizer in {workdir}: {meta_path} is missing")
   meta = json.loads(meta_path.read_text())
   if meta["kind"] == "byte":
     return from_metadata(meta, b"", add_missing)
+  model_path = workdir / MODEL_FILES[meta["kind"]]
   if not model_path.exists():
-    raise UserError(f"sentencepiece tokenizer in {workdir} is incomplete: {model_path} is missing")
+    raise UserError(f"{meta['kind']} tokenizer in {workdir} is incomplete: {model_path} is missing")
   return from_metadata(meta, model_path.read_bytes(), add_missing)
 
 

@@ -62,7 +62,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
       state, first = setup.init_state(start.params if start else None), 0
     else:
       state, first = restored.state, restored.step
-      batches.set_state(restored.data_state)
+      if restored.data_state:  # an imported checkpoint (lm import hf) has read no data: its data starts afresh
+        batches.set_state(restored.data_state)
     del start, restored  # the source's params live on in the state alone
     objective.begin(setup, state, batches, first)  # e.g. DPO's reference log-probs, from the starting params
     evaluate = objective.evaluator(setup, tok, batches, first)

@@ -110,6 +110,10 @@ def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer
   if cfg.train.init_from and step is None:  # token ids must mean what they meant to the source's params
     check_run(source, "train.init_from")
     return tokenizer_lib.Tokenizer.from_bytes(_checked_tokenizer(cfg, epath.Path(source)).to_bytes())
+  if cfg.tokenizer.kind == "huggingface":
+    raise UserError(
+      "a huggingface tokenizer comes with an imported checkpoint (lm import hf): set train.init_from to that run"
+    )
   return tokenizer_lib.train_tokenizer(cfg, corpus_builder.training_text(cfg, cfg.tokenizer.train_bytes))
 
 
@@ -119,8 +123,8 @@ def _checked_tokenizer(cfg, directory: epath.Path) -> tokenizer_lib.Tokenizer:
   except (ValueError, KeyError, RuntimeError, OSError) as e:
     raise UserError(f"cannot read the tokenizer in {directory}: {type(e).__name__}: {e}") from None
   t = cfg.tokenizer
-  if tok.kind != t.kind or (t.kind == "sentencepiece" and tok.vocab_size != t.vocab_size):
-    wanted = "byte tokenizer" if t.kind == "byte" else f"sentencepiece tokenizer of {t.vocab_size} tokens"
+  if tok.kind != t.kind or (t.kind != "byte" and tok.vocab_size != t.vocab_size):
+    wanted = "byte tokenizer" if t.kind == "byte" else f"{t.kind} tokenizer of {t.vocab_size} tokens"
     raise UserError(f"{directory} holds a {tok.kind} tokenizer of {tok.vocab_size} tokens, not the configured {wanted}")
   return tok
 
@@ -342,7 +346,7 @@ def write_workdir(cfg, path: epath.Path, tok: tokenizer_lib.Tokenizer, init_reco
       if not (path / "tokenizer.json").exists():
         staging = path / "tokenizer.tmp"
         tok.save(staging)
-        for name in ("tokenizer.model", "tokenizer.json"):  # the json last: it marks a complete tokenizer
+        for name in (*tokenizer_lib.MODEL_FILES.values(), "tokenizer.json"):  # the json last: it marks it complete
           if (staging / name).exists():
             (staging / name).replace(path / name)
         staging.rmdir()

@@ -17,7 +17,7 @@ import numpy as np
 from lm import config as config_lib
 from lm.data import corpus_builder, tokens
 from lm.errors import UserError
-from lm.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from lm.tokenizer import Tokenizer
 
 EVAL_SEED = 0  # the eval documents' order: the same for every run, whatever its train.seed
 
@@ -217,7 +217,7 @@ def batches(
   def tokenize(text: str) -> np.ndarray:
     ids = tokenizer.encode([text])[0]
     tokens = np.empty(len(ids) + 2, np.int32)
-    tokens[0], tokens[1:-1], tokens[-1] = BOS_ID, ids, EOS_ID
+    tokens[0], tokens[1:-1], tokens[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
     return tokens
 
   options = grain.ReadOptions(num_threads=cfg.data.worker_threads, prefetch_buffer_size=64)

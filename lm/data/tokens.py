@@ -24,7 +24,7 @@ from etils import epath
 from tqdm import tqdm
 
 from lm.data import corpus_builder, sources
-from lm.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from lm.tokenizer import Tokenizer
 
 ENCODE_BATCH = 64  # documents per sentencepiece call
 
@@ -104,7 +104,7 @@ def _write_tokens(staging: str, tokenizer: Tokenizer, texts, order, max_tokens: 
       batch = [texts[int(i)] for i in order[lo : lo + ENCODE_BATCH]]
       for ids in tokenizer.encode(batch):
         tokens = np.empty(len(ids) + 2, dtype)
-        tokens[0], tokens[1:-1], tokens[-1] = BOS_ID, ids, EOS_ID
+        tokens[0], tokens[1:-1], tokens[-1] = tokenizer.bos_id, ids, tokenizer.eos_id
         f.write(tokens.tobytes())
         lengths.append(len(tokens))
         total += len(tokens)

@@ -36,7 +36,6 @@ from lm.data import post
 from lm.errors import UserError
 from lm.objectives import reward
 from lm.sampling import Generation, SamplingParams
-from lm.tokenizer import BOS_ID
 from lm.worlds import instructions
 
 MAX_NEW_TOKENS = 64  # the world's longest reply is 44 bytes, then <|end|>
@@ -50,7 +49,7 @@ def chat_prompt(tok, example: instructions.Example) -> list[int]:
 
 def plain_prompt(tok, example: instructions.Example) -> list[int]:
   """The prompt ids of an example as the world's pre-training text asks it: BOS, then `Q: <prompt>\nA:`."""
-  return [BOS_ID] + tok.encode([f"Q: {example.prompt}\nA:"])[0]
+  return [tok.bos_id] + tok.encode([f"Q: {example.prompt}\nA:"])[0]
 
 
 def replies(

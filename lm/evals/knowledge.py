@@ -29,7 +29,6 @@ from etils import epath
 from lm import chat, sample_cli, tools
 from lm.errors import UserError
 from lm.sampling import SamplingParams
-from lm.tokenizer import BOS_ID
 from lm.worlds import people
 
 MAX_NEW_TOKENS = 64  # the longest answer sentence is about 50 bytes, a tool call about 30
@@ -180,7 +179,7 @@ def recall(run_dir, world, groups=("sft", "test_known"), out_dir=None) -> dict:
   for r in rows:
     stem = people.ATTRIBUTES[r["attribute"]].templates[0].split("{v}")[0].format(name=r["person"])
     stems.append(stem)
-    prompts.append([BOS_ID] + model.tok.encode([stem])[0])
+    prompts.append([model.tok.bos_id] + model.tok.encode([stem])[0])
   generations = model.generate(prompts, 0.0, 0, max_new_tokens=24)
   judged = []
   for r, stem, g in zip(rows, stems, generations, strict=True):

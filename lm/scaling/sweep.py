@@ -389,7 +389,9 @@ def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.Conf
     d = other_cfg.data
     if (other_cfg.tokenizer.to_dict(), d.source, d.max_bytes, d.eval_fraction, d.eval_split) == key:
       sub.mkdir(parents=True, exist_ok=True)
-      for name in ("tokenizer.json", "tokenizer.model"):
+      from lm import tokenizer as tokenizer_lib  # noqa: PLC0415
+
+      for name in ("tokenizer.json", *tokenizer_lib.MODEL_FILES.values()):
         if (other.parent / name).exists():
           (sub / name).write_bytes((other.parent / name).read_bytes())  # epath: local or gs://
       return
