@@ -5,8 +5,8 @@ The exported tokenizer encodes text to the ids `tok.encode` gives and decodes th
 added. lm's special tokens (`tok.special`) are special added tokens at their ids, so a rendered chat
 (`CHAT_TEMPLATE`) tokenizes to the ids of `lm.chat.render`. How each kind is rebuilt:
 
-- byte: a BPE with no merges whose vocabulary is the 256 byte-fallback pieces "<0x00>".."<0xFF>" at ids
-  offset + b, so every character falls back to its UTF-8 bytes.
+- byte: GPT-2's byte-level alphabet (byte b as one printable character) at ids offset + b, a BPE with no
+  merges: every byte is its own id, and invalid UTF-8 decodes with replacement as in lm.
 - sentencepiece: a BPE over the model's pieces at their ids, with merges that replay sentencepiece's encoding
   (`_merges`), byte fallback and "<unk>". Its pieces are stored with U+2581 (sentencepiece's space mark) written
   as the space it stands for, so no normalizer is needed and a literal U+2581 in text is not a piece: it falls
@@ -16,14 +16,17 @@ added. lm's special tokens (`tok.special`) are special added tokens at their ids
 - huggingface: the imported tokenizer.json as it is, without its post-processor (lm adds no bos), its
   appended specials placed at their ids.
 
-Parity is exact on any text for the byte kind, and for sentencepiece on every text tried in the tests (code,
-prose, runs of spaces, CRLF, CJK, emoji, combining and control characters, U+2581, lines over CHUNK_CHARS).
-The one place it could differ: sentencepiece breaks ties between two equally scored merges by position, a
-ranked merge list by rank; the two orders differ only when the two candidate pairs overlap and form the same
-piece (as "ab"+"a" and "a"+"ba" in "ab a ba"), and then only in which of the overlapping pieces is formed.
-
-A chat content holding a marker's text ("<|end|>") differs: Hugging Face reads it as the special id, lm as
-text, unless `apply_chat_template(..., sanitize_control_tokens=True)` is used (see `CHAT_TEMPLATE`).
+Where it differs from lm:
+- The text of a special token ("<|end|>", "<eos>", "<unk>") encodes as that special id, as Hugging Face reads
+  added tokens in text; `split_special_tokens=True` encodes it as text, as lm does. In a chat content, see
+  `CHAT_TEMPLATE`. Decoding writes <bos>, <eos> and <pad> unless `skip_special_tokens=True`; lm always skips them.
+- sentencepiece, decoding invalid UTF-8: a run of byte pieces that is not valid UTF-8 decodes to one U+FFFD
+  per byte of the run; sentencepiece keeps the valid characters inside it. (Valid text decodes exactly.)
+- sentencepiece, encoding, in principle: two pairs that form the same piece cut differently (as "ab" "a" and
+  "a" "ba") tie in sentencepiece, which joins the leftmost first, while the merge list ranks the cuts; results
+  can differ when the pairs overlap or touch. No text in the tests hits it: encoding matches on all of them
+  (code, prose, runs of spaces, CRLF, CJK, emoji, combining and control characters, U+2581, lines over
+  CHUNK_CHARS).
 """
 
 import json
@@ -41,7 +44,7 @@ DICT_VOCAB_MODELS = ("BPE", "WordPiece", "WordLevel")  # models whose tokenizer.
 
 # `bos_token` comes from tokenizer_config.json. Contents sit between special tokens, so each is encoded
 # alone, as lm.chat does. A content that holds a marker's text becomes that special id, unless
-# apply_chat_template is given sanitize_control_tokens=True (transformers >= 5): then the marker is text, as
+# apply_chat_template is given sanitize_control_tokens=True (transformers 5.24): then the marker is text, as
 # in lm, but the text around it is encoded in separate pieces, which a sentencepiece tokenizer may split
 # differently from lm.
 CHAT_TEMPLATE = (
@@ -71,12 +74,24 @@ def to_hf(tok: Tokenizer) -> tokenizers.Tokenizer:
 
 
 def _byte(tok: Tokenizer) -> tokenizers.Tokenizer:
-  """Every character falls back to its UTF-8 bytes: a BPE of the byte pieces and no merges."""
-  vocab = {name: i for name, i in tok.special.items()} | {f"<0x{b:02X}>": tok.offset + b for b in range(256)}
+  """One id per UTF-8 byte: GPT-2's byte-level pre-tokenizer and decoder around a BPE of the 256 byte characters
+  and no merges. Its decoder replaces invalid UTF-8 as lm's errors="replace" does, which ByteFallback does not."""
+  chars = _byte_chars()
+  assert sorted(chars) == sorted(pre_tokenizers.ByteLevel.alphabet()), "not the ByteLevel alphabet"
+  vocab = {name: i for name, i in tok.special.items()} | {c: tok.offset + b for b, c in enumerate(chars)}
   assert len(vocab) == tok.vocab_size, (len(vocab), tok.vocab_size)
-  hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
-  hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+  hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  hf.decoder = decoders.ByteLevel()
   return hf
+
+
+def _byte_chars() -> list[str]:
+  """The character GPT-2's byte-level alphabet writes for each byte: printable Latin-1 bytes as themselves, the
+  others as 256, 257, ... in byte order."""
+  printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)}
+  others = iter(range(256, 512))
+  return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
 
 
 def _sentencepiece(tok: Tokenizer) -> tokenizers.Tokenizer:
@@ -109,8 +124,10 @@ def _merges(sp: sentencepiece.SentencePieceProcessor, normal: dict[str, int]) ->
   """BPE merges, first to last, that encode as sentencepiece does; `normal` maps its normal pieces to ids.
 
   Sentencepiece starts from characters and repeatedly joins the adjacent pair whose concatenation is the
-  highest-scoring piece. Hugging Face's BPE repeatedly applies the lowest-ranked merge present; one merge per
-  way of cutting a piece into two pieces, ranked by the piece's score, makes it join the same pairs.
+  highest-scoring piece (the leftmost on a tie). Hugging Face's BPE repeatedly applies the lowest-ranked merge
+  present (the leftmost of that merge); one merge per way of cutting a piece into two pieces, ranked by the
+  piece's score, makes it join the same pairs. lm's models score each piece differently, so ties are between
+  cuts of one piece only (the module docstring).
   """
   ranked = []
   for piece, i in normal.items():
@@ -136,7 +153,8 @@ def save_pretrained(tok: Tokenizer, out, model_max_length: int | None = None) ->
 
   The config names bos, eos, pad (and unk when the vocabulary has "<unk>") by `tok`'s ids, sets the chat
   template, adds no bos/eos when encoding (`tokenizer(text)` gives `tok.encode`'s ids) and does not clean up
-  spaces when decoding. "PreTrainedTokenizerFast" loads the tokenizers backend in transformers 4 and 5.
+  spaces when decoding. Its class, "PreTrainedTokenizerFast", is the plain tokenizers-backed one (transformers
+  5 maps the name to TokenizersBackend).
   """
   hf = to_hf(tok)
   out = epath.Path(out)

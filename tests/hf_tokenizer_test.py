@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is imported; every load here is local
 transformers = pytest.importorskip("transformers")
 
 import tokenizers  # noqa: E402  (after the skip: both come with transformers)
 
 from lm import chat, config, hf_tokenizer, tokenizer  # noqa: E402
-
-os.environ["HF_HUB_OFFLINE"] = "1"  # every load here is from a local directory
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -33,6 +32,8 @@ SAMPLES = [
   "<0x41><0xE2> byte pieces as text",
   "\x00\x0b\x0c\x1c\u2028\x85 control characters",
   "x" * 10_000 + "\n" + "long line without breaks " * 500,
+  "x" * 4095 + " return value",  # lm cuts lines into chunks of 4096 characters
+  "\u2581" + "x" * 4095 + " return value",  # and counts them from each U+2581
 ]
 MESSAGES = [
   {"role": "system", "content": "You are terse."},
@@ -73,6 +74,15 @@ def test_encodes_and_decodes_as_lm(tok, auto, texts):
   assert auto(texts, add_special_tokens=False)["input_ids"] == want
   assert auto(texts)["input_ids"] == want  # no bos or eos added
   assert [auto.decode(ids) for ids in want] == texts
+
+
+def test_byte_kind_decodes_invalid_utf8_as_lm(tmp_path):
+  tok = tokenizer.ByteTokenizer()
+  hf_tokenizer.save_pretrained(tok, tmp_path)
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  for raw in [b"Hel\xfflo", b"\xe2\x96A", b"\xf0\x9f\x98", b"\xed\xa0\x80 surrogate", b"\xc0\xaf overlong"]:
+    ids = [tok.offset + b for b in raw]
+    assert auto.decode(ids) == tok.decode(ids) == raw.decode(errors="replace")
 
 
 def test_wrong_merge_order_breaks_the_parity_test(sp_tokenizer, texts, monkeypatch):
