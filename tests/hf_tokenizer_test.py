@@ -2,7 +2,6 @@ import json
 import os
 import random
 import sysconfig
-import types
 from pathlib import Path
 
 import pytest
@@ -164,26 +163,21 @@ def _imported(vocab_size: int) -> tokenizers.Tokenizer:
 
 def test_huggingface_kind_keeps_its_tokens_and_places_appended_specials(tmp_path):
   original = _imported(400)
-  size = original.get_vocab_size()
-  # As lm holds an imported tokenizer: its own bos/eos under lm's names, the chat markers appended after the
-  # model's vocabulary, which is larger than the tokenizer's (unused embedding rows).
-  model_vocab_size = size + 10
-  markers = tokenizer.SPECIAL_TOKENS[3:]
-  special = {"<pad>": 0, "<bos>": 1, "<eos>": 2} | {m: model_vocab_size + j for j, m in enumerate(markers)}
-  tok = types.SimpleNamespace(
-    kind="huggingface", model_bytes=lambda: original.to_str().encode(), special=special, added=markers
+  # As `lm import hf` holds it: the checkpoint's own bos/eos under lm's names, the chat markers appended after
+  # the model's vocabulary, which is larger than the tokenizer's (unused embedding rows).
+  model_vocab_size = original.get_vocab_size() + 10
+  tok = tokenizer.HuggingFaceTokenizer(
+    original.to_str().encode(), {"<pad>": 0, "<bos>": 1, "<eos>": 2}, model_vocab_size
   )
+  markers = tokenizer.SPECIAL_TOKENS[3:]
+  tok.add_special(markers)
   hf_tokenizer.save_pretrained(tok, tmp_path)
   auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
   assert (auto.bos_token, auto.eos_token, auto.pad_token) == ("<s>", "</s>", "<pad>")
-  assert auto.convert_tokens_to_ids(list(markers)) == [special[m] for m in markers]
+  assert auto.convert_tokens_to_ids(list(markers)) == [model_vocab_size + j for j in range(len(markers))]
   texts = [(STDLIB / n).read_text() for n in HELD_OUT_FILES] + SAMPLES
-  want = [e.ids for e in original.encode_batch(texts, add_special_tokens=False)]
-  assert auto(texts)["input_ids"] == want
-  messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-  hi, yo = (original.encode(x, add_special_tokens=False).ids for x in ("hi", "yo"))
-  user, assistant, end = special["<|user|>"], special["<|assistant|>"], special["<|end|>"]
-  assert auto.apply_chat_template(messages, tokenize=True)["input_ids"] == [1, user, *hi, end, assistant, *yo, end]
+  assert auto(texts)["input_ids"] == tok.encode(texts)  # without the <s> the original adds
+  assert auto.apply_chat_template(MESSAGES, tokenize=True)["input_ids"] == chat.render(tok, MESSAGES)[0]
 
 
 def test_config_holds_the_chat_template_and_no_added_bos(tmp_path, sp_tokenizer):
