@@ -282,7 +282,7 @@ def read_config(path: epath.Path) -> HFModel:
 
 def read_tokenizer(path: epath.Path, hf: HFModel) -> tokenizer_lib.HuggingFaceTokenizer:
   """The checkpoint's tokenizer.json as an lm tokenizer; <bos>, <eos> and <pad> from tokenizer_config.json,
-  else config.json (pad defaults to eos)."""
+  else config.json (pad defaults to eos), and lm's chat tokens where it holds them."""
   import tokenizers  # noqa: PLC0415
 
   file = path / "tokenizer.json"
@@ -306,6 +306,10 @@ def read_tokenizer(path: epath.Path, hf: HFModel) -> tokenizer_lib.HuggingFaceTo
   if bos is None or eos is None:
     raise UserError(f"the tokenizer in {path} has no {'beginning' if bos is None else 'end'}-of-sequence token")
   reserved = {"<pad>": eos if pad is None else pad, "<bos>": bos, "<eos>": eos}
+  # lm's chat tokens, where the checkpoint has them (one lm exported): a chat-tuned run comes back whole.
+  reserved |= {
+    name: tk.token_to_id(name) for name in tokenizer_lib.SPECIAL_TOKENS[3:] if tk.token_to_id(name) is not None
+  }
   return tokenizer_lib.HuggingFaceTokenizer(model, reserved, hf.vocab_size)
 
 

@@ -17,11 +17,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from conftest import REPO, run_devices_script, tiny_config, write_conversations  # noqa: E402
-
 from lm import hf, train  # noqa: E402
 from lm import model as model_lib  # noqa: E402
 from lm import workdir as workdir_lib  # noqa: E402
+
+from conftest import REPO, tiny_config  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 TEXTS = ["def f(x):\n    return x + 1\n", "import json", "Hello, world: caf\u00e9 \u4e2d\u6587 \U0001f600!"]
@@ -155,3 +155,112 @@ def test_greedy_generation_matches_transformers_generate(hf_llama, imported):
   theirs = theirs[: theirs.index(tok.eos_id)] if tok.eos_id in theirs else theirs
   assert len(set(ours)) > 3  # not one token over and over
   assert ours == theirs
+
+
+@pytest.fixture(scope="module", params=["byte", "sentencepiece"])
+def lm_run(request, tmp_path_factory):
+  """A tiny trained lm run (untied for bytes, tied for sentencepiece) on Python-like text."""
+  root = tmp_path_factory.mktemp(f"lm_{request.param}")
+  (root / "corpus.txt").write_text(
+    "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # caf\u00e9\n\n" for i in range(2000))
+  )
+  overrides = {
+    "data.source": f"text:{root / 'corpus.txt'}",
+    "tokenizer.kind": request.param,
+    "train.steps": 20,
+    "data.seq_len": 64,
+  }
+  if request.param == "sentencepiece":
+    overrides |= {"tokenizer.vocab_size": 300, "model.tie_embeddings": True}
+  train.train(tiny_config(**overrides), str(root / "run"), progress=False)
+  return root / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(lm_run):
+  out = lm_run.parent / "hf"
+  lm_cli("export", "hf", "--workdir", str(lm_run), "--out", str(out))
+  return out
+
+
+def test_an_exported_run_computes_its_logits_under_transformers(lm_run, exported):
+  _, tok, setup, params = workdir_lib.load_params(str(lm_run))
+  reference = load_hf(exported).eval()
+  assert reference.config.tie_word_embeddings == setup.model_cfg.tie_embeddings
+  assert sorted(os.listdir(exported)) == sorted(
+    ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    + [f for f in os.listdir(exported) if f == "special_tokens_map.json"]
+  )
+  batch = padded(tok, ["def f1(x):", "    return x * 3", "x"])
+  real = batch["segment_ids"].astype(bool)
+  logits = np.asarray(model_lib.forward(setup.model, params, batch))
+  np.testing.assert_allclose(logits[real], hf_logits(reference, batch)[real], atol=1e-4, rtol=0)
+  # Its tokenizer loads with AutoTokenizer and gives lm's ids, chat template included.
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(exported))
+  text = "def f7(x):\n    return x * 7 + 0  # caf\u00e9 \u4e2d\n"
+  assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode([text])[0]
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f2(x):"}]
+  from lm import chat  # noqa: PLC0415
+
+  rendered = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+  assert rendered["input_ids"] == chat.render(tok, messages, generation_prompt=True)[0]
+
+
+def test_greedy_generation_of_an_exported_run_matches(lm_run, exported):
+  _, tok, _, _ = workdir_lib.load_params(str(lm_run))
+  reference = load_hf(exported).eval()
+  out = lm_cli(
+    "sample",
+    "--workdir",
+    str(lm_run),
+    "--prompt",
+    "def f12(x):\n",
+    "--temperature",
+    "0",
+    "--max-new-tokens",
+    "20",
+    "--json",
+  )
+  ours = [t["id"] for t in json.loads(out.stdout)["samples"][0]["tokens"]]
+  prompt = torch.tensor([[tok.bos_id] + tok.encode(["def f12(x):\n"])[0]])
+  with torch.no_grad():
+    theirs = reference.generate(prompt, max_new_tokens=20, do_sample=False)[0, prompt.shape[1] :].tolist()
+  stops = {tok.eos_id, tok.special["<|end|>"]}  # generation_config.json's eos_token_id list
+  cut = next((i for i, t in enumerate(theirs) if t in stops), len(theirs))
+  assert len(ours) >= 5 and ours == theirs[:cut]
+
+
+def test_export_then_import_gives_back_the_same_params_bit_for_bit(lm_run, exported, tmp_path):
+  cfg, tok, _, params = workdir_lib.load_params(str(lm_run))
+  lm_cli("import", "hf", "--from", str(exported), "--workdir", str(tmp_path / "back"), f"--seq-len={cfg.data.seq_len}")
+  back_cfg, back_tok, _, back_params = workdir_lib.load_params(str(tmp_path / "back"))
+  assert back_tok.encode(["def f1(x): caf\u00e9"]) == tok.encode(["def f1(x): caf\u00e9"])
+  assert back_tok.special == tok.special and back_tok.vocab_size == tok.vocab_size  # nothing appended
+  assert {k: back_cfg.model[k] for k in hf.read_config(exported).model} == {
+    k: cfg.model[k] for k in hf.read_config(exported).model
+  }
+  flat, back = (dict(jax_leaves(p)) for p in (params, back_params))
+  assert flat.keys() == back.keys()
+  for k in flat:
+    assert flat[k].dtype == back[k].dtype == np.float32 and np.array_equal(flat[k], back[k]), k
+
+
+def jax_leaves(params):
+  import jax  # noqa: PLC0415
+
+  return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def test_bfloat16_and_sharded_exports_load_in_transformers(lm_run, tmp_path):
+  if "sentencepiece" in str(lm_run):
+    pytest.skip("one tokenizer kind is enough for the file layout")
+  out = tmp_path / "bf16"
+  lm_cli("export", "hf", "--workdir", str(lm_run), "--out", str(out), "--dtype", "bfloat16", "--max-shard-mb", "0")
+  index = json.loads((out / "model.safetensors.index.json").read_text())
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 3 and all((out / f).exists() for f in files)  # every tensor alone at a limit of 0 MiB
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+  _, _, _, params = workdir_lib.load_params(str(lm_run))
+  ml_dtypes = pytest.importorskip("ml_dtypes")
+  want = np.asarray(params["layer_0"]["attn"]["wq"]).reshape(32, -1).T.astype(ml_dtypes.bfloat16).astype(np.float32)
+  assert np.array_equal(model.model.layers[0].self_attn.q_proj.weight.detach().numpy(), want)
