@@ -5,8 +5,11 @@ trained on a few standard-library files, and a tiny lm run. Nothing is downloade
 """
 
 import glob
+import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -20,8 +23,9 @@ tokenizers = pytest.importorskip("tokenizers")
 from lm import hf, train  # noqa: E402
 from lm import model as model_lib  # noqa: E402
 from lm import workdir as workdir_lib  # noqa: E402
+from lm.errors import UserError  # noqa: E402
 
-from conftest import REPO, tiny_config  # noqa: E402
+from conftest import REPO, run_devices_script, tiny_config, write_conversations  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 TEXTS = ["def f(x):\n    return x + 1\n", "import json", "Hello, world: caf\u00e9 \u4e2d\u6587 \U0001f600!"]
@@ -71,11 +75,23 @@ def make_hf_llama(path, tied: bool, **config) -> None:
   model.save_pretrained(str(path))
 
 
-@pytest.fixture(scope="module", params=["untied", "tied"])
-def hf_llama(request, tmp_path_factory):
-  path = tmp_path_factory.mktemp(f"hf_{request.param}")
-  make_hf_llama(path, tied=request.param == "tied")
+@pytest.fixture(scope="module")
+def untied_llama(tmp_path_factory):
+  path = tmp_path_factory.mktemp("hf_untied")
+  make_hf_llama(path, tied=False)
   return path
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+  path = tmp_path_factory.mktemp("hf_tied")
+  make_hf_llama(path, tied=True)
+  return path
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def hf_llama(request):
+  return request.getfixturevalue(f"{request.param}_llama")
 
 
 def lm_cli(*args, check=True):
@@ -157,23 +173,36 @@ def test_greedy_generation_matches_transformers_generate(hf_llama, imported):
   assert ours == theirs
 
 
-@pytest.fixture(scope="module", params=["byte", "sentencepiece"])
-def lm_run(request, tmp_path_factory):
+def train_run(root, kind: str):
   """A tiny trained lm run (untied for bytes, tied for sentencepiece) on Python-like text."""
-  root = tmp_path_factory.mktemp(f"lm_{request.param}")
   (root / "corpus.txt").write_text(
     "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}  # caf\u00e9\n\n" for i in range(2000))
   )
   overrides = {
     "data.source": f"text:{root / 'corpus.txt'}",
-    "tokenizer.kind": request.param,
+    "tokenizer.kind": kind,
     "train.steps": 20,
     "data.seq_len": 64,
   }
-  if request.param == "sentencepiece":
+  if kind == "sentencepiece":
     overrides |= {"tokenizer.vocab_size": 300, "model.tie_embeddings": True}
   train.train(tiny_config(**overrides), str(root / "run"), progress=False)
   return root / "run"
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory):
+  return train_run(tmp_path_factory.mktemp("lm_byte"), "byte")
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_run(tmp_path_factory):
+  return train_run(tmp_path_factory.mktemp("lm_sentencepiece"), "sentencepiece")
+
+
+@pytest.fixture(scope="module", params=["byte", "sentencepiece"])
+def lm_run(request):
+  return request.getfixturevalue(f"{request.param}_run")
 
 
 @pytest.fixture(scope="module")
@@ -251,16 +280,121 @@ def jax_leaves(params):
   return [(jax.tree_util.keystr(p), np.asarray(x)) for p, x in jax.tree_util.tree_leaves_with_path(params)]
 
 
-def test_bfloat16_and_sharded_exports_load_in_transformers(lm_run, tmp_path):
-  if "sentencepiece" in str(lm_run):
-    pytest.skip("one tokenizer kind is enough for the file layout")
+def test_bfloat16_and_sharded_exports_load_in_transformers(byte_run, tmp_path):
   out = tmp_path / "bf16"
-  lm_cli("export", "hf", "--workdir", str(lm_run), "--out", str(out), "--dtype", "bfloat16", "--max-shard-mb", "0")
+  lm_cli("export", "hf", "--workdir", str(byte_run), "--out", str(out), "--dtype", "bfloat16", "--max-shard-mb", "0")
   index = json.loads((out / "model.safetensors.index.json").read_text())
   files = sorted(set(index["weight_map"].values()))
   assert len(files) > 3 and all((out / f).exists() for f in files)  # every tensor alone at a limit of 0 MiB
   model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
-  _, _, _, params = workdir_lib.load_params(str(lm_run))
+  _, _, _, params = workdir_lib.load_params(str(byte_run))
   ml_dtypes = pytest.importorskip("ml_dtypes")
   want = np.asarray(params["layer_0"]["attn"]["wq"]).reshape(32, -1).T.astype(ml_dtypes.bfloat16).astype(np.float32)
   assert np.array_equal(model.model.layers[0].self_attn.q_proj.weight.detach().numpy(), want)
+
+
+REFUSED = {
+  "rope_parameters": ({"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, "rope scaling type 'linear'"),
+  "attention_bias": (True, "attention_bias=true is not supported"),
+  "hidden_act": ("gelu", "hidden_act 'gelu' is not supported"),
+  "model_type": ("gpt2", "model_type 'gpt2' is not supported"),
+  "sliding_window": (16, "sliding_window 16 is shorter than the context 128"),
+  "head_dim": (32, "head_dim 32 is not hidden_size / num_attention_heads"),
+}
+
+
+@pytest.mark.parametrize("key", REFUSED)
+def test_what_lm_cannot_run_is_refused_before_anything_is_written(untied_llama, tmp_path, key):
+  value, message = REFUSED[key]
+  source = tmp_path / "hf"
+  shutil.copytree(untied_llama, source)
+  config = json.loads((source / "config.json").read_text())
+  (source / "config.json").write_text(json.dumps({**config, key: value}))
+  with pytest.raises(UserError, match=re.escape(message)):
+    hf.import_hf(str(source), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_import_and_export_errors_are_one_line(untied_llama, byte_run, tmp_path):
+  source = tmp_path / "hf"
+  shutil.copytree(untied_llama, source)
+  (source / "tokenizer.json").unlink()
+  out = lm_cli("import", "hf", "--from", str(source), "--workdir", str(tmp_path / "run"), check=False)
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+    f"lm: error: {source} has no tokenizer.json (lm reads Hugging Face's fast tokenizer files)"
+  ]
+  assert not (tmp_path / "run").exists()
+  for key, value, message in [
+    ("lora_rank", 4, "the run has LoRA adapters (model.lora_rank > 0): fold them in with `lm lora merge` first"),
+    ("objective", "reward", "the run is a reward model (a scalar head)"),
+  ]:
+    run = tmp_path / f"run_{key}"
+    shutil.copytree(byte_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["model" if key == "lora_rank" else "train"][key] = value
+    (run / "config.json").write_text(json.dumps(config))
+    out = lm_cli("export", "hf", "--workdir", str(run), "--out", str(tmp_path / "out"), check=False)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sharded_import_reads_each_device_its_part_and_equals_the_whole(untied_llama, tmp_path):
+  """On 8 devices with FSDP 4 x tensor 2, no read is larger than a quarter of the largest tensor."""
+  code = f"""
+import json, numpy as np, jax
+from lm import hf, workdir as workdir_lib
+mesh = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"]
+report = hf.import_hf({str(untied_llama)!r}, {str(tmp_path / "sharded")!r}, mesh)
+_, _, _, params = workdir_lib.load_params({str(tmp_path / "sharded")!r})
+wq = params["layer_0"]["attn"]["wq"]
+np.save({str(tmp_path / "wq.npy")!r}, np.asarray(wq))
+print(json.dumps({{"largest_read": report["largest_read"], "spec": str(wq.sharding.spec),
+  "shard": list(wq.addressable_shards[0].data.shape)}}))
+"""
+  report = run_devices_script(code)
+  assert report["spec"] == "P('fsdp', 'tensor', None)" and report["shard"] == [16, 2, 16]
+  assert report["largest_read"] <= 416 * 64 // 4  # embed and lm_head, [416, 64], are the largest
+  hf.import_hf(str(untied_llama), str(tmp_path / "whole"))
+  _, _, _, params = workdir_lib.load_params(str(tmp_path / "whole"))
+  assert np.array_equal(np.load(tmp_path / "wq.npy"), np.asarray(params["layer_0"]["attn"]["wq"]))
+
+
+def test_an_imported_run_fine_tunes_chats_and_plans(untied_llama, tmp_path):
+  imported = tmp_path / "imported"
+  hf.import_hf(str(untied_llama), str(imported))
+  (tmp_path / "messages.json").write_text(json.dumps([{"role": "user", "content": "hi"}]))
+  out = lm_cli(
+    "chat", "--workdir", str(imported), "--messages", str(tmp_path / "messages.json"), "--json", "--max-new-tokens", "8"
+  )
+  reply = json.loads(out.stdout)
+  assert reply["tokens"] > 0 and reply["finish_reason"] in ("end_of_turn", "length")
+  # SFT from it, configured by its own config.json: the chat tokens it was given have rows to learn.
+  conversations = write_conversations(tmp_path / "chat.jsonl", 64)
+  settings = {
+    "train.init_from": imported,
+    "data.post_source": conversations,
+    "train.steps": 4,
+    "train.batch_size": 4,
+    "train.eval_every": 4,
+    "train.eval_batches": 1,
+    "train.checkpoint_every": 4,
+    "train.log_every": 1,
+    "data.seq_len": 32,
+  }
+  overrides = [f"--config.{k}={v}" for k, v in settings.items()]
+  lm_cli(
+    "train", "--config", str(imported / "config.json"), "--workdir", str(tmp_path / "sft"), *overrides, "--no-progress"
+  )
+  record = json.loads((tmp_path / "sft" / "init_from.json").read_text())
+  assert record["run"] == str(imported) and record["step"] == 0
+  losses = [
+    r["train/loss"]
+    for r in map(json.loads, (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines())
+    if "train/loss" in r
+  ]
+  assert len(losses) == 4 and losses[-1] < losses[0]
+  if importlib.util.find_spec("libtpu") is not None:  # lm plan compiles its train step for a TPU slice
+    plan_args = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.train.batch_size=8", "--json"]
+    out = lm_cli("plan", "--config", str(imported / "config.json"), "--topology", "v5e:2x4", *plan_args)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["fits"] and report["params"]["embedding"] == (416 + 5) * 64  # with the chat tokens
