@@ -67,7 +67,10 @@ def make_hf_llama(path, tied: bool, **config) -> None:
     initializer_range=0.2,  # large enough that greedy decoding does not repeat one token
   )
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config}))
+  if config.pop("model_type", "llama") == "mistral":
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(**{**settings, **config}, sliding_window=None))
+  else:
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config}))
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith("norm.weight"):  # not ones: a transposed or misplaced norm would show
@@ -89,9 +92,16 @@ def tied_llama(tmp_path_factory):
   return path
 
 
-@pytest.fixture(scope="module", params=["untied", "tied"])
-def hf_llama(request):
-  return request.getfixturevalue(f"{request.param}_llama")
+@pytest.fixture(scope="module", params=["untied", "tied", "mistral", "smollm_like"])
+def hf_llama(request, tmp_path_factory):
+  if request.param in ("untied", "tied"):
+    return request.getfixturevalue(f"{request.param}_llama")
+  path = tmp_path_factory.mktemp(f"hf_{request.param}")
+  if request.param == "mistral":
+    make_hf_llama(path, tied=False, model_type="mistral")
+  else:  # SmolLM's proportions: 3 query heads per kv head, tied, a wide MLP
+    make_hf_llama(path, tied=True, hidden_size=72, num_attention_heads=6, num_key_value_heads=2, intermediate_size=192)
+  return path
 
 
 def lm_cli(*args, check=True):
@@ -142,10 +152,15 @@ def test_an_imported_llama_computes_the_logits_transformers_does(hf_llama, impor
   vocab = reference.config.vocab_size
   assert tok.kind == "huggingface" and tok.bos_id == 1 and tok.eos_id == 2 and tok.vocab_size == vocab + 5
   assert cfg.model.n_kv_heads == 2 and cfg.model.tie_embeddings == reference.config.tie_word_embeddings
+  assert cfg.model.n_heads == reference.config.num_attention_heads
   batch = padded(tok, TEXTS)
   logits = np.asarray(model_lib.forward(setup.model, params, batch))
   real = batch["segment_ids"].astype(bool)
-  np.testing.assert_allclose(logits[..., :vocab][real], hf_logits(reference, batch)[real], atol=1e-4, rtol=0)
+  theirs = hf_logits(reference, batch)
+  print(
+    f"imported {reference.config.model_type}: max |logit difference| {np.abs(logits[..., :vocab] - theirs)[real].max():.2e}"
+  )
+  np.testing.assert_allclose(logits[..., :vocab][real], theirs[real], atol=1e-4, rtol=0)
   # The appended chat tokens start as the mean row: their logit is the mean logit, never the largest.
   assert np.allclose(logits[..., vocab:][real], logits[..., :vocab][real].mean(-1, keepdims=True), atol=1e-4)
   # Its tokenizer is the checkpoint's: the same ids as transformers' for any text, specials read as text.
@@ -223,7 +238,9 @@ def test_an_exported_run_computes_its_logits_under_transformers(lm_run, exported
   batch = padded(tok, ["def f1(x):", "    return x * 3", "x"])
   real = batch["segment_ids"].astype(bool)
   logits = np.asarray(model_lib.forward(setup.model, params, batch))
-  np.testing.assert_allclose(logits[real], hf_logits(reference, batch)[real], atol=1e-4, rtol=0)
+  theirs = hf_logits(reference, batch)
+  print(f"exported {tok.kind} run: max |logit difference| {np.abs(logits - theirs)[real].max():.2e}")
+  np.testing.assert_allclose(logits[real], theirs[real], atol=1e-4, rtol=0)
   # Its tokenizer loads with AutoTokenizer and gives lm's ids, chat template included.
   hf_tok = transformers.AutoTokenizer.from_pretrained(str(exported))
   text = "def f7(x):\n    return x * 7 + 0  # caf\u00e9 \u4e2d\n"
