@@ -157,9 +157,8 @@ def test_an_imported_llama_computes_the_logits_transformers_does(hf_llama, impor
   logits = np.asarray(model_lib.forward(setup.model, params, batch))
   real = batch["segment_ids"].astype(bool)
   theirs = hf_logits(reference, batch)
-  print(
-    f"imported {reference.config.model_type}: max |logit difference| {np.abs(logits[..., :vocab] - theirs)[real].max():.2e}"
-  )
+  gap = np.abs(logits[..., :vocab] - theirs)[real].max()
+  print(f"imported {reference.config.model_type}: max |logit difference| {gap:.2e}")
   np.testing.assert_allclose(logits[..., :vocab][real], theirs[real], atol=1e-4, rtol=0)
   # The appended chat tokens start as the mean row: their logit is the mean logit, never the largest.
   assert np.allclose(logits[..., vocab:][real], logits[..., :vocab][real].mean(-1, keepdims=True), atol=1e-4)
