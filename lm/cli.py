@@ -5,6 +5,7 @@ lm plot DIR [DIR ...] [--out DIR]
 lm bench train [--preset ref] [--config.KEY=VALUE ...]
 lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P ...]
 lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON];  lm bench rl [--preset ref] [--steps ROLLOUTS]
+lm bench hf [--workdir RUN]   (a SmolLM-135M-shaped Llama through lm import hf / export hf, against transformers)
 lm chat --workdir DIR [--system TEXT] [--tool NAME=KIND:ARG] [--messages F|- --json] [decoding controls as lm sample]
 lm reward --workdir DIR --file F.jsonl;  lm lora merge --workdir DIR --out DIR2
 lm export hf --workdir DIR --out OUT [--step N] [--dtype bfloat16];  lm import hf --from PATH --workdir DIR
@@ -14,6 +15,7 @@ lm plan --config FILE --topology v5p:2x2x4 [--json]   (ahead-of-time compile for
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -79,7 +81,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: DIR/plots of the first run)")
 
   p = sub.add_parser("bench", help="benchmarks that print one JSON line")
-  p.add_argument("what", choices=["train", "sample", "matmul", "fit", "data", "rl"])
+  p.add_argument("what", choices=["train", "sample", "matmul", "fit", "data", "rl", "hf"])
   p.add_argument("--preset", default="ref", help="model preset (default: ref)")
   p.add_argument("--steps", type=int, default=10, help="timed steps (rl: rollouts)")
   p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
@@ -95,7 +97,11 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-bf16", action="store_true", help="train: skip the bf16-compute run beside f32")
   p.add_argument("--no-bare", action="store_true", help="train: skip the bare jax.numpy step (lm.bare) beside it")
   p.add_argument("--new-tokens", type=int, default=512, help="sample: tokens generated per row")
-  p.add_argument("--workdir", default=None, help="data: use this run's tokenizer (default: the config's, trained)")
+  p.add_argument(
+    "--workdir",
+    default=None,
+    help="data: use this run's tokenizer (default: the config's, trained); hf: also export it",
+  )
   p.add_argument("--batches", type=int, default=200, help="data: batches timed per pipeline")
   p.add_argument("--table", default=None, help=f"fit: the table to fit (default: {scaling_cli.DEFAULT_BENCH_TABLE})")
 
@@ -185,6 +191,10 @@ def run(argv: list[str]) -> int:
       print(report)
   elif args.command in ("sweep", "scaling") or (args.command == "bench" and args.what == "fit"):
     return scaling_cli.run(args, overrides)
+  elif args.command == "bench" and args.what == "hf":
+    from lm import bench_hf  # noqa: PLC0415
+
+    print(json.dumps(bench_hf.main(args)))
   elif args.command == "bench":
     from lm import bench  # noqa: PLC0415
 

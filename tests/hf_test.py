@@ -414,3 +414,23 @@ def test_an_imported_run_fine_tunes_chats_and_plans(untied_llama, tmp_path):
     out = lm_cli("plan", "--config", str(imported / "config.json"), "--topology", "v5e:2x4", *plan_args)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["fits"] and report["params"]["embedding"] == (416 + 5) * 64  # with the chat tokens
+
+
+def test_the_hf_benchmark_measures_a_round_trip(tmp_path):
+  """`lm bench hf`'s pieces on a tiny config (the benchmark itself builds 134.5M parameters)."""
+  from lm import bench_hf  # noqa: PLC0415
+
+  tiny = {
+    **bench_hf.SMOLLM_135M,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+  }
+  tiny |= {"num_key_value_heads": 2, "vocab_size": 8192, "max_position_embeddings": 64}
+  layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32  # q and o, k and v (2 kv heads of 8), the MLP, 2 norms
+  assert bench_hf.build_model(str(tmp_path / "hf"), tiny) == 8192 * 32 + 2 * layer + 32  # tied: one embedding
+  seconds, rss = bench_hf.timed_lm("import", "hf", "--from", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run"))
+  assert seconds > 0 and rss > 0.1
+  found = bench_hf.parity(str(tmp_path / "run"), str(tmp_path / "hf"), bench_hf.TEXTS, new_tokens=8)
+  assert found["max_abs_logit_diff"] < 1e-4 and found["greedy_equal"] and found["greedy_tokens"] == 8
