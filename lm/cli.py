@@ -9,6 +9,7 @@ lm bench hf [--workdir RUN]   (a SmolLM-135M-shaped Llama through lm import hf /
 lm chat --workdir DIR [--system TEXT] [--tool NAME=KIND:ARG] [--messages F|- --json] [decoding controls as lm sample]
 lm reward --workdir DIR --file F.jsonl;  lm lora merge --workdir DIR --out DIR2
 lm export hf --workdir DIR --out OUT [--step N] [--dtype bfloat16];  lm import hf --from PATH --workdir DIR
+lm eval --workdir DIR --tasks T1,T2 [--shots K] [--limit N] [--chat] [--out F.json];  lm eval --list
 lm study --config FILE --workdir DIR   (a chain of dependent runs and steps, then its report)
 lm sweep --config FILE --workdir DIR [--print-commands]; lm scaling fit|plot|report ...; lm bench fit [--table CSV]
 lm plan --config FILE --topology v5p:2x2x4 [--json]   (ahead-of-time compile for a TPU slice: memory, time, cost)
@@ -21,7 +22,7 @@ import os
 import sys
 import traceback
 
-from lm import distributed, plan
+from lm import distributed, eval_cli, plan
 from lm.errors import UserError
 from lm.scaling import cli as scaling_cli
 
@@ -148,6 +149,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="study directory: one sub-directory per stage, report/")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   distributed.add_flags(p)
+  eval_cli.add_parser(sub)
   scaling_cli.add_parsers(sub)
   plan.add_parser(sub)
   return parser
@@ -211,6 +213,8 @@ def run(argv: list[str]) -> int:
     from lm import lora_cli  # noqa: PLC0415
 
     lora_cli.merge_run(args.workdir, args.out)
+  elif args.command == "eval":
+    eval_cli.main(args)
   elif args.command == "export":
     from lm import hf  # noqa: PLC0415
 
