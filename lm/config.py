@@ -94,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.sample_prompts = ()  # texts completed at every eval, logged as samples/i; empty: no samples
   c.train.sample_tokens = 32  # new tokens per sample (a prompt too long for the context keeps its end)
   c.train.sample_temperature = 0.0  # 0: greedy
+  c.train.evals = ()  # downstream tasks run at every eval (as `lm eval --tasks`), logged as eval/TASK/METRIC
+  c.train.evals_shots = 0  # few-shot examples before each of their examples
+  c.train.evals_limit = 100  # at most this many examples per task (0: all)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-3
@@ -341,6 +344,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"tokenizer.kind must be one of {', '.join(TOKENIZER_KINDS)}, got {cfg.tokenizer.kind!r}")
   if cfg.tokenizer.kind == "sentencepiece" and not 300 <= cfg.tokenizer.vocab_size <= 1_000_000:
     raise UserError(f"tokenizer.vocab_size must be in [300, 1000000], got {cfg.tokenizer.vocab_size}")
+  if t.evals_shots < 0 or t.evals_limit < 0:
+    raise UserError("train.evals_shots and train.evals_limit must be >= 0")
   if t.sample_prompts:
     if not all(t.sample_prompts):
       raise UserError("train.sample_prompts must not hold an empty prompt")
@@ -504,6 +509,9 @@ RESUMABLE_KEYS = (
   "train.debug_nan_steps",
   "train.init_from",
   "train.sample_prompts",
+  "train.evals",
+  "train.evals_shots",
+  "train.evals_limit",
   "train.sample_tokens",
   "train.sample_temperature",
   "data.worker_threads",

@@ -5,9 +5,11 @@ lm eval --list
 lm eval --workdir DIR --harness T1,T2 [--include-path DIR]   (tasks of the lm-evaluation-harness)
 
 A task is a built-in name (`lm eval --list`), a task file (`*.json`), or `bpb:SOURCE`, bits per byte on any
-`data.source` (its held-out documents by the run's hash split; `bpb:all:SOURCE` for every document).
+`data.source` (its held-out documents by the run's hash split; `bpb:all:SOURCE` for every document);
+`NAME=TASK` gives it another name. `train.evals` takes the same entries.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -18,7 +20,10 @@ from lm.evals import icl, tasks
 
 
 def resolve(name: str) -> tasks.Task:
-  """The task a `--tasks` entry names."""
+  """The task a `--tasks` entry names; `NAME=ENTRY` renames it (how its metrics are logged)."""
+  if "=" in name:
+    label, _, entry = name.partition("=")
+    return dataclasses.replace(resolve(entry), name=label)
   if name in icl.BUILTIN:
     return icl.BUILTIN[name]()
   if name.startswith("bpb:"):

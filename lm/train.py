@@ -67,5 +67,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
     del start, restored  # the source's params live on in the state alone
     objective.begin(setup, state, batches, first)  # e.g. DPO's reference log-probs, from the starting params
     evaluate = objective.evaluator(setup, tok, batches, first)
+    if cfg.train.evals:
+      evaluate = with_downstream_evals(evaluate, cfg, tok, setup)
     hooks = [loop.Hook(cfg.train.eval_every, lambda step, s: evaluate(s.params))]
     return loop.run(setup, state, first, train_step, batches, ckpt, path, meta, hooks, progress)
+
+
+def with_downstream_evals(evaluate, cfg, tok, setup):
+  """`evaluate` that also runs the tasks of `train.evals` (`lm.evals.tasks`) on the params being trained and
+  logs each metric as eval/TASK/METRIC. The tasks are resolved (and their files read) before training starts."""
+  from lm import eval_cli  # noqa: PLC0415
+  from lm.evals import scoring, tasks  # noqa: PLC0415
+
+  chosen = [eval_cli.resolve(name) for name in cfg.train.evals]
+  t = cfg.train
+
+  def both(params) -> dict:
+    row = evaluate(params)
+    scorer = scoring.Scorer(cfg, tok, setup, params, batch_size=scoring.Scorer.rows_for(setup, t.batch_size))
+    for task in chosen:
+      summary, _ = tasks.evaluate(scorer, task, t.evals_shots, t.evals_limit, cfg.train.seed)
+      row.update({f"eval/{task.name}/{k}": v for k, v in summary.items() if isinstance(v, float)})
+    return row
+
+  return both

@@ -1,5 +1,6 @@
 """lm eval: task files, few-shot draws, metric arithmetic, the scorer against the model, sharded = one device."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -51,11 +52,11 @@ def test_multiple_choice_acc_and_acc_norm_by_bytes_with_standard_errors():
   from lm.tokenizer import ByteTokenizer  # noqa: PLC0415
 
   examples = (
-    {"q": "1", "choices": ["a", "bbbb"], "answer": 1},  # a: -1.0 (-0.5 per byte with " "), " bbbb": -2.0 (-0.4)
-    {"q": "2", "choices": ["cc", "d"], "answer": 0},  # " cc": -3.0 (-1.0), " d": -1.5 (-0.75)
+    {"q": "1", "choices": ["a", "bbbb"], "answer": 1},  # " a": -1.0 (-1.0 per byte of "a"), " bbbb": -2.0 (-0.5)
+    {"q": "2", "choices": ["cc", "d"], "answer": 0},  # " cc": -3.0 (-1.5), " d": -1.4 (-1.4)
     {"q": "3", "choices": ["e", "f"], "answer": 0},  # " e": -0.1, " f": -0.2
   )
-  logps = {" a": -1.0, " bbbb": -2.0, " cc": -3.0, " d": -1.5, " e": -0.1, " f": -0.2}
+  logps = {" a": -1.0, " bbbb": -2.0, " cc": -3.0, " d": -1.4, " e": -0.1, " f": -0.2}
   task = tasks.Task(name="mc", kind="multiple_choice", examples=examples, prompt="{q}:")
   summary, samples = tasks.evaluate(FixedScorer(ByteTokenizer(), logps), task)
   # acc: picks a (wrong), d (wrong), e (right) -> 1/3; acc_norm: bbbb (right), d (wrong), e (right) -> 2/3.
@@ -133,9 +134,10 @@ def test_the_scorer_sums_the_models_log_probs(run, scorer):
   doc = tok.encode([" ".join(LINES[:12])])[0]
   assert len(doc) > 2 * scorer.context
   (rolling,) = scorer.loglikelihood_rolling([doc])
-  windows = [
-    (([tok.bos_id] if s == 0 else doc[s - 1 : s]), doc[s : s + scorer.context]) for s in range(0, len(doc), 64)
-  ]
+  tail = len(doc) - 128
+  assert 0 < tail < 64  # two whole windows of 64 and a shorter last one
+  windows = [([tok.bos_id], doc[:64]), (doc[63:64], doc[64:128]), (doc[-65:-tail], doc[128:])]
+  assert len(windows[2][0]) == 65 - tail  # the last window: its n tokens after the 64 + 1 - n before them
   assert rolling == pytest.approx(sum(lp for lp, _ in scorer.loglikelihood(windows)), abs=1e-3)
 
 
@@ -252,3 +254,19 @@ def test_a_task_file_naming_a_field_its_examples_lack_is_an_error(tmp_path):
   (tmp_path / "u.json").write_text(json.dumps({"kind": "generate", "examples": "t.jsonl", "promt": "{x}"}))
   with pytest.raises(UserError, match="unknown keys promt"):
     tasks.load_task_file(str(tmp_path / "u.json"))
+
+
+def test_train_evals_log_downstream_metrics_at_every_eval(tmp_path):
+  (tmp_path / "corpus.txt").write_text("\n".join(LINES * 5) + "\n")
+  source = f"text:{tmp_path / 'corpus.txt'}"
+  overrides = {"data.source": source, "train.steps": 4, "train.eval_every": 2, "data.seq_len": 64}
+  overrides |= {"train.evals": ("counting", f"sums=bpb:all:{source}"), "train.evals_limit": 6, "train.evals_shots": 1}
+  train.train(tiny_config(**overrides), str(tmp_path / "run"), progress=False)
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in rows if "eval/counting/exact_match" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  assert all(0 <= r["eval/counting/exact_match"] <= 1 and r["eval/sums/bits_per_byte"] > 0 for r in evals)
+  assert evals[1]["eval/sums/bits_per_byte"] < evals[0]["eval/sums/bits_per_byte"]  # it learns the sums
+  scorer = scoring.Scorer.from_run(str(tmp_path / "run"))
+  again, _ = tasks.evaluate(scorer, dataclasses.replace(icl.counting(), name="c"), shots=1, limit=6, seed=0)
+  assert again["exact_match"] == evals[1]["eval/counting/exact_match"]  # the same numbers lm eval gives

@@ -5,8 +5,9 @@ of `batch_size` rows of the run's context length (`data.seq_len`), so each quest
 - `loglikelihood([(context_ids, continuation_ids)])` -> [(sum of log p(continuation | context), whether each
   continuation token is the model's argmax)]. A pair longer than the context loses the start of its context.
 - `loglikelihood_rolling([doc_ids])` -> the sum of log p of every token of each document after a bos, in
-  windows of the context length: window k predicts tokens [kL, (k+1)L) given only the token before them
-  (the lm-evaluation-harness's rolling windows with one token of context).
+  windows of the context length L: the first predicts tokens [0, L) after the bos, each next one the next L
+  tokens given the one before them, and a last, shorter one its n tokens given the L + 1 - n before them (the
+  lm-evaluation-harness's rolling windows with one token of context).
 - `generate(prompts, max_new_tokens, stop)` -> greedy text up to the first stop string (the KV-cache sampler).
 Rows go to the devices along the mesh's batch axes, as training batches do; the logits are made a chunk of
 positions at a time, so a large vocabulary never holds [B, T, V] at once.
@@ -50,7 +51,8 @@ def _score_rows(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
     logp_B = logp_B - jnp.sum(ce_BxC * mask_BxC, axis=1)
     hit_BxC = jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
     greedy_B = greedy_B & jnp.all(hit_BxC | (mask_BxC == 0), axis=1)
-  return logp_B, greedy_B
+  replicated = jax.sharding.PartitionSpec()  # every process reads the scores
+  return jax.lax.with_sharding_constraint(logp_B, replicated), jax.lax.with_sharding_constraint(greedy_B, replicated)
 
 
 @dataclasses.dataclass
@@ -66,9 +68,13 @@ class Scorer:
     cfg, tok, setup, params = workdir_lib.load_params(workdir, step)
     if setup.model_cfg.head != "lm":
       raise UserError(f"{workdir} is a reward model: it has no next-token head to evaluate")
+    return cls(cfg, tok, setup, params, cls.rows_for(setup, batch_size))
+
+  @staticmethod
+  def rows_for(setup, batch_size: int) -> int:
+    """`batch_size` rounded up to a multiple of the devices the batch axes span, so rows split evenly."""
     data_ways = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
-    batch_size = -(-batch_size // data_ways) * data_ways  # rows split evenly over the batch axes
-    return cls(cfg, tok, setup, params, batch_size)
+    return -(-batch_size // data_ways) * data_ways
 
   @property
   def context(self) -> int:
@@ -90,7 +96,8 @@ class Scorer:
         batch["segment_ids"][i, :n], batch["positions"][i, :n] = 1, np.arange(n)
         batch["loss_mask"][i, n - scored : n] = 1.0
       with self.setup.context():
-        placed = jax.device_put(batch, sharding)
+        # Every process holds the whole batch and gives its devices their rows (several processes work too).
+        placed = {k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i]) for k, v in batch.items()}
         out_logp, out_greedy = _score_rows(self.setup.model, self.params, placed)
       logps[lo : lo + len(chunk)] = np.asarray(out_logp)[: len(chunk)]
       greedy[lo : lo + len(chunk)] = np.asarray(out_greedy)[: len(chunk)]
@@ -109,22 +116,28 @@ class Scorer:
     return [(float(lp), bool(g)) for lp, g in zip(logps, greedy, strict=True)]
 
   def loglikelihood_rolling(self, docs: list[list[int]]) -> list[float]:
-    rows, owner = [], []
+    rows, owner, length = [], [], self.context
     for d, doc in enumerate(docs):
-      for start in range(0, len(doc), self.context):
-        before = [self.tok.bos_id] if start == 0 else doc[start - 1 : start]
-        rows.append((before + doc[start : start + self.context], len(doc[start : start + self.context])))
+      for start in range(0, len(doc), length):
+        end = min(start + length, len(doc))
+        tokens = [self.tok.bos_id] + doc[:end] if start == 0 else doc[end - length - 1 : end]
+        rows.append((tokens, end - start))
         owner.append(d)
     logps, _ = self._rows(rows)
     totals = np.zeros(len(docs))
     np.add.at(totals, np.asarray(owner, int), logps)
     return totals.tolist()
 
+  @functools.cached_property
+  def sampler(self) -> sampling_lib.Sampler:
+    """One sampler for every `generate` call: its programs are compiled once per prompt and reply bucket."""
+    return sampling_lib.Sampler.for_model(self.setup.model, self.context, self.tok)
+
   def generate(
     self, prompts: list[list[int]], max_new_tokens: int, stop: tuple[str, ...] = (), stop_ids: tuple[int, ...] = ()
   ) -> list[str]:
     """Greedy continuations of `prompts` (ids, bos included), cut before the first stop string or stop id."""
-    sampler = sampling_lib.Sampler.for_model(self.setup.model, self.context, self.tok)
+    sampler = self.sampler
     kept, requests = [], []
     for ids in prompts:
       ids = ids[-(self.context - 1) :]

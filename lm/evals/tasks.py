@@ -7,7 +7,8 @@ A task is a JSON file (a `Task`'s fields) beside its examples, one JSON object p
 
 - `multiple_choice`: the example's choices (`choices_field`, a list of strings) are scored as continuations
   `choice_prefix + choice` of the prompt by log-likelihood. `acc`: the highest log-likelihood is the answer
-  (`answer_field`, an index); `acc_norm`: the highest per UTF-8 byte of the continuation.
+  (`answer_field`, an index); `acc_norm`: the highest per UTF-8 byte of the choice (the harness divides by
+  characters: the same for ASCII choices).
 - `generate`: the model writes greedily after the prompt until a `stop` string (or `max_new_tokens`); the
   answer is the text, or the first group of `answer_regex` in it, stripped; `exact_match` compares it with
   `target` (a template over the example's fields, stripped), or `check` ("module:function", called as
@@ -203,7 +204,7 @@ def evaluate(scorer, task: Task, shots: int = 0, limit: int = 0, seed: int = 0, 
       for choice in e[task.choices_field]:
         text = choice if use_chat else task.choice_prefix + choice
         requests.append((p, tok.encode([text])[0]))
-        owners.append((i, len(text.encode())))
+        owners.append((i, len(choice.encode())))
     scored = scorer.loglikelihood(requests)
     per = [[] for _ in examples]
     for (i, n_bytes), (logp, _) in zip(owners, scored, strict=True):
