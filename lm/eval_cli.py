@@ -73,7 +73,10 @@ def main(args) -> None:
     sys.stdout.flush()
     results.append(summary)
     samples[task.name] = per_example
-  _write(args.out, {"workdir": args.workdir, "step": args.step, "results": results, "samples": samples})
+  _write(args.out, {"workdir": args.workdir, "step": scorer.step, "results": results, "samples": samples})
+  if args.record:
+    with (epath.Path(args.workdir) / "evals.jsonl").open("a") as f:
+      f.writelines(json.dumps({"step": scorer.step, **r}) + "\n" for r in results)
 
 
 def _write(path: str | None, record: dict) -> None:
@@ -95,3 +98,6 @@ def add_parser(sub) -> None:
   p.add_argument("--step", type=int, default=None, help="this checkpoint instead of the newest")
   p.add_argument("--out", default=None, help="also write the results and every example's record here (JSON)")
   p.add_argument("--list", action="store_true", help="print the built-in tasks")
+  p.add_argument(
+    "--record", action="store_true", help="also append the results to DIR/evals.jsonl (lm sweep's results.csv reads it)"
+  )

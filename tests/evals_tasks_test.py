@@ -107,10 +107,12 @@ def test_built_in_tasks_are_fixed_and_cover_their_groups_under_a_limit():
   assert {e["depth"] for e in recall.examples[:5]} == set(icl.DEPTHS)
   for e in recall.examples[:10]:
     lines = e["pairs"].split("\n")
-    assert lines[round(e["depth"] * (len(lines) - 1))] == f"{e['key']}={e['answer']}"
+    assert lines[round(e["depth"] * (len(lines) - 1))] == f"{e['key']}={e['choices'][e['answer']]}"
+    assert sorted(e["choices"]) == sorted(line.split("=")[1] for line in lines)
   rules = icl.rule_induction()
   assert {e["rule"] for e in rules.examples[:4]} == set(icl.RULES)
-  assert all(icl.RULES[e["rule"]](e["word"]) == e["answer"] for e in rules.examples)
+  assert all(icl.RULES[e["rule"]](e["word"]) == e["choices"][e["answer"]] for e in rules.examples)
+  assert all(len(set(e["choices"])) == 4 for e in rules.examples)
 
 
 def test_the_scorer_sums_the_models_log_probs(run, scorer):
@@ -270,3 +272,35 @@ def test_train_evals_log_downstream_metrics_at_every_eval(tmp_path):
   scorer = scoring.Scorer.from_run(str(tmp_path / "run"))
   again, _ = tasks.evaluate(scorer, dataclasses.replace(icl.counting(), name="c"), shots=1, limit=6, seed=0)
   assert again["exact_match"] == evals[1]["eval/counting/exact_match"]  # the same numbers lm eval gives
+
+
+def test_chat_prompts_are_turns_of_the_chat_template_and_replies_end_at_end_of_turn():
+  from lm import chat  # noqa: PLC0415
+  from lm.tokenizer import ByteTokenizer  # noqa: PLC0415
+
+  tok = ByteTokenizer()
+  task = tasks.Task(
+    name="c",
+    kind="generate",
+    examples=({"x": "2", "answer": "4"}, {"x": "3", "answer": "6"}),
+    prompt="double {x}",
+    description="Be brief.",
+  )
+  shot = tasks.shots_for(task, 0, 1, seed=0)
+  ids = tasks.prompt_ids(tok, task, task.examples[0], shot, use_chat=True)
+  messages = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "double 3"},
+    {"role": "assistant", "content": "6"},
+    {"role": "user", "content": "double 2"},
+  ]
+  assert ids == chat.render(tok, messages, generation_prompt=True)[0]
+
+  class Recorder(FixedScorer):
+    def generate(self, prompts, max_new_tokens, stop=(), stop_ids=()):
+      self.stop_ids = stop_ids
+      return [" 4", "5"]
+
+  recorder = Recorder(tok)
+  summary, _ = tasks.evaluate(recorder, task, shots=1, use_chat=True)
+  assert recorder.stop_ids == (tok.special["<|end|>"],) and summary["exact_match"] == 0.5

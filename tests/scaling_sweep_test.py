@@ -1,13 +1,15 @@
 import csv
+import json
 import os
 
 import pytest
+from etils import epath
 
 from lm import cli, optim, train
 from lm import config as config_lib
 from lm import metrics as metrics_lib
 from lm.errors import UserError
-from lm.scaling import accounting, sweep
+from lm.scaling import accounting, report, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +33,8 @@ def get_config():
   c.train.eval_batches = 1
   c.train.log_every = 1
   c.train.checkpoint_every = 4
+  c.train.evals = ("counting",)
+  c.train.evals_limit = 4
   c.optim.warmup_steps = 1
   c.optim.schedule = "wsd"
   c.optim.cooldown_fraction = 0.25
@@ -76,6 +80,7 @@ def test_sweep_branches_cooldowns_skips_finished_points_and_resumes(tmp_path, te
     last = [r for r in metrics_lib.read_metrics(sub[name]) if "eval/loss" in r][-1]
     assert float(row["loss_again"]) == pytest.approx(last["eval/again/loss"])  # each eval set's final loss
     assert float(row["bpb_again"]) == pytest.approx(last["eval/again/bpb"]) and float(row["bpb"]) > 0
+    assert float(row["exact_match_counting"]) == last["eval/counting/exact_match"]  # train.evals' final metric
   # The branch restarts from the long run's step 3 and reproduces the 4-step run trained from scratch.
   assert [r["step"] for r in metrics_lib.read_metrics(sub["short"])] == [4]
   assert float(rows["short"]["loss"]) == pytest.approx(float(rows["alone"]["loss"]), rel=1e-5)
@@ -88,6 +93,27 @@ def test_sweep_branches_cooldowns_skips_finished_points_and_resumes(tmp_path, te
   assert float(rows["short"]["C_spent"]) == pytest.approx(float(rows["short"]["C"]) / 4)
   assert float(rows["long"]["C_spent"]) == float(rows["long"]["C"])
   assert os.path.exists(os.path.join(workdir, "curves.csv"))
+  # lm eval --record adds a run's downstream metrics to results.csv; the report plots each against compute.
+  assert (
+    cli.main(["eval", "--workdir", sub["long"], "--tasks", "kv_recall", "--limit", "10", "--shots", "0", "--record"])
+    == 0
+  )
+  assert (
+    cli.main(["eval", "--workdir", sub["long"], "--tasks", "counting", "--limit", "5", "--shots", "2", "--record"]) == 0
+  )
+  recorded = [json.loads(line) for line in open(os.path.join(sub["long"], "evals.jsonl"))]
+  rows = read_rows(sweep.aggregate(workdir))
+  assert float(rows["long"]["acc_kv_recall"]) == recorded[0]["acc"] and rows["short"]["acc_kv_recall"] == ""
+  assert float(rows["long"]["exact_match_counting_2shot"]) == recorded[1]["exact_match"]
+  table = report.read_rows(os.path.join(workdir, "results.csv"))
+  assert report.downstream_columns(table) == [
+    "exact_match_counting",
+    "acc_kv_recall",
+    "acc_norm_kv_recall",
+    "exact_match_counting_2shot",
+  ]
+  (png, svg) = report.downstream_figure(table, "acc_kv_recall", epath.Path(tmp_path / "figures"))
+  assert png.endswith("downstream_acc_kv_recall.png") and os.path.getsize(png) > 10_000
 
   calls.clear()
   sweep.run_sweep(exp, workdir, progress=False)

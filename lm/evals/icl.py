@@ -1,14 +1,16 @@
 """Built-in tasks that need the context window: few-shot rule induction, key-value recall, counting.
 
-Each is generated from a fixed seed, so every run is scored on the same examples:
+Each is generated from a fixed seed, so every run is scored on the same examples. Two are multiple choice by
+log-likelihood, which shows a small model's partial knowledge where exact match shows none:
 - `rule_induction`: a made-up word and its image under a hidden rule (reverse, upper-case, letters sorted,
-  first letter moved to the end), e.g. `plorm -> mrolp`. The shots share the example's rule
-  (`group_field`), so only the context tells the model which rule it is: accuracy against shots is
-  in-context learning. Reported per rule too.
-- `kv_recall`: eight `key=value` lines, then one key asked for; the asked pair sits at a depth of 0, 0.25,
-  0.5, 0.75 or 1 through the lines (0: the first line). The context is working memory: accuracy against
-  depth (`exact_match/depth=D`).
-- `counting`: a run of one letter repeated 1 to 9 times, and its count (`b b b -> 3`).
+  first letter moved to the end), e.g. `plorm -> mrolp`; the choices are the word's four images (chance
+  0.25). The shots share the example's rule (`group_field`), so only the context tells the model which rule
+  it is: accuracy against shots is in-context learning. Reported per rule too.
+- `kv_recall`: eight `key=value` lines, then one key asked for; the choices are the eight values (chance
+  0.125), and the asked pair sits at a depth of 0, 0.25, 0.5, 0.75 or 1 through the lines (0: the first).
+  The context is working memory: accuracy against depth (`acc/depth=D`).
+- `counting`: a run of one letter repeated 1 to 9 times, and its count (`b b b -> 3`), written by the model
+  (exact match; chance about 0.11 for a model that writes a digit).
 - `docstrings`: bits per byte on the standard library's docstrings (the run's held-out ones): prose, beside
   a code model's training text.
 """
@@ -39,22 +41,24 @@ def made_up_words(n: int, rng: np.random.Generator) -> list[str]:
 
 def rule_induction(per_rule: int = 50, seed: int = 0) -> Task:
   rng = np.random.default_rng(seed)
-  words = made_up_words(per_rule * len(RULES), rng)
+  words = [w for w in made_up_words(per_rule * len(RULES) * 2, rng) if len({fn(w) for fn in RULES.values()}) == 4]
   # Interleaved (one example of each rule in turn), so that --limit N keeps every rule.
   examples = [
-    {"word": words[k * per_rule + i], "rule": rule, "answer": fn(words[k * per_rule + i])}
+    {
+      "word": (w := words[k * per_rule + i]),
+      "rule": rule,
+      "choices": [f(w) for f in RULES.values()],
+      "answer": k,
+    }
     for i in range(per_rule)
-    for k, (rule, fn) in enumerate(RULES.items())
+    for k, rule in enumerate(RULES)
   ]
   return Task(
     name="rule_induction",
-    kind="generate",
+    kind="multiple_choice",
     examples=tuple(examples),
     prompt="{word} ->",
-    target=" {answer}",
     fewshot_separator="\n",
-    stop=("\n",),
-    max_new_tokens=12,
     group_field="rule",
     report_by="rule",
   )
@@ -69,19 +73,16 @@ def kv_recall(pairs: int = 8, per_depth: int = 40, seed: int = 0) -> Task:
   for _ in range(per_depth):
     for depth in DEPTHS:  # interleaved, so that --limit N keeps every depth
       keys = rng.choice([a + b for a in CONSONANTS for b in VOWELS], size=pairs, replace=False)
-      values = rng.integers(100, 1000, size=pairs)
+      values = [str(v) for v in rng.choice(np.arange(100, 1000), size=pairs, replace=False)]
       asked = round(depth * (pairs - 1))
       lines = "\n".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
-      examples.append({"pairs": lines, "key": str(keys[asked]), "answer": str(values[asked]), "depth": depth})
+      examples.append({"pairs": lines, "key": str(keys[asked]), "choices": values, "answer": asked, "depth": depth})
   return Task(
     name="kv_recall",
-    kind="generate",
+    kind="multiple_choice",
     examples=tuple(examples),
     prompt="{pairs}\n{key} =",
-    target=" {answer}",
     fewshot_separator="\n\n",
-    stop=("\n",),
-    max_new_tokens=6,
     report_by="depth",
   )
 
@@ -110,8 +111,8 @@ def docstrings() -> Task:
 
 BUILTIN = {"rule_induction": rule_induction, "kv_recall": kv_recall, "counting": counting, "docstrings": docstrings}
 ABOUT = {
-  "rule_induction": "few-shot: a made-up word under a hidden rule the shots share (exact_match, per rule)",
-  "kv_recall": "working memory: the value of one of 8 key=value lines, by depth (exact_match, per depth)",
+  "rule_induction": "few-shot: a made-up word under a hidden rule the shots share (acc of 4 choices, per rule)",
+  "kv_recall": "working memory: the value of one of 8 key=value lines (acc of 8 choices, per depth)",
   "counting": "a run of one letter, 1 to 9 times: its count (exact_match)",
   "docstrings": "bits per byte on the standard library's held-out docstrings",
 }

@@ -62,13 +62,14 @@ class Scorer:
   setup: object
   params: dict
   batch_size: int = 16
+  step: int | None = None  # the checkpoint's, when read from a run
 
   @classmethod
   def from_run(cls, workdir: str, step: int | None = None, batch_size: int = 16) -> "Scorer":
-    cfg, tok, setup, params = workdir_lib.load_params(workdir, step)
+    cfg, tok, setup, restored = workdir_lib.load_checkpoint(workdir, step)
     if setup.model_cfg.head != "lm":
       raise UserError(f"{workdir} is a reward model: it has no next-token head to evaluate")
-    return cls(cfg, tok, setup, params, cls.rows_for(setup, batch_size))
+    return cls(cfg, tok, setup, restored.state.params, cls.rows_for(setup, batch_size), restored.step)
 
   @staticmethod
   def rows_for(setup, batch_size: int) -> int:

@@ -13,6 +13,8 @@ import json
 import sys
 import warnings
 
+from etils import epath
+
 from lm import distributed
 from lm.errors import UserError
 
@@ -148,7 +150,11 @@ def _run_scaling(args, fit) -> int:
   if args.scaling_command == "plot":
     table, convention = fit.load_table(args.table, args.flops_per_param_token, args.loss_column)
     result = fit.fit_table(table, convention=convention, keep_draws=True, **options)
-    for path in report.figures(table, result, args.out, budget=args.budget):
+    paths = report.figures(table, result, args.out, budget=args.budget)
+    rows = report.read_rows(args.table)
+    for column in report.downstream_columns(rows):
+      paths += report.downstream_figure(rows, column, epath.Path(args.out))
+    for path in paths:
       print(path)
     return 0
   report_md = report.write_report(

@@ -176,6 +176,48 @@ def loss_flops_figure(curves: list[dict], out: epath.Path) -> list[str]:
   return _save(fig, out, "loss_vs_flops")
 
 
+DOWNSTREAM_PREFIXES = ("acc_", "acc_norm_", "exact_match_")  # results.csv columns of downstream tasks
+
+
+def downstream_columns(rows: list[dict]) -> list[str]:
+  """The results.csv columns that hold a downstream metric (`lm eval --record`, `train.evals`) for some run."""
+  names = dict.fromkeys(
+    k for r in rows for k, v in r.items() if k.startswith(DOWNSTREAM_PREFIXES) and v not in ("", None)
+  )
+  return list(names)
+
+
+def downstream_figure(rows: list[dict], column: str, out: epath.Path) -> list[str]:
+  """A downstream metric against training compute (lines join the runs of one model size) and against eval
+  loss, for the runs that have it."""
+  out.mkdir(parents=True, exist_ok=True)
+  have = [r for r in rows if r.get(column) not in ("", None)]
+  c, n, loss, y = (np.array([float(r[k]) for r in have]) for k in ("C", "N", "loss", column))
+  norm = matplotlib.colors.LogNorm(n.min(), max(n.max(), n.min() * 1.01))
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for size in sorted(set(n)):
+    pick = np.flatnonzero(n == size)
+    pick = pick[np.argsort(c[pick])]
+    left.plot(c[pick], y[pick], color=plt.cm.viridis(norm(size)), marker="o", ms=4, lw=1)
+  right.scatter(loss, y, c=plt.cm.viridis(norm(n)), s=20)
+  fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=right, label="parameters N")
+  left.set_xscale("log")
+  left.set_xlabel("training compute C (FLOPs)")
+  right.set_xlabel("eval loss (nats/token)")
+  right.invert_xaxis()  # better models to the right in both panels
+  left.set_ylabel(column)
+  for ax in (left, right):
+    ax.grid(True, which="both", alpha=0.3)
+  fig.suptitle(f"{column} of {len(have)} runs")
+  fig.tight_layout()
+  return _save(fig, out, f"downstream_{column}")
+
+
+def read_rows(path: str) -> list[dict]:
+  with epath.Path(path).open() as f:
+    return list(csv.DictReader(f))
+
+
 def figures(table: dict, result: dict, out_dir: str, budget: float | None = None, curves=None) -> list[str]:
   """Every figure the fit supports, as PNG and SVG in `out_dir`; returns the paths."""
   out = epath.Path(out_dir)
@@ -219,6 +261,9 @@ def write_report(
   curves = fit_lib.read_curves(str(root / "curves.csv")) if (root / "curves.csv").exists() else None
   out = root / "report"
   paths = figures(table, result, str(out), budget, curves)
+  rows = read_rows(str(root / "results.csv"))
+  for column in downstream_columns(rows):
+    paths += downstream_figure(rows, column, out)
   for fit in result.values():
     if isinstance(fit, dict):
       fit.pop("_draws", None)

@@ -436,9 +436,10 @@ def aggregate(workdir: str) -> str:
         "wall_s": round(record["wall_s"], 2),
         "flags": ";".join(flags),
         **eval_set_columns(last),
+        **recorded_eval_columns(sub),
       }
     )
-    extra_columns.update(dict.fromkeys(eval_set_columns(last)))
+    extra_columns.update(dict.fromkeys([*eval_set_columns(last), *recorded_eval_columns(sub)]))
     curves += [
       {"id": record["id"], "N": params["flop_params"], "D": r["tokens"], "C": r["flops"], "loss": r["eval/loss"]}
       for r in rows
@@ -450,12 +451,29 @@ def aggregate(workdir: str) -> str:
 
 
 def eval_set_columns(row: dict) -> dict:
-  """results.csv columns of a run's last eval: `bpb`, and `loss_NAME`, `bpb_NAME` for each eval source."""
+  """results.csv columns of a run's last eval: `bpb`, and `loss_NAME`, `bpb_NAME` for each eval source, and
+  `METRIC_TASK` for each downstream task of `train.evals` (`acc_kv_recall`; not the per-group breakdowns)."""
   columns = {"bpb": row.get("eval/bpb")}
   for key, value in row.items():
     parts = key.split("/")
-    if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("loss", "bpb"):
+    if len(parts) == 3 and parts[0] == "eval" and not parts[2].endswith("_stderr"):
       columns[f"{parts[2]}_{parts[1]}"] = value
+  return columns
+
+
+def recorded_eval_columns(sub: epath.Path) -> dict:
+  """`METRIC_TASK` (and `METRIC_TASK_Kshot` for K shots) of each task `lm eval --record` scored the run on, the
+  latest record of each (task, shots) winning; per-group breakdowns and standard errors left out."""
+  path = sub / "evals.jsonl"
+  if not path.exists():
+    return {}
+  columns = {}
+  for line in path.read_text().splitlines():
+    record = json.loads(line)
+    suffix = f"_{record['shots']}shot" if record.get("shots") else ""
+    for metric, value in record.items():
+      if isinstance(value, float) and "/" not in metric and not metric.endswith("_stderr"):
+        columns[f"{metric}_{record['task']}{suffix}"] = value
   return columns
 
 
