@@ -50,7 +50,12 @@ def main(args) -> None:
   if not args.workdir:
     raise UserError("lm eval needs --workdir (or --list)")
   if args.harness:
-    from lm.evals import harness  # noqa: PLC0415  (the lm-evaluation-harness is a test extra)
+    try:
+      from lm.evals import harness  # noqa: PLC0415  (the lm-evaluation-harness is a test extra)
+    except ImportError as e:
+      raise UserError(
+        f"lm eval --harness needs the lm-evaluation-harness (pip install 'lm-eval==0.4.13'): {e}"
+      ) from None
 
     names = [t for t in args.harness.split(",") if t]
     results = harness.run_harness(
