@@ -456,9 +456,12 @@ def eval_set_columns(row: dict) -> dict:
   columns = {"bpb": row.get("eval/bpb")}
   for key, value in row.items():
     parts = key.split("/")
-    if len(parts) == 3 and parts[0] == "eval" and not parts[2].endswith("_stderr"):
+    if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("loss", "bpb", *DOWNSTREAM_METRICS):
       columns[f"{parts[2]}_{parts[1]}"] = value
   return columns
+
+
+DOWNSTREAM_METRICS = ("acc", "acc_norm", "exact_match", "bits_per_byte", "byte_perplexity")  # lm.evals.tasks
 
 
 def recorded_eval_columns(sub: epath.Path) -> dict:
@@ -472,7 +475,7 @@ def recorded_eval_columns(sub: epath.Path) -> dict:
     record = json.loads(line)
     suffix = f"_{record['shots']}shot" if record.get("shots") else ""
     for metric, value in record.items():
-      if isinstance(value, float) and "/" not in metric and not metric.endswith("_stderr"):
+      if metric in DOWNSTREAM_METRICS:
         columns[f"{metric}_{record['task']}{suffix}"] = value
   return columns
 
