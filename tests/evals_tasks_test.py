@@ -104,6 +104,7 @@ def test_few_shot_draws_never_hold_the_example_share_its_group_and_repeat_with_t
 def test_built_in_tasks_are_fixed_and_cover_their_groups_under_a_limit():
   recall = icl.kv_recall()
   assert recall.examples == icl.kv_recall().examples and len(recall.examples) == 200
+  assert len(icl.kv_recall_long().examples[0]["choices"]) == 32
   assert {e["depth"] for e in recall.examples[:5]} == set(icl.DEPTHS)
   for e in recall.examples[:10]:
     lines = e["pairs"].split("\n")
@@ -230,7 +231,10 @@ def test_lm_eval_prints_a_json_line_per_task_and_writes_its_records(run, tmp_pat
 @pytest.mark.parametrize(
   "argv, message",
   [
-    (["--tasks", "nope"], "unknown task 'nope': built-in tasks are rule_induction, kv_recall, counting, docstrings"),
+    (
+      ["--tasks", "nope"],
+      "unknown task 'nope': built-in tasks are rule_induction, kv_recall, kv_recall_long, counting",
+    ),
     (["--tasks", "missing.json"], "cannot read task file missing.json"),
     ([], "lm eval needs --tasks"),
   ],

@@ -8,12 +8,14 @@ log-likelihood, which shows a small model's partial knowledge where exact match 
   it is: accuracy against shots is in-context learning. Reported per rule too.
 - `kv_recall`: eight `key=value` lines, then one key asked for; the choices are the eight values (chance
   0.125), and the asked pair sits at a depth of 0, 0.25, 0.5, 0.75 or 1 through the lines (0: the first).
-  The context is working memory: accuracy against depth (`acc/depth=D`).
+  The context is working memory: accuracy against depth (`acc/depth=D`). `kv_recall_long`: 32 lines.
 - `counting`: a run of one letter repeated 1 to 9 times, and its count (`b b b -> 3`), written by the model
   (exact match; chance about 0.11 for a model that writes a digit).
 - `docstrings`: bits per byte on the standard library's docstrings (the run's held-out ones): prose, beside
   a code model's training text.
 """
+
+import dataclasses
 
 import numpy as np
 
@@ -109,10 +111,22 @@ def docstrings() -> Task:
   return Task(name="docstrings", kind="perplexity", source="stdlib_docstrings")
 
 
-BUILTIN = {"rule_induction": rule_induction, "kv_recall": kv_recall, "counting": counting, "docstrings": docstrings}
+def kv_recall_long() -> Task:
+  """kv_recall over 32 lines (about 230 bytes: for contexts of 256 tokens and more)."""
+  return dataclasses.replace(kv_recall(pairs=32), name="kv_recall_long")
+
+
+BUILTIN = {
+  "rule_induction": rule_induction,
+  "kv_recall": kv_recall,
+  "kv_recall_long": kv_recall_long,
+  "counting": counting,
+  "docstrings": docstrings,
+}
 ABOUT = {
   "rule_induction": "few-shot: a made-up word under a hidden rule the shots share (acc of 4 choices, per rule)",
   "kv_recall": "working memory: the value of one of 8 key=value lines (acc of 8 choices, per depth)",
+  "kv_recall_long": "kv_recall with 32 lines, for contexts of 256 tokens and more (acc of 32 choices, per depth)",
   "counting": "a run of one letter, 1 to 9 times: its count (exact_match)",
   "docstrings": "bits per byte on the standard library's held-out docstrings",
 }
