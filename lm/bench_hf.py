@@ -42,14 +42,15 @@ TEXTS = [
 ]
 
 
-def build_model(path: str, config: dict) -> int:
-  """Writes a random transformers Llama of `config` and a trained byte-level BPE tokenizer; returns its size."""
+def build_model(path: str, config: dict, files: int = 400) -> int:
+  """Writes a random transformers Llama of `config` and a byte-level BPE tokenizer trained on `files` standard
+  library files; returns the model's size."""
   import tokenizers  # noqa: PLC0415
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
   from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
 
-  files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True))[:400]
+  files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True))[:files]
   tk = tokenizers.Tokenizer(models.BPE())
   tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
   trainer = trainers.BpeTrainer(

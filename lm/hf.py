@@ -330,12 +330,24 @@ class Weights:
     self._files = [safe_open(str(path / f), framework="numpy") for f in files]
     self._where = {name: f for f in self._files for name in f.keys()}
     self.largest_read = 0  # elements, the largest single read: what one device's shard costs
+    self._means = {}
 
   def names(self) -> set[str]:
     return set(self._where)
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._where[name].get_slice(name).get_shape())
+
+  def mean_row(self, name: str, rows: int, c0: int, c1: int) -> np.ndarray:
+    """The mean of the first `rows` rows of `name` [rows, D] over columns [c0, c1), in f32, read 4,096 rows at a
+    time (the table is never read whole) and kept for the other devices' shards."""
+    key = (name, rows, c0, c1)
+    if key not in self._means:
+      total = np.zeros(c1 - c0, np.float64)
+      for lo in range(0, rows, 4096):
+        total += self.read(name, (slice(lo, min(lo + 4096, rows)), slice(c0, c1))).sum(axis=0, dtype=np.float64)
+      self._means[key] = (total / rows).astype(np.float32)
+    return self._means[key]
 
   def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
     """The rectangle `index` (slices) of tensor `name`, in f32."""
@@ -379,11 +391,9 @@ def _with_mean_rows(weights: Weights, name: str, bounds, rows: int, axis: int) -
   assert axis == 0
   (r0, r1), (c0, c1) = bounds
   real = weights.read(name, (slice(r0, min(r1, rows)), slice(c0, c1))) if r0 < rows else np.zeros((0, c1 - c0))
-  mean = np.zeros(c1 - c0, np.float64)
-  for lo in range(0, rows, 4096):  # in chunks: the whole table is never read at once
-    mean += weights.read(name, (slice(lo, min(lo + 4096, rows)), slice(c0, c1))).sum(axis=0, dtype=np.float64)
   extra = r1 - max(r0, rows)
-  return np.concatenate([real, np.repeat((mean / rows).astype(np.float32)[None], extra, axis=0)]).astype(np.float32)
+  mean_1xC = weights.mean_row(name, rows, c0, c1)[None]
+  return np.concatenate([real, np.repeat(mean_1xC, extra, axis=0)]).astype(np.float32)
 
 
 def import_hf(source: str, workdir: str, overrides: list[str] = (), seq_len: int | None = None) -> dict:

@@ -13,7 +13,7 @@ added. lm's special tokens (`tok.special`) are special added tokens at their ids
   back to its 3 bytes, as lm writes it. The pre-tokenizer cuts where lm cuts the text before sentencepiece
   sees it: around each U+2581, after each line end (`str.splitlines`' boundaries) and every CHUNK_CHARS
   characters of a line.
-- huggingface: the imported tokenizer.json as it is, without its post-processor (lm adds no bos), its
+- huggingface: the imported tokenizer.json as it is, its post-processor replaced by lm's (bos first), its
   appended specials placed at their ids.
 
 Where it differs from lm:
@@ -34,7 +34,7 @@ import json
 import sentencepiece
 import tokenizers
 from etils import epath
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from lm import chat
 from lm.tokenizer import CHUNK_CHARS, SP_SPACE, Tokenizer
@@ -70,6 +70,11 @@ def to_hf(tok: Tokenizer) -> tokenizers.Tokenizer:
   for name, i in tok.special.items():
     assert hf.token_to_id(contents[i]) == i, (name, i, contents[i], hf.token_to_id(contents[i]))
     assert contents[i] == name or tok.kind == "huggingface", (name, contents[i])  # only imports rename
+  # `tokenizer(text)` starts with the bos, as lm's documents and prompts do; add_special_tokens=False leaves it out.
+  bos = contents[tok.bos_id]
+  hf.post_processor = processors.TemplateProcessing(
+    single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tok.bos_id)]
+  )
   return hf
 
 
@@ -139,8 +144,9 @@ def _merges(sp: sentencepiece.SentencePieceProcessor, normal: dict[str, int]) ->
 
 
 def _huggingface(tok: Tokenizer) -> tokenizers.Tokenizer:
-  """The imported tokenizer.json without its post-processor; specials appended past its vocabulary are put in
-  it at their ids, so a gap (a model vocabulary larger than the tokenizer's) keeps them there."""
+  """The imported tokenizer.json without its post-processor (`to_hf` sets lm's); specials appended past its
+  vocabulary are put in it at their ids, so a gap (a model vocabulary larger than the tokenizer's) keeps them
+  there."""
   data = json.loads(tok.model_bytes().decode())
   data["post_processor"] = None
   if data["model"]["type"] in DICT_VOCAB_MODELS:
@@ -152,8 +158,9 @@ def save_pretrained(tok: Tokenizer, out, model_max_length: int | None = None) ->
   """Writes `tokenizer.json` and `tokenizer_config.json` into directory `out` for `AutoTokenizer`.
 
   The config names bos, eos, pad (and unk when the vocabulary has "<unk>") by `tok`'s ids, sets the chat
-  template, adds no bos/eos when encoding (`tokenizer(text)` gives `tok.encode`'s ids) and does not clean up
-  spaces when decoding. Its class, "PreTrainedTokenizerFast", is the plain tokenizers-backed one (transformers
+  template, starts an encoding with the bos (`tokenizer(text)` gives [bos] + `tok.encode`'s ids, as lm reads a
+  document; `add_special_tokens=False` gives `tok.encode`'s ids alone) and does not clean up spaces when
+  decoding. Its class, "PreTrainedTokenizerFast", is the plain tokenizers-backed one (transformers
   5 maps the name to TokenizersBackend).
   """
   hf = to_hf(tok)
@@ -165,7 +172,7 @@ def save_pretrained(tok: Tokenizer, out, model_max_length: int | None = None) ->
     "bos_token": hf.id_to_token(tok.special["<bos>"]),
     "eos_token": hf.id_to_token(tok.special["<eos>"]),
     "pad_token": hf.id_to_token(tok.special["<pad>"]),
-    "add_bos_token": False,
+    "add_bos_token": True,
     "add_eos_token": False,
     "clean_up_tokenization_spaces": False,
     "chat_template": CHAT_TEMPLATE,

@@ -1,9 +1,12 @@
 """Shared fixtures: tiny configs and a runner for scripts that need several simulated devices."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -83,6 +86,20 @@ def run_devices_script(code: str, devices: int = 8, timeout: int = 300):
   )
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_lm(*args, check: bool = True) -> types.SimpleNamespace:
+  """`lm ARGS` run in this process as the command runs (errors one line on stderr, exit status 2), without a new
+  interpreter's imports: (returncode, stdout, stderr)."""
+  from lm import cli  # noqa: PLC0415
+
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = cli.main([str(a) for a in args])
+  result = types.SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
+  if check:
+    assert status == 0, result.stderr[-3000:]
+  return result
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from lm import train
 from lm.errors import UserError
 from lm.evals import icl, scoring, tasks
 
-from conftest import REPO, run_devices_script, tiny_config
+from conftest import run_devices_script, run_lm, tiny_config
 
 LINES = [f"{a} plus {b} is {a + b}." for a in range(12) for b in range(12)]
 
@@ -197,30 +195,8 @@ def test_lm_eval_prints_a_json_line_per_task_and_writes_its_records(run, tmp_pat
   (tmp_path / "sums.json").write_text(
     json.dumps({"kind": "multiple_choice", "examples": "sums.jsonl", "prompt": "{a} plus {b} is"})
   )
-  out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "lm.cli",
-      "eval",
-      "--workdir",
-      str(run),
-      "--tasks",
-      f"{tmp_path / 'sums.json'},counting",
-      "--limit",
-      "6",
-      "--shots",
-      "1",
-      "--out",
-      str(tmp_path / "r.json"),
-    ],
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    timeout=300,
-    check=False,
-  )
-  assert out.returncode == 0, out.stderr[-2000:]
+  tasks_arg = f"{tmp_path / 'sums.json'},counting"
+  out = run_lm("eval", "--workdir", run, "--tasks", tasks_arg, "--limit", 6, "--shots", 1, "--out", tmp_path / "r.json")
   lines = [json.loads(line) for line in out.stdout.strip().splitlines()]
   assert [(r["task"], r["shots"], r["n"]) for r in lines] == [("sums", 1, 3), ("counting", 1, 6)]
   assert set(lines[0]) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} and "exact_match" in lines[1]
@@ -240,14 +216,7 @@ def test_lm_eval_prints_a_json_line_per_task_and_writes_its_records(run, tmp_pat
   ],
 )
 def test_bad_tasks_are_one_line_errors(run, argv, message):
-  out = subprocess.run(
-    [sys.executable, "-m", "lm.cli", "eval", "--workdir", str(run), *argv],
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    timeout=120,
-    check=False,
-  )
+  out = run_lm("eval", "--workdir", run, *argv, check=False)
   assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr
 
 

@@ -24,7 +24,7 @@ from lm.errors import UserError  # noqa: E402
 from lm.evals import harness  # noqa: E402
 from lm.evals.scoring import Scorer  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
+from conftest import run_lm, tiny_config  # noqa: E402
 
 TASK = "lm_sums"
 
@@ -189,22 +189,14 @@ def test_a_task_whose_data_is_not_here_is_a_user_error_offline(run, task_dir, no
 
 
 def test_lm_eval_and_the_harness_agree_on_the_same_examples_and_prompts(run, scorer, docs, task_dir, tmp_path):
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
 
   from lm.evals import tasks  # noqa: PLC0415
-
-  from conftest import REPO  # noqa: PLC0415
 
   (tmp_path / "sums.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
   spec = {"kind": "multiple_choice", "examples": "sums.jsonl", "prompt": "{question}", "answer_field": "label"}
   (tmp_path / "sums.json").write_text(json.dumps(spec))
   ours, _ = tasks.evaluate(scorer, tasks.load_task_file(str(tmp_path / "sums.json")))
-  out = subprocess.run(
-    [sys.executable, "-m", "lm.cli", "eval", "--workdir", run, "--harness", TASK, "--include-path", task_dir],
-    capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
-  )  # fmt: skip
-  assert out.returncode == 0, out.stderr[-2000:]
+  out = run_lm("eval", "--workdir", run, "--harness", TASK, "--include-path", task_dir)
   theirs = json.loads(out.stdout.strip().splitlines()[-1])
   assert theirs["task"] == TASK and theirs["n"] == ours["n"] == len(docs)
   for metric in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):

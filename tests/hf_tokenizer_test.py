@@ -71,7 +71,7 @@ def auto(tok, tmp_path):
 def test_encodes_and_decodes_as_lm(tok, auto, texts):
   want = tok.encode(texts)
   assert auto(texts, add_special_tokens=False)["input_ids"] == want
-  assert auto(texts)["input_ids"] == want  # no bos or eos added
+  assert auto(texts)["input_ids"] == [[tok.bos_id, *ids] for ids in want]  # the bos lm's documents start with
   assert [auto.decode(ids) for ids in want] == texts
 
 
@@ -140,7 +140,7 @@ def test_specials_appended_after_the_vocabulary_keep_their_ids(tmp_path):
   auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
   assert auto.convert_tokens_to_ids("<|tool|>") == tok.special["<|tool|>"] == 7 + 256
   text = "tool output: \u00e9"
-  assert auto(text)["input_ids"] == tok.encode([text])[0]
+  assert auto(text)["input_ids"] == [tok.bos_id, *tok.encode([text])[0]]
   messages = [{"role": "tool", "content": text}, {"role": "assistant", "content": "ok"}]
   assert auto.apply_chat_template(messages, tokenize=True)["input_ids"] == chat.render(tok, messages)[0]
 
@@ -176,16 +176,19 @@ def test_huggingface_kind_keeps_its_tokens_and_places_appended_specials(tmp_path
   assert (auto.bos_token, auto.eos_token, auto.pad_token) == ("<s>", "</s>", "<pad>")
   assert auto.convert_tokens_to_ids(list(markers)) == [model_vocab_size + j for j in range(len(markers))]
   texts = [(STDLIB / n).read_text() for n in HELD_OUT_FILES] + SAMPLES
-  assert auto(texts)["input_ids"] == tok.encode(texts)  # without the <s> the original adds
+  assert auto(texts)["input_ids"] == [[tok.bos_id, *ids] for ids in tok.encode(texts)]  # one <s>, as lm reads
   assert auto.apply_chat_template(MESSAGES, tokenize=True)["input_ids"] == chat.render(tok, MESSAGES)[0]
 
 
-def test_config_holds_the_chat_template_and_no_added_bos(tmp_path, sp_tokenizer):
+def test_config_holds_the_chat_template_and_encodings_start_with_the_bos(tmp_path, sp_tokenizer):
   hf_tokenizer.save_pretrained(sp_tokenizer, tmp_path)
   saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
   assert saved["chat_template"] == hf_tokenizer.CHAT_TEMPLATE
-  assert (saved["add_bos_token"], saved["add_eos_token"], saved["clean_up_tokenization_spaces"]) == (False,) * 3
+  assert (saved["add_bos_token"], saved["add_eos_token"], saved["clean_up_tokenization_spaces"]) == (True, False, False)
   assert "model_max_length" not in saved
   auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  text = "def f(x):\n    return x"
+  assert auto(text)["input_ids"] == [sp_tokenizer.bos_id, *sp_tokenizer.encode([text])[0]]  # as lm reads it
+  assert auto.apply_chat_template(MESSAGES, tokenize=True)["input_ids"] == chat.render(sp_tokenizer, MESSAGES)[0]
   with pytest.raises(Exception, match="unknown role"):
     auto.apply_chat_template([{"role": "narrator", "content": "x"}], tokenize=False)
