@@ -9,7 +9,6 @@ A task is a built-in name (`lm eval --list`), a task file (`*.json`), or `bpb:SO
 `NAME=TASK` gives it another name. `train.evals` takes the same entries.
 """
 
-import dataclasses
 import json
 import sys
 
@@ -17,22 +16,6 @@ from etils import epath
 
 from lm.errors import UserError
 from lm.evals import icl, tasks
-
-
-def resolve(name: str) -> tasks.Task:
-  """The task a `--tasks` entry names; `NAME=ENTRY` renames it (how its metrics are logged)."""
-  if "=" in name:
-    label, _, entry = name.partition("=")
-    return dataclasses.replace(resolve(entry), name=label)
-  if name in icl.BUILTIN:
-    return icl.BUILTIN[name]()
-  if name.startswith("bpb:"):
-    return tasks.Task(name=name, kind="perplexity", source=name.removeprefix("bpb:"))
-  if name.endswith(".json"):
-    return tasks.load_task_file(name)
-  raise UserError(
-    f"unknown task {name!r}: built-in tasks are {', '.join(icl.BUILTIN)}; or a task file (*.json), or bpb:SOURCE"
-  )
 
 
 def list_tasks() -> list[dict]:
@@ -67,7 +50,7 @@ def main(args) -> None:
     return
   if not args.tasks:
     raise UserError("lm eval needs --tasks T1,T2 (lm eval --list names the built-in ones) or --harness")
-  chosen = [resolve(name) for name in args.tasks.split(",") if name]
+  chosen = [tasks.resolve(name) for name in args.tasks.split(",") if name]
   from lm.evals import scoring  # noqa: PLC0415
 
   scorer = scoring.Scorer.from_run(args.workdir, args.step, args.batch_size)

@@ -76,15 +76,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, progress: bool = True) -
 def with_downstream_evals(evaluate, cfg, tok, setup):
   """`evaluate` that also runs the tasks of `train.evals` (`lm.evals.tasks`) on the params being trained and
   logs each metric as eval/TASK/METRIC. The tasks are resolved (and their files read) before training starts."""
-  from lm import eval_cli  # noqa: PLC0415
   from lm.evals import scoring, tasks  # noqa: PLC0415
 
-  chosen = [eval_cli.resolve(name) for name in cfg.train.evals]
+  chosen = [tasks.resolve(name) for name in cfg.train.evals]
   t = cfg.train
+  scorer = scoring.Scorer(cfg, tok, setup, None, batch_size=scoring.Scorer.rows_for(setup, t.batch_size))
 
   def both(params) -> dict:
     row = evaluate(params)
-    scorer = scoring.Scorer(cfg, tok, setup, params, batch_size=scoring.Scorer.rows_for(setup, t.batch_size))
+    scorer.params = params  # one scorer, so its sampler compiles once for the run
     for task in chosen:
       summary, _ = tasks.evaluate(scorer, task, t.evals_shots, t.evals_limit, cfg.train.seed)
       row.update({f"eval/{task.name}/{k}": v for k, v in summary.items() if isinstance(v, float)})

@@ -98,6 +98,25 @@ def load_task_file(path: str) -> Task:
   return Task(**spec)
 
 
+def resolve(name: str) -> Task:
+  """The task an entry of `lm eval --tasks` or `train.evals` names: a built-in (`lm.evals.icl`), a task file
+  (`*.json`) or `bpb:SOURCE`; `NAME=ENTRY` renames it (how its metrics are logged)."""
+  from lm.evals import icl  # noqa: PLC0415  (it builds on this module)
+
+  if "=" in name:
+    label, _, entry = name.partition("=")
+    return dataclasses.replace(resolve(entry), name=label)
+  if name in icl.BUILTIN:
+    return icl.BUILTIN[name]()
+  if name.startswith("bpb:"):
+    return Task(name=name, kind="perplexity", source=name.removeprefix("bpb:"))
+  if name.endswith(".json"):
+    return load_task_file(name)
+  raise UserError(
+    f"unknown task {name!r}: built-in tasks are {', '.join(icl.BUILTIN)}; or a task file (*.json), or bpb:SOURCE"
+  )
+
+
 def read_jsonl(path) -> list[dict]:
   path = epath.Path(path)
   if not path.exists():
