@@ -2,8 +2,8 @@
 
 Builds the model with transformers from a config (random weights, saved in bf16) and a byte-level BPE
 tokenizer trained on the standard library, nothing downloaded; times the import and the export as
-separate `lm` processes (wall time, peak RSS), then checks the logits (left-padded rows, f32) and 32
-greedy tokens of the imported run against transformers, and of the exported directory likewise.
+separate `lm` processes (wall time, peak RSS), then checks the logits (left-padded rows, f32) and up to 32
+greedy tokens (both stop at the eos) of the imported run against transformers, and of the exported directory likewise.
 `--workdir RUN` also exports that run and checks it the same way. Needs the test extras (transformers,
 torch). Prints one JSON line.
 """
@@ -104,20 +104,24 @@ def parity(run: str, hf_dir: str, texts: list[str], new_tokens: int = 32) -> dic
       position_ids=torch.tensor(batch["positions"]).long(),
     ).logits.numpy()
     prompt = torch.tensor([ids[0]])
-    generated = reference.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    generated = reference.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_id)
   vocab = min(ours.shape[-1], theirs.shape[-1])  # lm's appended chat tokens are not in an imported model
   real = batch["segment_ids"].astype(bool)
-  sampler = sampling.Sampler.for_model(setup.model, setup.cfg.data.seq_len, tok, eos_id=-1)  # never stops early
-  request = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+  sampler = sampling.Sampler.for_model(setup.model, setup.cfg.data.seq_len, tok)
+  request = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0)  # both stop at the eos
   with setup.context():
     greedy = sampler.generate(params, [ids[0]], [request])[0].tokens
   return {
     "max_abs_logit_diff": float(np.abs(ours[..., :vocab] - theirs[..., :vocab])[real].max()),
     "max_abs_logit": float(np.abs(theirs[real]).max()),
     "tokens": int(real.sum()),
-    "greedy_equal": list(greedy) == generated[0, prompt.shape[1] :].tolist(),
+    "greedy_equal": list(greedy) == until_eos(generated[0, prompt.shape[1] :].tolist(), tok.eos_id),
     "greedy_tokens": len(greedy),
   }
+
+
+def until_eos(ids: list[int], eos: int) -> list[int]:
+  return ids[: ids.index(eos)] if eos in ids else ids
 
 
 def main(args) -> dict:
