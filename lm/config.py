@@ -43,6 +43,19 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.lora_rank = 0  # > 0: LoRA adapters of this rank; only they train (lm.lora)
   c.model.lora_alpha = 16.0  # adapters scale by lora_alpha / lora_rank
   c.model.lora_targets = LORA_TARGETS  # the projections adapted
+  # Mixture of experts (lm.model.MoE): routed SwiGLU experts in place of the MLP of every `every`-th layer.
+  c.model.moe = ml_collections.ConfigDict()
+  c.model.moe.experts = 0  # routed experts per MoE layer; 0: a dense model
+  c.model.moe.top_k = 2  # experts each token is routed to
+  c.model.moe.every = 1  # layer i (from 0) is MoE when (i + 1) % every == 0: 1 = all, 2 = every second
+  c.model.moe.shared_experts = 0  # experts every token also goes through (DeepSeek's), each moe.d_ff wide
+  c.model.moe.d_ff = 0  # each expert's hidden width; 0: model.d_ff
+  c.model.moe.capacity_factor = 1.25  # slots per expert = ceil(factor * group tokens * top_k / experts); 0: dropless
+  c.model.moe.group_size = 0  # tokens routed together (capacity is per group); 0: one row
+  c.model.moe.renormalize = True  # top-k weights renormalised to sum to 1 (Mixtral); False: raw softmax weights
+  c.model.moe.router_dtype = "float32"  # the router's logits and softmax
+  c.model.moe.aux_loss = 0.01  # load-balancing loss weight (Switch: experts * sum_e load_e * mean prob_e)
+  c.model.moe.z_loss = 0.001  # router z-loss weight (ST-MoE: mean logsumexp(router logits)^2)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "stdlib"
@@ -149,6 +162,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: whatever devices the other axes leave
+  c.mesh.expert = 1  # expert parallelism: MoE experts split over it; elsewhere it is one more data axis
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   return c
@@ -323,6 +337,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise UserError(f"model.remat must be one of {REMAT}, got {m.remat!r}")
   if m.z_loss < 0:
     raise UserError(f"model.z_loss must be >= 0, got {m.z_loss}")
+  _validate_moe(cfg)
   if d.seq_len < 2:
     raise UserError(f"data.seq_len must be at least 2, got {d.seq_len}")
   if not 0.0 < d.eval_fraction < 1.0:
@@ -415,15 +430,43 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if t.flops_convention not in flops.CONVENTIONS:
     raise UserError(f"train.flops_convention must be one of {tuple(flops.CONVENTIONS)}, got {t.flops_convention!r}")
   if num_devices is not None:
-    data, fsdp, tensor = mesh_shape(cfg, num_devices)
+    data, expert, fsdp, tensor = mesh_shape(cfg, num_devices)
     microbatch = t.batch_size // o.grad_accum_steps
-    if microbatch % (data * fsdp):
+    if microbatch % (data * expert * fsdp):
       raise UserError(
         f"train.batch_size / optim.grad_accum_steps ({microbatch}) must be divisible by the "
-        f"{data * fsdp} data-parallel devices (mesh.data x mesh.fsdp)"
+        f"{data * expert * fsdp} data-parallel devices (mesh.data x mesh.expert x mesh.fsdp)"
       )
     if m.n_kv_heads % tensor and m.n_heads % tensor:
       raise UserError(f"model.n_heads ({m.n_heads}) must be divisible by mesh.tensor ({tensor})")
+    if expert > 1 and m.moe.experts % expert:
+      raise UserError(f"model.moe.experts ({m.moe.experts}) must be divisible by mesh.expert ({expert})")
+
+
+def _validate_moe(cfg: ml_collections.ConfigDict) -> None:
+  m, moe = cfg.model, cfg.model.moe
+  if moe.experts < 0:
+    raise UserError(f"model.moe.experts must be >= 0, got {moe.experts}")
+  if not moe.experts:
+    return
+  if not 1 <= moe.top_k <= moe.experts:
+    raise UserError(f"model.moe.top_k must be in [1, model.moe.experts={moe.experts}], got {moe.top_k}")
+  if not 1 <= moe.every <= m.n_layers:
+    raise UserError(f"model.moe.every must be in [1, model.n_layers={m.n_layers}], got {moe.every}")
+  if m.scan_layers and moe.every != 1:
+    raise UserError("model.scan_layers needs identical layers: set model.moe.every=1 or model.scan_layers=False")
+  for key in ("shared_experts", "d_ff", "group_size"):
+    if moe[key] < 0:
+      raise UserError(f"model.moe.{key} must be >= 0, got {moe[key]}")
+  for key in ("capacity_factor", "aux_loss", "z_loss"):
+    if moe[key] < 0:
+      raise UserError(f"model.moe.{key} must be >= 0, got {moe[key]}")
+  if moe.router_dtype not in DTYPES:
+    raise UserError(f"model.moe.router_dtype must be one of {DTYPES}, got {moe.router_dtype!r}")
+  if moe.group_size and cfg.data.seq_len % moe.group_size:
+    raise UserError(f"data.seq_len ({cfg.data.seq_len}) must be a multiple of model.moe.group_size ({moe.group_size})")
+  if m.lora_rank and {"w_gate", "w_up", "w_down"} & set(m.lora_targets):
+    raise UserError("LoRA on an MoE model adapts attention only: set model.lora_targets to some of wq, wk, wv, wo")
 
 
 def eval_sources(cfg: ml_collections.ConfigDict) -> dict[str, tuple[str, bool]]:
@@ -458,9 +501,12 @@ def debug_nan_steps(cfg: ml_collections.ConfigDict) -> frozenset[int]:
   return frozenset(map(int, items))
 
 
-def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Resolves `mesh.{data,fsdp,tensor}` (at most one -1) against the device count."""
-  sizes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
+MESH_AXES = ("data", "expert", "fsdp", "tensor")
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int, int]:
+  """Resolves `mesh.{data,expert,fsdp,tensor}` (at most one -1) against the device count, in MESH_AXES order."""
+  sizes = {f"mesh.{axis}": cfg.mesh[axis] for axis in MESH_AXES}
   free = [k for k, v in sizes.items() if v == -1]
   for k, v in sizes.items():
     if v == 0 or v < -1:
@@ -474,7 +520,7 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, i
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise UserError(f"mesh {tuple(sizes.values())} needs {fixed} devices, but {num_devices} are present")
-  return sizes["mesh.data"], sizes["mesh.fsdp"], sizes["mesh.tensor"]
+  return tuple(sizes[f"mesh.{axis}"] for axis in MESH_AXES)
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
@@ -520,6 +566,7 @@ RESUMABLE_KEYS = (
   "data.eval_min_tokens",
   "model.remat",
   "mesh.data",
+  "mesh.expert",
   "mesh.fsdp",
   "mesh.tensor",
 )

@@ -1,7 +1,8 @@
 """Parameter counts and training-FLOP conventions, shared by MFU, plots and scaling fits.
 
 N counts every parameter that a token's forward pass multiplies: all transformer-block
-weights, the final norm and the output head (the tied embedding, if tied). The input
+weights, the final norm and the output head (the tied embedding, if tied). In a mixture of experts that is
+the active parameters: the router, the K experts a token is routed to and any shared ones. The input
 embedding is a lookup, not a matmul, so it is left out of N unless the head is tied to it.
 LoRA adapters count in N (every token multiplies them); a scalar head (a reward model's) is D
 parameters. `trainable_params` counts what training updates: all of N and the embedding, or a
@@ -39,26 +40,41 @@ def lora_params(model_cfg) -> int:
   return c.n_layers * c.lora_rank * sum(sum(sizes[name]) for name in c.lora_targets)
 
 
+def _moe_layers(model_cfg) -> int:
+  return sum(model_cfg.moe.is_moe_layer(i) for i in range(model_cfg.n_layers))
+
+
 def param_counts(model_cfg) -> dict[str, int]:
-  """Total, embedding, head and non-embedding parameter counts of a `ModelConfig`.
+  """Total, active, embedding, head and non-embedding parameter counts of a `ModelConfig`.
 
   LoRA adapters count in the blocks; the scalar head (head="scalar") is D parameters, an LM head V * D.
+  An MoE layer holds a router (D * X), X experts and any shared ones; a token uses the router, K experts
+  and the shared ones. `active` and `flop_params` (N) count what a token uses; `total`, `non_embedding` and
+  `flop_params_total` count every expert. A dense model's active and total counts are equal.
   """
-  c = model_cfg
+  c, moe = model_cfg, model_cfg.moe
   d, e = c.d_model, c.head_dim
   attn = d * c.n_heads * e * 2 + d * c.n_kv_heads * e * 2
-  mlp = 3 * d * c.d_ff
-  block = attn + mlp + 2 * d
+  moe_layers = _moe_layers(c)
+  dense_layers = c.n_layers - moe_layers
+  expert = 3 * d * moe.expert_d_ff(c.d_ff)
+  moe_fixed = d * moe.experts + moe.shared_experts * expert  # router and shared experts
+  blocks = c.n_layers * (attn + 2 * d) + dense_layers * 3 * d * c.d_ff + moe_layers * moe_fixed
+  inactive = moe_layers * (moe.experts - moe.top_k) * expert
+  routed = moe_layers * moe.experts * expert
   embedding = c.vocab_size * d
   head_matmul = d if c.head == "scalar" else c.vocab_size * d
   head = 0 if c.tie_embeddings and c.head == "lm" else head_matmul
-  non_embedding = c.n_layers * block + lora_params(c) + d  # + final norm
+  non_embedding = blocks + routed + lora_params(c) + d  # + final norm
   return {
     "total": non_embedding + embedding + head,
+    "active": non_embedding + embedding + head - inactive,
     "embedding": embedding,
     "head": head,
     "non_embedding": non_embedding,
-    "flop_params": non_embedding + head_matmul,  # what each token multiplies: blocks + head
+    "non_embedding_active": non_embedding - inactive,
+    "flop_params": non_embedding - inactive + head_matmul,  # what each token multiplies: blocks + head
+    "flop_params_total": non_embedding + head_matmul,  # the same with every expert: an MoE model's dense size
   }
 
 
@@ -76,7 +92,7 @@ def flops_per_token(model_cfg, seq_len: int, convention: str = "6N+attn") -> flo
   if convention not in CONVENTIONS:
     raise ValueError(f"unknown FLOP convention {convention!r}; known: {CONVENTIONS}")
   counts = param_counts(model_cfg)
-  n = counts["non_embedding"] if convention.startswith("6N_nohead") else counts["flop_params"]
+  n = counts["non_embedding_active"] if convention.startswith("6N_nohead") else counts["flop_params"]
   attn = 12 * model_cfg.n_layers * seq_len * model_cfg.d_model
   if convention.endswith("+attn"):
     return 6.0 * n + attn
@@ -105,6 +121,14 @@ def flops_per_token_computed(model_cfg, seq_len: int) -> float:
   query_key_pairs = sum((hi - lo) * hi for lo, hi in query_blocks(seq_len))
   attn = 12 * c.n_layers * c.n_heads * c.head_dim * query_key_pairs / seq_len
   matmuls = counts["flop_params"] - norms
+  if c.moe.experts:
+    # Dense dispatch computes every slot, filled or not: X * C / S expert passes per token, not K; and its
+    # dispatch einsum (forward, input gradient) and combine einsum (forward and both gradients) X * C * D each.
+    s = c.moe.group_tokens(seq_len)
+    slots = c.moe.experts * c.moe.capacity(s)
+    expert = 3 * c.d_model * c.moe.expert_d_ff(c.d_ff)
+    matmuls += _moe_layers(c) * (slots / s - c.moe.top_k) * expert
+    attn += _moe_layers(c) * 10 * slots * c.d_model
   if not c.lora_rank:
     return 6.0 * matmuls + attn
   adapted_qkv = len({"wq", "wk", "wv"} & set(c.lora_targets))

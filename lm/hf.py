@@ -145,6 +145,8 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
     raise UserError("the run has LoRA adapters (model.lora_rank > 0): fold them in with `lm lora merge` first")
   if cfg.train.objective == "reward":
     raise UserError("the run is a reward model (a scalar head): Hugging Face's LlamaForCausalLM has an LM head")
+  if cfg.model.moe.experts:
+    raise UserError("the run is a mixture of experts (model.moe.experts > 0): lm exports dense Llama models only")
 
 
 def export_hf(

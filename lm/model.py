@@ -13,6 +13,10 @@ one score per position [B, T] (`last_token` reads a reward model's at each row's
 Their trunks have the same parameter names, so a reward model starts from a language model's run
 (`trunk_params`). LoRA adapters (`lora_rank` > 0) add (alpha / R) * x A B to the projections named in
 `lora_targets`; `lm.lora` trains, masks and merges them.
+
+Mixture of experts (`moe.experts` > 0): the MLP of every `moe.every`-th layer becomes `MoE`, routed SwiGLU
+experts (parameter axes `expert`, `embed`, `expert_mlp`). Tokens are routed in groups: X experts, S tokens
+a group, C slots an expert per group, M = K * S a group's (token, choice) pairs.
 """
 
 import dataclasses
@@ -36,6 +40,37 @@ LORA_A, LORA_B = "_lora_a", "_lora_b"  # an adapter's parameters are its target'
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """`model.moe.*` (see `lm.config`) as the model reads it; `experts=0` is a dense model."""
+
+  experts: int = 0
+  top_k: int = 2
+  every: int = 1
+  shared_experts: int = 0
+  d_ff: int = 0
+  capacity_factor: float = 1.25
+  group_size: int = 0
+  renormalize: bool = True
+  router_dtype: str = "float32"
+
+  def expert_d_ff(self, d_ff: int) -> int:
+    return self.d_ff or d_ff
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.experts > 0 and (layer + 1) % self.every == 0
+
+  def group_tokens(self, length: int) -> int:
+    """Tokens per routing group for rows of `length`: `group_size` where it divides them, else one row."""
+    return self.group_size if self.group_size and length % self.group_size == 0 else length
+
+  def capacity(self, group_tokens: int) -> int:
+    """Slots per expert and group: ceil(capacity_factor * S * K / X), at most S; dropless (factor 0) is S."""
+    if not self.capacity_factor:
+      return group_tokens
+    return min(group_tokens, math.ceil(self.capacity_factor * group_tokens * self.top_k / self.experts))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
   d_model: int = 128
@@ -54,6 +89,7 @@ class ModelConfig:
   lora_rank: int = 0  # R > 0 adds LoRA adapters to the projections in lora_targets
   lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
   lora_targets: tuple[str, ...] = LORA_TARGETS
+  moe: MoEConfig = MoEConfig()
 
   def __post_init__(self):
     assert self.head in HEADS, f"head must be one of {HEADS}, got {self.head!r}"
@@ -83,6 +119,7 @@ class ModelConfig:
       lora_rank=m.lora_rank,
       lora_alpha=m.lora_alpha,
       lora_targets=tuple(m.lora_targets),
+      moe=MoEConfig(**{f.name: m.moe[f.name] for f in dataclasses.fields(MoEConfig)}),
     )
 
 
@@ -336,21 +373,122 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   cfg: ModelConfig
+  d_ff: int = 0  # 0: cfg.d_ff (an MoE layer's shared experts are one MLP of their summed width)
 
   @nn.compact
   def __call__(self, x_BxTxD: Array) -> Array:
     c = self.cfg
-    w_gate_DxF = _param(self, "w_gate", (c.d_model, c.d_ff), ("embed", "mlp"), _fan_in_init(c.d_model), c)
-    w_up_DxF = _param(self, "w_up", (c.d_model, c.d_ff), ("embed", "mlp"), _fan_in_init(c.d_model), c)
-    w_down_FxD = _param(self, "w_down", (c.d_ff, c.d_model), ("mlp", "embed"), _fan_in_init(c.d_ff), c)
+    f = self.d_ff or c.d_ff
+    w_gate_DxF = _param(self, "w_gate", (c.d_model, f), ("embed", "mlp"), _fan_in_init(c.d_model), c)
+    w_up_DxF = _param(self, "w_up", (c.d_model, f), ("embed", "mlp"), _fan_in_init(c.d_model), c)
+    w_down_FxD = _param(self, "w_down", (f, c.d_model), ("mlp", "embed"), _fan_in_init(f), c)
     gate_BxTxF = _adapted(self, "w_gate", x_BxTxD, w_gate_DxF, 1, ("embed", "mlp"), c)
     up_BxTxF = _adapted(self, "w_up", x_BxTxD, w_up_DxF, 1, ("embed", "mlp"), c)
     h_BxTxF = nn.with_logical_constraint(_swiglu(gate_BxTxF, up_BxTxF), ("act_batch", "act_length", "act_mlp"))
     return _adapted(self, "w_down", h_BxTxF, w_down_FxD, 1, ("mlp", "embed"), c)
 
 
+def route(logits_GxSxX: Array, top_k: int, capacity: int, renormalize: bool) -> tuple[Array, Array, dict]:
+  """Softmax-then-top-k routing of each group's tokens to C = `capacity` slots per expert.
+
+  Returns (dispatch [G, S, X, C], 1 where token s fills slot c of expert x; combine [G, S, X, C], the
+  token's routing weight there; statistics). Weights are the top-k softmax probabilities, renormalised to
+  sum to 1 over the chosen experts if `renormalize` (Mixtral's convention). Slots fill by choice rank,
+  then token order: every token's first choice before any second choice (GShard), so that overflow drops
+  second choices first. A (token, choice) beyond its expert's capacity is dropped: that expert adds nothing
+  for the token (the residual carries it). Statistics, f32 scalars unless said: `load` [X], the fraction of
+  (token, choice) pairs routed to each expert before dropping; `dropped`, the fraction dropped;
+  `entropy`, the router's mean entropy; `aux_loss`, Switch's X * sum_x load_x * mean prob_x (1 when
+  balanced); `z_loss`, the mean squared logsumexp of the logits (ST-MoE).
+  """
+  g, s, x = logits_GxSxX.shape
+  logits_GxSxX = logits_GxSxX.astype(jnp.float32)
+  probs_GxSxX = jax.nn.softmax(logits_GxSxX, axis=-1)
+  weights_GxSxK, experts_GxSxK = jax.lax.top_k(probs_GxSxX, top_k)
+  if renormalize:
+    weights_GxSxK = weights_GxSxK / jnp.sum(weights_GxSxK, axis=-1, keepdims=True)
+  chosen_GxMxX = jax.nn.one_hot(experts_GxSxK.swapaxes(1, 2).reshape(g, top_k * s), x, dtype=jnp.int32)
+  slot_GxM = jnp.sum((jnp.cumsum(chosen_GxMxX, axis=1) - 1) * chosen_GxMxX, axis=-1)
+  kept_GxM = slot_GxM < capacity
+  slot_GxMxC = jax.nn.one_hot(jnp.where(kept_GxM, slot_GxM, capacity), capacity, dtype=jnp.float32)
+  dispatch_GxMxXxC = chosen_GxMxX.astype(jnp.float32)[..., None] * slot_GxMxC[:, :, None, :]
+  dispatch_GxKxSxXxC = dispatch_GxMxXxC.reshape(g, top_k, s, x, capacity)
+  weights_GxKxSx1x1 = weights_GxSxK.swapaxes(1, 2)[..., None, None]
+  dispatch_GxSxXxC = jnp.sum(dispatch_GxKxSxXxC, axis=1)  # a token's choices are distinct experts: 0 or 1
+  combine_GxSxXxC = jnp.sum(dispatch_GxKxSxXxC * weights_GxKxSx1x1, axis=1)
+  load_X = jnp.mean(chosen_GxMxX, axis=(0, 1), dtype=jnp.float32)
+  stats = {
+    "load": load_X,
+    "dropped": 1.0 - jnp.mean(kept_GxM.astype(jnp.float32)),
+    "entropy": jnp.mean(-jnp.sum(probs_GxSxX * jax.nn.log_softmax(logits_GxSxX, axis=-1), axis=-1)),
+    "aux_loss": x * jnp.sum(load_X * jnp.mean(probs_GxSxX, axis=(0, 1))),
+    "z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits_GxSxX, axis=-1))),
+  }
+  return dispatch_GxSxXxC, combine_GxSxXxC, stats
+
+
+MOE_STATS = ("load", "dropped", "entropy", "aux_loss", "z_loss")
+
+
+class MoE(nn.Module):
+  """Routed SwiGLU experts (and optional shared ones) in place of a layer's MLP.
+
+  Dispatch and combine are dense einsums with one-hot [G, S, X, C] tensors (GShard's formulation): the
+  tokens move to [X, G, C, D] expert buffers, whose expert axis the `expert` mesh axis splits, so under
+  expert parallelism the partitioner turns the two einsums into all-to-alls. Their memory is G * S * X * C
+  per tensor, about K * capacity_factor * S per token, so long rows want a `group_size`. The statistics
+  of `route` are sown into the `moe` collection (the train loss adds the auxiliary losses).
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: Array) -> Array:
+    c, m = self.cfg, self.cfg.moe
+    b, t, d = x_BxTxD.shape
+    x, f = m.experts, m.expert_d_ff(c.d_ff)
+    s = m.group_tokens(t)
+    router_init = nn.with_logical_partitioning(_fan_in_init(d), ("embed", None))
+    router_DxX = self.param("router", router_init, (d, x), jnp.float32)
+    x_GxSxD = x_BxTxD.reshape(b * t // s, s, d)
+    logits_GxSxX = _dot("gsd,dx->gsx", x_GxSxD, router_DxX, m.router_dtype)
+    dispatch_GxSxXxC, combine_GxSxXxC, stats = route(logits_GxSxX, m.top_k, m.capacity(s), m.renormalize)
+    for name, value in stats.items():
+      self.sow("moe", name, value)
+
+    expert_axes = ("act_expert", "act_expert_groups", None, "act_embed")
+    # Each slot holds one token or zeros, so this copy is exact whatever the dtype.
+    in_XxGxCxD = _dot("gsxc,gsd->xgcd", dispatch_GxSxXxC, x_GxSxD, c.dtype)
+    in_XxGxCxD = nn.with_logical_constraint(in_XxGxCxD, expert_axes)
+    init = _fan_in_init(d)
+    w_gate_XxDxF = _param(self, "w_gate", (x, d, f), ("expert", "embed", "expert_mlp"), init, c)
+    w_up_XxDxF = _param(self, "w_up", (x, d, f), ("expert", "embed", "expert_mlp"), init, c)
+    w_down_XxFxD = _param(self, "w_down", (x, f, d), ("expert", "expert_mlp", "embed"), _fan_in_init(f), c)
+    gate_XxGxCxF = _dot("xgcd,xdf->xgcf", in_XxGxCxD, w_gate_XxDxF, c.dtype)
+    up_XxGxCxF = _dot("xgcd,xdf->xgcf", in_XxGxCxD, w_up_XxDxF, c.dtype)
+    h_XxGxCxF = _swiglu(gate_XxGxCxF, up_XxGxCxF)
+    h_XxGxCxF = nn.with_logical_constraint(h_XxGxCxF, ("act_expert", "act_expert_groups", None, "act_expert_mlp"))
+    out_XxGxCxD = nn.with_logical_constraint(_dot("xgcf,xfd->xgcd", h_XxGxCxF, w_down_XxFxD, c.dtype), expert_axes)
+    y_GxSxD = jnp.einsum("gsxc,xgcd->gsd", combine_GxSxXxC, out_XxGxCxD, preferred_element_type=jnp.float32)
+    y_BxTxD = nn.with_logical_constraint(y_GxSxD.reshape(b, t, d), ("act_batch", "act_length", "act_embed"))
+    if m.shared_experts:
+      y_BxTxD = y_BxTxD + MLP(c, d_ff=m.shared_experts * f, name="shared")(x_BxTxD)
+    return y_BxTxD
+
+
+def moe_stats(moe_collection) -> dict[str, Array]:
+  """Each statistic of `route` averaged over the MoE layers whose `moe` collection (as `apply(...,
+  mutable=["moe"])` returns it) is given: scalars, and `load` [X]."""
+  values = {name: [] for name in MOE_STATS}
+  for path, sown in traverse_util.flatten_dict(dict(moe_collection)).items():
+    for value in sown:  # sow keeps a tuple; a scanned stack's values carry a leading layer axis
+      values[path[-1]].append(value.reshape(-1, *value.shape[value.ndim - (path[-1] == "load") :]))
+  return {name: jnp.mean(jnp.concatenate(v, axis=0), axis=0) for name, v in values.items() if v}
+
+
 class Block(nn.Module):
   cfg: ModelConfig
+  moe: bool = False  # an MoE layer: `MoE` in place of the MLP
 
   @nn.compact
   def __call__(self, x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, cache=None, index=None):
@@ -360,7 +498,8 @@ class Block(nn.Module):
       RMSNorm(self.cfg, name="attn_norm")(x_BxTxD), rope_BxTx1x2xE, mask_BxTxS, cache, index
     )
     x_BxTxD = x_BxTxD + attn_BxTxD
-    x_BxTxD = x_BxTxD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxD))
+    ffn = MoE(self.cfg, name="moe") if self.moe else MLP(self.cfg, name="mlp")
+    x_BxTxD = x_BxTxD + ffn(RMSNorm(self.cfg, name="mlp_norm")(x_BxTxD))
     return x_BxTxD, cache
 
 
@@ -418,19 +557,19 @@ class Transformer(nn.Module):
     if c.scan_layers:
       stack = nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "moe": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=c.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-      )(c, name="layers")
+      )(c, moe=c.moe.is_moe_layer(0), name="layers")
       layers_cache = None if cache is None else (cache["k"], cache["v"])
       x_BxTxD, layers_cache = stack(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layers_cache, index)
     else:
       new_k, new_v = [], []
       for i in range(c.n_layers):
         layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-        x_BxTxD, layer_cache = block(c, name=f"layer_{i}")(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layer_cache, index)
+        x_BxTxD, layer_cache = block(c, moe=c.moe.is_moe_layer(i), name=f"layer_{i}")(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layer_cache, index)
         if cache is not None:
           new_k.append(layer_cache[0])
           new_v.append(layer_cache[1])

@@ -1,7 +1,8 @@
 """The one place that maps logical axis names onto the device mesh.
 
-A mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelism whose
-parameters and optimizer state are sharded too) and `tensor` (Megatron-style sharding of heads,
+A mesh has four axes: `data` (pure data parallelism), `expert` (expert parallelism: an MoE layer's
+experts split over it, and everywhere else it splits the batch like `data`), `fsdp` (data parallelism
+whose parameters and optimizer state are sharded too) and `tensor` (Megatron-style sharding of heads,
 MLP and vocabulary). A new layout is an edit of `RULES`, not of the model.
 """
 
@@ -13,7 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lm import config as config_lib
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = config_lib.MESH_AXES  # ("data", "expert", "fsdp", "tensor")
 
 # logical axis -> mesh axes. Parameters first, then activations.
 RULES = (
@@ -24,7 +25,12 @@ RULES = (
   ("head_dim", None),
   ("mlp", "tensor"),
   ("layers", None),
-  ("act_batch", ("data", "fsdp")),
+  ("expert", "expert"),
+  ("expert_mlp", "tensor"),
+  ("act_batch", ("data", "expert", "fsdp")),
+  ("act_expert", "expert"),  # an MoE layer's tokens, dispatched to their experts [experts, groups, capacity, D]
+  ("act_expert_groups", ("data", "fsdp")),  # ... and their groups: the `expert` axis moved onto the experts
+  ("act_expert_mlp", "tensor"),
   ("act_length", None),
   ("act_embed", None),
   ("act_heads", "tensor"),
@@ -34,7 +40,7 @@ RULES = (
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all), sized by `mesh.*`."""
+  """A (data, expert, fsdp, tensor) mesh over `devices` (default: all), sized by `mesh.*`."""
   devices = jax.devices() if devices is None else devices
   shape = config_lib.mesh_shape(cfg, len(devices))
   grid = np.asarray(devices).reshape(shape)
@@ -52,6 +58,10 @@ def rules_for(model_cfg, mesh: Mesh) -> tuple:
     "act_heads": model_cfg.n_heads,
     "act_mlp": model_cfg.d_ff,
     "act_vocab": model_cfg.vocab_size,
+    "expert": model_cfg.moe.experts or 1,
+    "act_expert": model_cfg.moe.experts or 1,
+    "expert_mlp": model_cfg.moe.expert_d_ff(model_cfg.d_ff),
+    "act_expert_mlp": model_cfg.moe.expert_d_ff(model_cfg.d_ff),
   }
   rules = []
   for name, axes in RULES:
@@ -71,7 +81,12 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batch arrays, [B, T] or [B] (a preference batch's margins): rows split over every data-parallel device."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  return NamedSharding(mesh, PartitionSpec(("data", "expert", "fsdp")))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways a batch's rows split: the devices of `batch_sharding`'s axes."""
+  return mesh.shape["data"] * mesh.shape["expert"] * mesh.shape["fsdp"]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -223,14 +223,14 @@ class Planner:
     chips = len(self.devices) // self.chip.devices_per_chip
     step_s = program["step_s"]
     model_flops = flops_per_token * tokens_per_step
-    data, fsdp, tensor = config_lib.mesh_shape(cfg, len(self.devices))
+    mesh_sizes = dict(zip(config_lib.MESH_AXES, config_lib.mesh_shape(cfg, len(self.devices)), strict=True))
     return {
       "topology": self.topology,
       "generation": self.generation,
       "chips": chips,
       "devices": len(self.devices),
       "device": "core" if self.chip.devices_per_chip > 1 else "chip",
-      "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
+      "mesh": mesh_sizes,
       "params": acc["params"],
       "trainable_params": flops.trainable_params(ModelConfig.from_config(cfg, accounting.vocab_size(cfg))),
       "batch_size": cfg.train.batch_size,
@@ -454,9 +454,10 @@ def format_report(report: dict, name: str = "") -> str:
   counts = r["params"]
   trained = f", {_count(r['trainable_params'])} trained" if r["trainable_params"] != counts["total"] else ""
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  active = f"{_count(counts['active'])} active, " if counts.get("active", counts["total"]) != counts["total"] else ""
   lines = [
     f"{name or 'config'} on {r['topology']}: {r['chips']} {r['generation']} chips, {r['devices']} devices, mesh {mesh}",
-    f"model: {_count(counts['total'])} parameters ({_count(counts['flop_params'])} in FLOPs{trained}), "
+    f"model: {_count(counts['total'])} parameters ({active}{_count(counts['flop_params'])} in FLOPs{trained}), "
     f"batch {r['batch_size']} x {r['seq_len']} tokens",
     "",
     f"memory {per}",

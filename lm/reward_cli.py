@@ -50,7 +50,7 @@ def main(args) -> None:
   _, _, setup, params = workdir_lib.load_params(args.workdir)
   length = cfg.data.seq_len + 1  # a row, as training packs it: seq_len inputs
   sequences = [ids[:length] for _, seqs in records for ids in seqs]
-  parallel = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+  parallel = partitioning.data_parallel_size(setup.mesh)
   rows = -(-max(1, cfg.train.batch_size // cfg.optim.grad_accum_steps) // parallel) * parallel
   sharding = partitioning.batch_sharding(setup.mesh)
   score = jax.jit(

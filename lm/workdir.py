@@ -391,6 +391,6 @@ def load_checkpoint(
   try:
     config_lib.mesh_shape(cfg, jax.device_count())
   except UserError:
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+    cfg.mesh.data, cfg.mesh.expert, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1, 1
   setup = state.build(cfg, tok.loaded_vocab_size, partitioning.make_mesh(cfg))
   return cfg, tok, setup, restore_newest(workdir, cfg, tok, setup, step)

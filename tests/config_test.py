@@ -121,7 +121,7 @@ def test_batch_must_divide_over_data_parallel_devices():
 
 def test_mesh_shape_resolves_minus_one():
   cfg = tiny_config(**{"mesh.data": -1, "mesh.fsdp": 2, "mesh.tensor": 2})
-  assert config_lib.mesh_shape(cfg, 8) == (2, 2, 2)
+  assert config_lib.mesh_shape(cfg, 8) == (2, 1, 2, 2)
   with pytest.raises(UserError, match="do not divide"):
     config_lib.mesh_shape(cfg, 6)
   cfg = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1})

@@ -77,7 +77,7 @@ def plan_command(*argv: str) -> argparse.Namespace:
 def test_reports_sharded_memory_compiled_flops_mfu_and_chip_hours(fsdp_plan):
   cfg, r = fsdp_plan
   counts = flops.param_counts(ModelConfig.from_config(cfg, accounting.vocab_size(cfg)))
-  assert (r["chips"], r["devices"], r["mesh"]) == (8, 8, {"data": 1, "fsdp": 8, "tensor": 1})
+  assert (r["chips"], r["devices"], r["mesh"]) == (8, 8, {"data": 1, "expert": 1, "fsdp": 8, "tensor": 1})
   memory = r["memory_per_device"]
   assert memory["params"] == counts["total"] * 4 / 8  # f32, every parameter split 8 ways over fsdp
   assert memory["optimizer"] == pytest.approx(2 * memory["params"], rel=0.01)  # AdamW's mu and nu, f32

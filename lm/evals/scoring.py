@@ -74,7 +74,7 @@ class Scorer:
   @staticmethod
   def rows_for(setup, batch_size: int) -> int:
     """`batch_size` rounded up to a multiple of the devices the batch axes span, so rows split evenly."""
-    data_ways = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+    data_ways = partitioning.data_parallel_size(setup.mesh)
     return -(-batch_size // data_ways) * data_ways
 
   @property

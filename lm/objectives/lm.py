@@ -5,6 +5,11 @@ over the count of those targets. Its evaluation scores the validation split and 
 (loss, perplexity, bits per byte), the next train batches before training on them, the unigram
 baseline once, and completes `train.sample_prompts`.
 
+An MoE model (`model.moe.experts` > 0) adds its routers' load-balancing and z-losses, weighted by
+`model.moe.aux_loss` and `model.moe.z_loss`, and logs `train/moe/...`: each expert's load, the dropped
+fraction, the router entropy and both auxiliary losses (means over MoE layers). `train/loss` stays the
+cross-entropy, comparable with a dense model's.
+
 With `data.post_source` set, the run is SFT: it trains on those conversations instead of `data.source`,
 packed whole into rows (`lm.data.post`), the loss on the assistant tokens `train.loss_on` chooses (the
 chat template's mask). `eval/...` is then the held-out conversations' (`data.eval_fraction` of them by a
@@ -24,7 +29,7 @@ import numpy as np
 from lm import config as config_lib
 from lm import distributed, partitioning, sampling
 from lm.data import pipeline
-from lm.model import cross_entropy, head_loss
+from lm.model import MOE_STATS, cross_entropy, head_loss, moe_stats
 from lm.objectives import Batches, Objective
 from lm.objectives.posttrain import PostData
 
@@ -42,20 +47,29 @@ class NextToken(Objective):
       self.post.prepare()
 
   def make_loss(self, model):
-    z_loss = self.cfg.model.z_loss
+    z_loss, moe = self.cfg.model.z_loss, self.cfg.model.moe
 
     def loss(params, batch, rng, frozen):
       del frozen
-      x_BxTxD, head_DxV = model.apply(
+      (x_BxTxD, head_DxV), sown = model.apply(
         {"params": params},
         batch["inputs"],
         batch["segment_ids"],
         batch["positions"],
         return_hidden=True,
         rngs={"dropout": rng},
+        mutable=["moe"],
       )
       objective, ce = head_loss(x_BxTxD, head_DxV, batch["targets"], batch["loss_mask"], z_loss, model.cfg.dtype)
-      return objective, jnp.sum(batch["loss_mask"]), {"loss": ce}
+      tokens = jnp.sum(batch["loss_mask"])
+      if not model.cfg.moe.experts:
+        return objective, tokens, {"loss": ce}
+      # The routers' auxiliary losses are means over tokens; weighted by the tokens, they divide out like the loss.
+      stats = moe_stats(sown["moe"])
+      objective = objective + tokens * (moe.aux_loss * stats["aux_loss"] + moe.z_loss * stats["z_loss"])
+      metrics = {f"moe/{name}": tokens * stats[name] for name in MOE_STATS if name != "load"}
+      metrics.update({f"moe/load_{i}": tokens * load for i, load in enumerate(stats["load"])})
+      return objective, tokens, {"loss": ce, **metrics}
 
     return loss
 

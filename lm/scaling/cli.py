@@ -56,6 +56,9 @@ def _add_fit_options(p) -> None:
   p.add_argument(
     "--loss-column", default="loss", help="the table's column to fit as the loss, e.g. loss_NAME for an eval source"
   )
+  p.add_argument(
+    "--n-column", default="N", help="the column to fit as N: N (active parameters), N_all_experts, N_non_embedding..."
+  )
   p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
   p.add_argument("--window", type=float, default=0.0, help="approach 2: decades of N around each minimum (0: all)")
   p.add_argument("--grid-stride", type=int, default=1, help="approach 3: every K-th start of the 4,500-start grid")
@@ -137,7 +140,7 @@ def _run_scaling(args, fit) -> int:
   grid = fit.init_grid()[:: args.grid_stride]
   options = {"bootstrap": args.bootstrap, "window": args.window, "grid": grid, "budget": args.budget}
   if args.scaling_command == "fit":
-    table, convention = fit.load_table(args.table, args.flops_per_param_token, args.loss_column)
+    table, convention = fit.load_table(args.table, args.flops_per_param_token, args.loss_column, args.n_column)
     approaches = fit.APPROACHES if args.approach == "all" else (args.approach,)
     predict = _parse_predict(args.predict)
     result = fit.fit_table(table, approaches, predict=predict, convention=convention, **options)
@@ -148,7 +151,7 @@ def _run_scaling(args, fit) -> int:
   from lm.scaling import report  # noqa: PLC0415
 
   if args.scaling_command == "plot":
-    table, convention = fit.load_table(args.table, args.flops_per_param_token, args.loss_column)
+    table, convention = fit.load_table(args.table, args.flops_per_param_token, args.loss_column, args.n_column)
     result = fit.fit_table(table, convention=convention, keep_draws=True, **options)
     paths = report.figures(table, result, args.out, budget=args.budget)
     rows = report.read_rows(args.table)
@@ -158,7 +161,7 @@ def _run_scaling(args, fit) -> int:
       print(path)
     return 0
   report_md = report.write_report(
-    args.workdir, flops_per_param_token=args.flops_per_param_token, loss_column=args.loss_column, **options
+    args.workdir, flops_per_param_token=args.flops_per_param_token, loss_column=args.loss_column, n_column=args.n_column, **options
   )
   print(report_md)
   return 0

@@ -45,12 +45,13 @@ HUBER_DELTA = 1e-3
 
 
 def load_table(
-  path: str, flops_per_param_token: float | None = None, loss_column: str = "loss"
+  path: str, flops_per_param_token: float | None = None, loss_column: str = "loss", n_column: str = "N"
 ) -> tuple[dict[str, np.ndarray], str]:
   """Columns `N`, `D`, `loss` and `C` of a CSV file as float64 arrays, and the FLOP convention of C.
 
   `loss` is read from `loss_column`: another eval set's loss in a sweep's results.csv (`loss_NAME`),
-  or `best_eval_loss`.
+  or `best_eval_loss`. `N` is read from `n_column`: a sweep's `N` is a mixture of experts' active
+  parameters, `N_all_experts` counts every expert.
 
   C comes from the table, or else is k N D with k = `flops_per_param_token` (6 by default), which a table
   with a C column rejects. The convention is the table's `flops_convention` column (as `lm sweep` writes it;
@@ -63,11 +64,11 @@ def load_table(
     raise UserError(f"cannot read table {path}: {e.strerror or e}") from e
   if not rows:
     raise UserError(f"{path} has no rows")
-  missing = [c for c in ("N", "D", loss_column) if c not in rows[0]]
+  missing = [c for c in (n_column, "D", loss_column) if c not in rows[0]]
   if missing:
-    raise UserError(f"{path} lacks column(s) {', '.join(missing)}; needs N, D, {loss_column} (C optional)")
+    raise UserError(f"{path} lacks column(s) {', '.join(missing)}; needs {n_column}, D, {loss_column} (C optional)")
   table = {}
-  for col, source in (("N", "N"), ("D", "D"), ("loss", loss_column), ("C", "C")):
+  for col, source in (("N", n_column), ("D", "D"), ("loss", loss_column), ("C", "C")):
     if source not in rows[0]:
       continue
     try:

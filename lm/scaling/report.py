@@ -238,6 +238,7 @@ def write_report(
   grid=None,
   flops_per_param_token: float | None = None,
   loss_column: str = "loss",
+  n_column: str = "N",
 ) -> str:
   """Fits `workdir/results.csv` (its `loss_column`), writes `workdir/report/` (report.md, fit.json, figures).
 
@@ -246,7 +247,7 @@ def write_report(
   root = epath.Path(workdir)
   if not (root / "results.csv").exists():
     raise UserError(f"{workdir} has no results.csv; run `lm sweep` first")
-  table, convention = fit_lib.load_table(str(root / "results.csv"), flops_per_param_token, loss_column)
+  table, convention = fit_lib.load_table(str(root / "results.csv"), flops_per_param_token, loss_column, n_column)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     result = fit_lib.fit_table(
