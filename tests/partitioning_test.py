@@ -25,6 +25,9 @@ def losses(mesh_shape, n_devices, **overrides):
     flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
     wq = next(x for path, x in flat if "wq" in jax.tree_util.keystr(path))
     specs = {"wq": str(wq.sharding.spec), "embed": str(state.params["embed"].sharding.spec)}
+    experts = [x for path, x in flat if jax.tree_util.keystr(path).endswith("['moe']['w_gate']")]
+    if experts:
+      specs["experts"] = str(experts[0].sharding.spec)
     for i in range(5):
       batch = jax.device_put(random_batch(8, 32, 128, seed=i, split=12), partitioning.batch_sharding(mesh))
       state, metrics = step(state, batch)
@@ -37,6 +40,10 @@ result = {name: losses(shape, n) for name, (shape, n) in layouts.items()}
 variant = {"model.n_kv_heads": 1, "model.tie_embeddings": True, "model.scan_layers": True, "model.remat": "full"}
 result["variant_single"] = losses((1, 1, 1), 1, **variant)
 result["variant_mixed"] = losses((2, 2, 2), 8, **variant)
+moe = {"model.moe.experts": 4, "model.moe.d_ff": 32, "model.moe.shared_experts": 1, "model.scan_layers": True,
+       "model.remat": "full"}
+result["moe_single"] = losses((1, 1, 1), 1, **moe)
+result["moe_expert_parallel"] = losses((2, 2, 1), 8, **moe, **{"mesh.expert": 2})
 print(json.dumps(result))
 """
 
@@ -53,6 +60,13 @@ def test_every_mesh_layout_gives_the_single_device_losses(results, layout):
 
 def test_mqa_tied_scanned_rematted_model_shards_equivalently(results):
   np.testing.assert_allclose(results["variant_mixed"]["losses"], results["variant_single"]["losses"], rtol=1e-5)
+
+
+def test_expert_parallel_moe_gives_the_single_device_losses(results):
+  # expert 2 x data 2 x fsdp 2: experts split over `expert`, their d_model over `fsdp`; scanned, rematted layers.
+  assert "expert" in results["moe_expert_parallel"]["specs"]["experts"]
+  assert "fsdp" in results["moe_expert_parallel"]["specs"]["experts"]
+  np.testing.assert_allclose(results["moe_expert_parallel"]["losses"], results["moe_single"]["losses"], rtol=1e-5)
 
 
 def test_parameters_are_actually_sharded(results):

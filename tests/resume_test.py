@@ -267,27 +267,28 @@ def shard_shapes(result: dict) -> set:
   return {tuple(shape) for shape in result["shards"].values()}
 
 
-def digest(cfg, workdir) -> dict:
-  """The newest checkpoint restored onto `cfg`'s mesh: its step, a hash per state leaf, wq's shard shapes."""
+def digest(cfg, workdir, sharded: str = "wq") -> dict:
+  """The newest checkpoint restored onto `cfg`'s mesh: its step, a hash per state leaf, the shard shapes of the
+  leaves whose path holds `sharded`."""
   tok = tokenizer_lib.load_tokenizer(workdir)
   setup = state_lib.build(cfg, tok.vocab_size, partitioning.make_mesh(cfg))
   with setup.context():
     restored = checkpoint_lib.restore_latest(str(workdir), setup.abstract_state)
   leaves = [(jax.tree_util.keystr(path), x) for path, x in jax.tree_util.tree_leaves_with_path(restored.state)]
   hashes = {name: hashlib.sha256(np.asarray(jax.device_get(x)).tobytes()).hexdigest() for name, x in leaves}
-  shards = {name: list(x.sharding.shard_shape(x.shape)) for name, x in leaves if "wq" in name}
+  shards = {name: list(x.sharding.shard_shape(x.shape)) for name, x in leaves if sharded in name}
   return {"step": restored.step, "hashes": hashes, "shards": shards}
 
 
-def train_on_mesh(config: dict, workdir: str, copy_from: str = "") -> dict:
+def train_on_mesh(config: dict, workdir: str, copy_from: str = "", sharded: str = "wq") -> dict:
   """Trains `tiny_config(**config)` in `workdir`, first copied from `copy_from` and its checkpoint digested."""
   cfg = tiny_config(**config)
   result = {}
   if copy_from:
     shutil.copytree(copy_from, workdir)
-    result["restored"] = digest(cfg, workdir)
+    result["restored"] = digest(cfg, workdir, sharded)
   train.train(cfg, workdir, progress=False)
-  result["final"] = digest(cfg, workdir)
+  result["final"] = digest(cfg, workdir, sharded)
   result["losses"] = {str(r["step"]): r["train/loss"] for r in metrics_lib.read_metrics(workdir)}
   return result
 
