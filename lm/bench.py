@@ -14,6 +14,10 @@ decoding at batch 1 and 8, and the naive loop that reruns the whole forward pass
 token. With `--peer PYTHON`, Hugging Face `generate()` on a Llama of the `ref` shape
 (../shared/peers/hf_generate.py) runs in the same invocation, and the JSON gains the ratios.
 
+`moe` times the train step of a config's dense model and of its mixture-of-experts twin of the same active
+parameters (`--experts` experts of width d_ff / top_k, top-k routing; the config's other `model.moe.*` keys),
+alternating between the two so that both see the same machine, and prints both and their ratio.
+
 `matmul` times the single matmuls those steps are made of, under XLA and, with `--peer PYTHON`,
 under PyTorch in the same invocation: how much of a gap to PyTorch is the kernels' own.
 """
@@ -92,9 +96,10 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
   from lm import partitioning  # noqa: PLC0415
   from lm import state as state_lib  # noqa: PLC0415
   from lm import step as step_lib  # noqa: PLC0415
+  from lm.scaling import accounting  # noqa: PLC0415
 
   config_lib.validate(cfg, jax.device_count())
-  vocab = cfg.tokenizer.vocab_size
+  vocab = accounting.vocab_size(cfg)  # a byte tokenizer's 264, not the unused tokenizer.vocab_size
   mesh = partitioning.make_mesh(cfg)
   setup = state_lib.build(cfg, vocab, mesh)
   b, t = cfg.train.batch_size, cfg.data.seq_len
@@ -339,7 +344,51 @@ def rl_throughput(cfg, rollouts: int) -> dict:
   }
 
 
+def moe_twin(cfg, experts: int):
+  """`cfg`'s mixture-of-experts twin: `experts` experts of width d_ff / top_k in every layer, so that a token's
+  experts hold as many parameters as the dense MLP (the router aside)."""
+  from lm.errors import UserError  # noqa: PLC0415
+
+  twin = cfg.copy_and_resolve_references()
+  moe = twin.model.moe
+  moe.experts, moe.every = experts, 1
+  if moe.top_k > experts or cfg.model.d_ff % moe.top_k:
+    raise UserError(f"model.moe.top_k ({moe.top_k}) must divide model.d_ff and be at most --experts ({experts})")
+  moe.d_ff = cfg.model.d_ff // moe.top_k
+  return twin
+
+
+def moe_comparison(cfg, experts: int, steps: int, rounds: int = 2) -> dict:
+  """Train-step throughput of `cfg` as a dense model and of its `moe_twin`, `rounds` times each in turn (the best
+  of each counts)."""
+  dense_cfg = cfg.copy_and_resolve_references()
+  dense_cfg.model.moe.experts = 0
+  configs = {"dense": dense_cfg, "moe": moe_twin(cfg, experts)}
+  runs = {name: [] for name in configs}
+  for _ in range(rounds):
+    for name, c in configs.items():
+      runs[name].append(train_step_throughput(c, steps))
+  record = {"experts": experts, "top_k": cfg.model.moe.top_k, "capacity_factor": cfg.model.moe.capacity_factor}
+  from lm.scaling import accounting  # noqa: PLC0415
+
+  for name, c in configs.items():
+    best = max(runs[name], key=lambda r: r["tokens_per_s"])
+    counts = accounting.accounting(c)["params"]
+    record[name] = {
+      **{k: best[k] for k in ("tokens_per_s", "step_s", "flops_per_token", "mfu", "flops_per_token_computed")},
+      "params_total": counts["total"],
+      "params_active": counts["active"],
+    }
+  record["moe_vs_dense_tokens_per_s"] = record["moe"]["tokens_per_s"] / record["dense"]["tokens_per_s"]
+  return record
+
+
 def main(args, overrides: list[str]) -> None:
+  if args.what == "moe":
+    cfg = bench_config(args.preset, overrides, args.config)
+    print(json.dumps({"preset": args.config or args.preset, **moe_comparison(cfg, args.experts, args.steps)}))
+    sys.stdout.flush()
+    return
   if args.what == "rl":
     cfg = bench_config(args.preset, overrides, args.config)
     print(json.dumps({"preset": args.config or args.preset, **rl_throughput(cfg, args.steps)}))

@@ -5,6 +5,7 @@ lm plot DIR [DIR ...] [--out DIR]
 lm bench train [--preset ref] [--config.KEY=VALUE ...]
 lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P ...]
 lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON];  lm bench rl [--preset ref] [--steps ROLLOUTS]
+lm bench moe [--preset ref | --config FILE] [--experts 8]   (a dense model against its MoE twin of equal active params)
 lm bench hf [--workdir RUN]   (a SmolLM-135M-shaped Llama through lm import hf / export hf, against transformers)
 lm chat --workdir DIR [--system TEXT] [--tool NAME=KIND:ARG] [--messages F|- --json] [decoding controls as lm sample]
 lm reward --workdir DIR --file F.jsonl;  lm lora merge --workdir DIR --out DIR2
@@ -82,7 +83,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: DIR/plots of the first run)")
 
   p = sub.add_parser("bench", help="benchmarks that print one JSON line")
-  p.add_argument("what", choices=["train", "sample", "matmul", "fit", "data", "rl", "hf"])
+  p.add_argument("what", choices=["train", "sample", "matmul", "fit", "data", "rl", "hf", "moe"])
   p.add_argument("--preset", default="ref", help="model preset (default: ref)")
   p.add_argument("--steps", type=int, default=10, help="timed steps (rl: rollouts)")
   p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
@@ -98,6 +99,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--no-bf16", action="store_true", help="train: skip the bf16-compute run beside f32")
   p.add_argument("--no-bare", action="store_true", help="train: skip the bare jax.numpy step (lm.bare) beside it")
   p.add_argument("--new-tokens", type=int, default=512, help="sample: tokens generated per row")
+  p.add_argument("--experts", type=int, default=8, help="moe: experts of the dense model's MoE twin")
   p.add_argument(
     "--workdir",
     default=None,

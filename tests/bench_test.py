@@ -133,3 +133,17 @@ def test_bench_rl_reports_rollout_and_update_rates_from_a_real_run(capsys):
   assert record["preset"] == "small" and record["rollouts_timed"] == 3 and record["rollout_rows"] == 16
   assert record["rollout_tokens_per_s"] > 0 and record["update_tokens_per_s"] > 0 and 0 < record["rollout_share"] < 1
   assert record["sampler_compiles"] == 2  # one prefill and one decode loop for every rollout
+
+
+def test_bench_moe_times_a_dense_model_and_its_twin_of_equal_active_parameters(capsys):
+  tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64"]
+  args = ["bench", "moe", "--preset", "small", "--steps", "2", "--experts", "4", *[f"--config.{o}" for o in tiny]]
+  assert cli.main([*args, "--config.train.batch_size=8", "--config.data.seq_len=32"]) == 0
+  record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  dense, moe = record["dense"], record["moe"]
+  assert record["experts"] == 4 and record["top_k"] == 2
+  # Two experts of width 32 are the dense MLP's 64: the same active parameters but for the 4-wide routers.
+  assert moe["params_active"] - dense["params_active"] == 2 * 32 * 4
+  assert moe["params_total"] - dense["params_total"] == 2 * (32 * 4 + 2 * 3 * 32 * 32)
+  assert record["moe_vs_dense_tokens_per_s"] == pytest.approx(moe["tokens_per_s"] / dense["tokens_per_s"])
+  assert moe["flops_per_token_computed"] > dense["flops_per_token_computed"]  # empty slots and dispatch einsums

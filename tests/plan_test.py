@@ -168,3 +168,22 @@ def test_sweep_plan_tables_every_point_shares_compiles_and_exits_2_if_one_does_n
   assert "for the 2 of 3 points that fit" in total and "(programs compiled: 1)" in total  # short and long share
   assert float(total.split()[1]) == pytest.approx(sum(hours), rel=0.01)
   assert "1 of 3 sweep points do not fit v5e:2x4: huge" in err
+
+
+def test_an_moe_config_plans_with_experts_split_over_the_expert_axis(planner):
+  moe = {"model.moe.experts": 8, "model.moe.top_k": 2, "model.moe.d_ff": 64, "mesh.data": 1}
+  split = planner.plan(tiny_config(**moe, **{"mesh.expert": 4, "mesh.fsdp": 2}))
+  replicated = planner.plan(tiny_config(**{**moe, "mesh.data": 4, "mesh.fsdp": 2}))  # experts split over fsdp only
+  assert split["mesh"] == {"data": 1, "expert": 4, "fsdp": 2, "tensor": 1} and split["fits"]
+  counts = split["params"]
+  assert counts["active"] < counts["total"] and counts["flop_params"] < counts["flop_params_total"]
+  # MFU counts the active parameters' FLOPs; the compiled step also runs the dispatch einsums and empty slots.
+  assert split["model_flops_per_step"] == pytest.approx(
+    accounting.accounting(tiny_config(**moe))["flops_per_token"]["6N+attn"] * 8 * 32
+  )
+  assert split["flops_per_step"] > split["model_flops_per_step"] and split["mfu"] > 0
+  assert "active" in plan.format_report(split)
+  # The experts, most of the parameters, split 4 more ways over `expert`: 8 experts of 3 x 32 x 64 per layer.
+  expert_bytes = 2 * 8 * 3 * 32 * 64 * 4 / 2  # f32, over fsdp=2
+  saved = replicated["memory_per_device"]["params"] - split["memory_per_device"]["params"]
+  assert saved == expert_bytes * 3 / 4
