@@ -166,3 +166,14 @@ def test_loss_column_chooses_which_eval_set_is_fitted(tmp_path):
   assert (fit.load_table(str(path))[0]["loss"] == 9.0).all()
   with pytest.raises(UserError, match="lacks column"):
     fit.load_table(str(path), loss_column="loss_code")
+
+
+def test_n_column_chooses_which_parameter_count_is_fitted(tmp_path):
+  n, d, loss = synthetic()
+  path = tmp_path / "t.csv"
+  rows = ["N,N_all_experts,D,loss"] + [f"{a},{4 * a},{b},{c}" for a, b, c in zip(n, d, loss, strict=True)]
+  path.write_text("\n".join(rows) + "\n")
+  np.testing.assert_allclose(fit.load_table(str(path), n_column="N_all_experts")[0]["N"], 4 * np.asarray(n))
+  np.testing.assert_allclose(fit.load_table(str(path))[0]["N"], n)
+  with pytest.raises(UserError, match="lacks column"):
+    fit.load_table(str(path), n_column="N_active")

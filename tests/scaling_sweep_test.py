@@ -48,6 +48,7 @@ def get_sweep():
     {{"id": "long", "train.steps": 8}},
     {{"id": "short", "train.steps": 4, "branch_of": "long"}},
     {{"id": "alone", "train.steps": 4}},
+    {{"id": "moe", "train.steps": 2, "model.moe.experts": 4, "model.moe.d_ff": 32}},
   ]
 """
 
@@ -69,14 +70,17 @@ def test_sweep_branches_cooldowns_skips_finished_points_and_resumes(tmp_path, te
   real_train = train.train
   monkeypatch.setattr(train, "train", lambda cfg, wd, progress: calls.append(wd) or real_train(cfg, wd, progress))
   rows = read_rows(sweep.run_sweep(exp, workdir, progress=False))
-  sub = {name: os.path.join(workdir, name) for name in ("long", "short", "alone")}
-  assert calls == [sub["long"], sub["short"], sub["long"], sub["alone"]]
-  assert set(rows) == {"long", "short", "alone"} and set(sweep.RESULT_COLUMNS) <= set(rows["long"])
+  sub = {name: os.path.join(workdir, name) for name in ("long", "short", "alone", "moe")}
+  assert calls == [sub["long"], sub["short"], sub["long"], sub["alone"], sub["moe"]]
+  assert set(rows) == {"long", "short", "alone", "moe"} and set(sweep.RESULT_COLUMNS) <= set(rows["long"])
   for name, row in rows.items():
     cfg = config_lib.from_json(open(os.path.join(sub[name], "config.json")).read())
     assert int(row["D"]) == cfg.train.steps * 8 * 32 and row["flops_convention"] == "6N+attn"
     assert float(row["C"]) == pytest.approx(accounting.training_flops(cfg, int(row["D"])))  # the loop's FLOPs
     assert float(row["best_eval_loss"]) <= float(row["loss"]) and int(row["N_total"]) > int(row["N"]) > 0
+    # N is what a token uses: a mixture of experts' active parameters, below N_all_experts (every expert).
+    dense = name != "moe"
+    assert (int(row["N_all_experts"]) == int(row["N"])) == dense and (row["N_active"] == row["N_total"]) == dense
     last = [r for r in metrics_lib.read_metrics(sub[name]) if "eval/loss" in r][-1]
     assert float(row["loss_again"]) == pytest.approx(last["eval/again/loss"])  # each eval set's final loss
     assert float(row["bpb_again"]) == pytest.approx(last["eval/again/bpb"]) and float(row["bpb"]) > 0
@@ -120,7 +124,7 @@ def test_sweep_branches_cooldowns_skips_finished_points_and_resumes(tmp_path, te
   assert calls == []
   os.remove(os.path.join(sub["alone"], "result.json"))  # an unfinished point resumes; the rest are skipped
   rows = read_rows(sweep.run_sweep(exp, workdir, progress=False))
-  assert calls == [sub["alone"]] and len(rows) == 3 and "resumed" in rows["alone"]["flags"]
+  assert calls == [sub["alone"]] and len(rows) == 4 and "resumed" in rows["alone"]["flags"]
 
 
 def test_print_commands_one_per_invocation_in_order(tmp_path, text_corpus, capsys):
@@ -128,7 +132,7 @@ def test_print_commands_one_per_invocation_in_order(tmp_path, text_corpus, capsy
   assert cli.main(["sweep", "--config", exp, "--workdir", "runs/s", "--print-commands", "--config.train.seed=3"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert [line.split("--workdir ")[1].split()[0] for line in lines] == [
-    f"runs/s/{n}" for n in ("long", "short", "long", "alone")
+    f"runs/s/{n}" for n in ("long", "short", "long", "alone", "moe")
   ]
   assert all(line.startswith(f"lm train --config {exp} ") and line.endswith("--config.train.seed=3") for line in lines)
   assert "--config.train.stop_at_step=3" in lines[0] and "stop_at_step" not in lines[2]
