@@ -14,7 +14,7 @@ from lm.objectives.lm import NextToken
 from lm.scaling import accounting
 
 from conftest import random_batch, run_devices_script, tiny_config
-from resume_test import ON_8_DEVICES, shard_shapes, train_on_mesh
+from resume_test import ON_8_DEVICES, layout_change_config, shard_shapes, train_on_mesh
 
 V = 97
 
@@ -165,13 +165,8 @@ def test_impossible_moe_configs_are_one_line_errors():
 
 
 def test_checkpoints_restore_across_expert_parallel_layouts(tmp_path):
-  (tmp_path / "corpus.txt").write_text("".join(f"line {i}: the quick brown fox {i % 13}\n" for i in range(3000)))
   common = {
-    "data.source": f"text:{tmp_path / 'corpus.txt'}",
-    "data.cache_dir": str(tmp_path / "cache"),
-    "optim.schedule": "constant",
-    "train.checkpoint_every": 4,
-    "train.eval_every": 100,
+    **layout_change_config(tmp_path),
     "model.moe.experts": 4,
     "model.moe.d_ff": 32,
   }

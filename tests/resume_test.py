@@ -301,15 +301,20 @@ print(json.dumps([train_on_mesh(**run) for run in json.loads({runs!r})]))
 """
 
 
-def test_checkpoint_restores_onto_other_meshes_and_training_continues(tmp_path):
+def layout_change_config(tmp_path) -> dict:
+  """Overrides of the runs that move between meshes: a small corpus in `tmp_path`, a checkpoint every 4 steps."""
   (tmp_path / "corpus.txt").write_text("".join(f"line {i}: the quick brown fox {i % 13}\n" for i in range(3000)))
-  common = {
+  return {
     "data.source": f"text:{tmp_path / 'corpus.txt'}",
     "data.cache_dir": str(tmp_path / "cache"),
     "optim.schedule": "constant",
     "train.checkpoint_every": 4,
     "train.eval_every": 100,
   }
+
+
+def test_checkpoint_restores_onto_other_meshes_and_training_continues(tmp_path):
+  common = layout_change_config(tmp_path)
   data8, grid = str(tmp_path / "data8"), str(tmp_path / "fsdp2_tensor4")
   runs = [
     {"config": {**common, "train.steps": 4, "mesh.data": 8}, "workdir": data8},
