@@ -81,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.tokenizer.kind = "sentencepiece"  # sentencepiece | byte | huggingface (comes with `lm import hf`, not trained)
   c.tokenizer.vocab_size = 4096  # ignored by byte (256 + specials); huggingface: the imported model's vocabulary
   c.tokenizer.train_bytes = 8_000_000  # corpus bytes sampled to train sentencepiece
+  # A tokenizer directory (`lm tokenizer train --out DIR`, or a run's workdir) a new run copies instead of training
+  # one; its kind and vocab_size must be the ones above. "": train one. A resumed run keeps its own.
+  c.tokenizer.path = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16  # global, in sequences
@@ -159,6 +162,41 @@ def default_config() -> ml_collections.ConfigDict:
   c.rl.scale_rewards = True  # GRPO: divide by the group's reward std (False: Dr. GRPO)
   c.rl.loss_aggregation = "token_mean"  # token_mean | sequence_mean (the mean of each response's token mean)
   c.rl.eval_prompts = 64  # held-out prompts answered greedily at each eval
+
+  # lm data prepare (lm.data.prepare): a cleaning pipeline run with datatrove before training.
+  c.prepare = ml_collections.ConfigDict()
+  c.prepare.source = "stdlib"  # written like data.source; also parquet:GLOB
+  c.prepare.text_field = "text"  # jsonl and parquet: the text's field
+  c.prepare.limit = -1  # read at most this many documents; -1: all
+  c.prepare.preset = "prose"  # prose | code | none: the filters
+  c.prepare.exact_dedup = True  # drop documents whose normalised text equals an earlier one's
+  c.prepare.minhash = True  # MinHash near-duplicate removal
+  c.prepare.minhash_ngrams = 5  # word n-grams hashed
+  c.prepare.minhash_buckets = 14  # b: bands; a pair at Jaccard s collides with prob 1 - (1 - s^r)^b
+  c.prepare.minhash_hashes = 8  # r: hashes per bucket (14 x 8: 50% at s = 0.72, 95% at s = 0.80)
+  c.prepare.decontaminate = ()  # "NAME=SOURCE" evaluation sets; documents sharing an n-gram with one go
+  c.prepare.decontaminate_ngrams = 13  # words per n-gram, as GPT-3
+  c.prepare.tasks = 2  # tasks per stage (shards of the input)
+  c.prepare.workers = 2  # tasks run at once (local and ray)
+  c.prepare.compression = "gzip"  # gzip | none: the output and removed files
+  c.prepare.tokenizer = ""  # the report counts tokens with this tokenizer (or run) directory; empty: words
+  c.prepare.samples_per_reason = 3  # removed documents quoted per reason in the report
+  c.prepare.keep_work = False  # keep DIR/work (signatures, intermediate shards) after a local or ray run
+  c.prepare.code = ml_collections.ConfigDict()  # preset=code: lm.data.prepare.CodeFilter's thresholds
+  c.prepare.code.max_line_length = 1000
+  c.prepare.code.max_mean_line_length = 100.0
+  c.prepare.code.min_alnum_fraction = 0.25
+  c.prepare.code.min_lines = 3
+  c.prepare.slurm = ml_collections.ConfigDict()  # --executor slurm
+  c.prepare.slurm.partition = "cpu"
+  c.prepare.slurm.time = "04:00:00"
+  c.prepare.slurm.cpus_per_task = 1
+  c.prepare.slurm.mem_per_cpu_gb = 2
+  c.prepare.slurm.venv_path = ""  # activated in each job; empty: the submitting shell's environment
+  c.prepare.slurm.sbatch_args = ()  # extra "KEY=VALUE" #SBATCH directives, e.g. "account=myproj"
+  c.prepare.ray = ml_collections.ConfigDict()  # --executor ray: a running cluster (ray.init(address=...)) or a local one
+  c.prepare.ray.cpus_per_task = 1
+  c.prepare.ray.mem_per_cpu_gb = 2.0
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: whatever devices the other axes leave
@@ -564,6 +602,7 @@ RESUMABLE_KEYS = (
   "data.cache_dir",
   "data.eval_sources",
   "data.eval_min_tokens",
+  "tokenizer.path",
   "model.remat",
   "mesh.data",
   "mesh.expert",

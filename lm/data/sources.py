@@ -3,7 +3,7 @@
 - `stdlib`: the .py files of the running Python's standard library (not site-packages).
 - `stdlib_docstrings`: the docstrings of those files, one document per file: English prose.
 - `text:GLOB`: plain text files, one document each.
-- `jsonl:GLOB`: one document per line, from the field `data.text_field`.
+- `jsonl:GLOB`: one document per line, from the field `data.text_field` (files ending .gz are gzip).
 - `tfds:NAME[/CONFIG][:VERSION][:SPLIT]`: an already-prepared TFDS dataset (array_record), see `open_tfds`.
 
 Files are decoded as UTF-8 with errors='replace': a stray non-UTF-8 byte becomes U+FFFD instead of
@@ -20,6 +20,7 @@ validation split is chosen by hashing identities (`lm.data.corpus_builder`), so 
 import ast
 import functools
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -164,7 +165,7 @@ def jsonl_documents(files: list[str], field: str) -> Iterator[tuple[str, str]]:
 def jsonl_records(files: list[str]) -> Iterator[tuple[str, object]]:
   """("PATH:LINE", parsed JSON value) of every non-blank line of the JSON-lines `files`."""
   for path in files:
-    with open(path, "rb") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:  # lm data prepare writes .jsonl.gz
       for number, line in enumerate(f, 1):
         if not line.strip():
           continue
