@@ -40,6 +40,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters import URLFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers import JsonlReader
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from lm import config as config_lib
@@ -155,6 +156,18 @@ class SourceReader(PipelineStep):
         self.update_doc_stats(doc := Document(text=text, id=identity, metadata=metadata))
       yield doc
 
+class WorkReader(JsonlReader):
+  """Reads an intermediate stage's shards; a folder left empty (every document removed) is an empty input."""
+
+  def run(self, data=None, rank: int = 0, world_size: int = 1):
+    try:
+      present = self.data_folder.list_files(glob_pattern=self.glob_pattern)
+    except FileNotFoundError:
+      present = []
+    if present:
+      yield from super().run(data, rank, world_size)
+
+
 class CodeFilter(BaseFilter):
   """Heuristics for source files: a line longer than `max_line_length` characters, a mean line length
   above `max_mean_line_length` (minified or data files), alphanumeric characters below
@@ -264,7 +277,6 @@ def stages(cfg: ml_collections.ConfigDict, out: str) -> list[Stage]:
     GopherQualityFilter,
     GopherRepetitionFilter,
   )
-  from datatrove.pipeline.readers import JsonlReader  # noqa: PLC0415
   from datatrove.pipeline.writers import JsonlWriter  # noqa: PLC0415
 
   p = cfg.prepare
@@ -279,7 +291,7 @@ def stages(cfg: ml_collections.ConfigDict, out: str) -> list[Stage]:
     return JsonlWriter(f"{out}/work/{name}", output_filename="${rank}.jsonl.gz", compression="gzip")
 
   def read(name: str):
-    return JsonlReader(f"{out}/work/{name}", glob_pattern="*.jsonl.gz", compression="gzip")
+    return WorkReader(f"{out}/work/{name}", glob_pattern="*.jsonl.gz", compression="gzip")
 
   filters = []
   if p.preset == "prose":
