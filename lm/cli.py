@@ -13,7 +13,11 @@ lm export hf --workdir DIR --out OUT [--step N] [--dtype bfloat16];  lm import h
 lm eval --workdir DIR --tasks T1,T2 [--shots K] [--limit N] [--chat] [--out F.json];  lm eval --list
 lm study --config FILE --workdir DIR   (a chain of dependent runs and steps, then its report)
 lm sweep --config FILE --workdir DIR [--print-commands]; lm scaling fit|plot|report ...; lm bench fit [--table CSV]
+lm data prepare --config FILE --out DIR [--executor local|slurm|ray]   (clean, filter, dedup with datatrove; a report)
 lm plan --config FILE --topology v5p:2x2x4 [--json]   (ahead-of-time compile for a TPU slice: memory, time, cost)
+lm tokenizer train --source S --kind sentencepiece|byte [--vocab-size V] --out DIR [--max-bytes N]   (tokenizer.path)
+lm tokenizer stats --source S [--tokenizer DIR ...] [--train KIND[:VOCAB] ...] [--max-bytes N] [--json]
+lm tokenize (--workdir DIR | --tokenizer DIR) (TEXT | --file F) [--json] [--html OUT]   (pieces and ids)
 """
 
 import argparse
@@ -23,7 +27,7 @@ import os
 import sys
 import traceback
 
-from lm import distributed, eval_cli, plan
+from lm import distributed, eval_cli, plan, tokenizer_cli
 from lm.errors import UserError
 from lm.scaling import cli as scaling_cli
 
@@ -151,9 +155,20 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="study directory: one sub-directory per stage, report/")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   distributed.add_flags(p)
+  p = sub.add_parser("data", help="data preparation: clean, filter, deduplicate a source with datatrove")
+  data_sub = p.add_subparsers(dest="data_command", required=True)
+  d = data_sub.add_parser("prepare", help="run an experiment file's prepare.* pipeline into --out, then its report")
+  d.add_argument(
+    "--config", required=True, help="experiment file (its get_config().prepare), e.g. experiments/data_prose.py"
+  )
+  d.add_argument("--out", required=True, help="output directory: output/, removed/REASON/, report/, logs/")
+  d.add_argument("--executor", default="local", choices=["local", "slurm", "ray"], help="where the stages' tasks run")
+  d.add_argument("--report-only", action="store_true", help="only (re)write the report of a finished --out")
+  d.add_argument("--no-progress", action="store_true", help="no progress bars")
   eval_cli.add_parser(sub)
   scaling_cli.add_parsers(sub)
   plan.add_parser(sub)
+  tokenizer_cli.add_parser(sub)
   return parser
 
 
@@ -186,6 +201,21 @@ def run(argv: list[str]) -> int:
       print(path)
   elif args.command == "plan":
     return plan.run(args, overrides)
+  elif args.command in ("tokenizer", "tokenize"):
+    return tokenizer_cli.run(args, overrides)
+  elif args.command == "data":
+    from lm import config as config_lib  # noqa: PLC0415
+    from lm.data import prepare, prepare_report  # noqa: PLC0415
+
+    cfg = config_lib.load_config(args.config, overrides)
+    if args.report_only:
+      summary = prepare_report.write(os.path.abspath(args.out), cfg)
+    else:
+      summary = prepare.prepare(cfg, args.out, args.executor, progress=not args.no_progress)
+    keys = ("docs_in", "docs_out", "bytes_in", "bytes_out", "removed_by_stage", "wall_s", "submitted", "logs")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    if "docs_out" in summary:
+      print(f"report: {os.path.join(args.out, 'report', 'report.md')}; documents: {os.path.join(args.out, 'output')}")
   elif args.command == "study":
     from lm import study  # noqa: PLC0415
 

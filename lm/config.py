@@ -194,7 +194,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.prepare.slurm.mem_per_cpu_gb = 2
   c.prepare.slurm.venv_path = ""  # activated in each job; empty: the submitting shell's environment
   c.prepare.slurm.sbatch_args = ()  # extra "KEY=VALUE" #SBATCH directives, e.g. "account=myproj"
-  c.prepare.ray = ml_collections.ConfigDict()  # --executor ray: a running cluster (ray.init(address=...)) or a local one
+  c.prepare.ray = (
+    ml_collections.ConfigDict()
+  )  # --executor ray: a running cluster (ray.init(address=...)) or a local one
   c.prepare.ray.cpus_per_task = 1
   c.prepare.ray.mem_per_cpu_gb = 2.0
 

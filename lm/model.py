@@ -569,7 +569,9 @@ class Transformer(nn.Module):
       new_k, new_v = [], []
       for i in range(c.n_layers):
         layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-        x_BxTxD, layer_cache = block(c, moe=c.moe.is_moe_layer(i), name=f"layer_{i}")(x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layer_cache, index)
+        x_BxTxD, layer_cache = block(c, moe=c.moe.is_moe_layer(i), name=f"layer_{i}")(
+          x_BxTxD, rope_BxTx1x2xE, mask_BxTxS, layer_cache, index
+        )
         if cache is not None:
           new_k.append(layer_cache[0])
           new_v.append(layer_cache[1])

@@ -80,6 +80,7 @@ RUN_ONLY_KEYS = (
   "train.",
   "data.",
   "tokenizer.train_bytes",
+  "tokenizer.path",
   "optim.lr",
   "optim.final_lr_fraction",
   "optim.warmup_steps",

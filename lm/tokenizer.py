@@ -17,6 +17,7 @@ vocab it was saved with, so a model trained with it can be grown to match (`grow
 import abc
 import io
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +55,15 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def model_bytes(self) -> bytes:
     """The trained model file, empty when there is none."""
+
+  def piece_bytes(self, i: int) -> bytes:
+    """The UTF-8 bytes id `i` adds to decoded text (b"" for a special). This version decodes the id alone, which
+    is exact when every token stands for whole characters; the byte and sentencepiece kinds are exact always."""
+    return b"" if i in self._names else self.decode_plain([i]).encode()
+
+  def fallback_mask(self) -> np.ndarray:
+    """bool [vocab_size]: the ids that are byte-fallback pieces (<0xNN>) or unknown, none for this kind."""
+    return np.zeros(self.vocab_size, bool)
 
   def _init_special(self, reserved: dict[str, int], fixed: bool = True) -> None:
     """Takes `reserved` (name -> id, inside the trained vocabulary) as the special tokens, none added yet. With
@@ -144,6 +154,9 @@ class ByteTokenizer(Tokenizer):
   def decode_plain(self, ids: list[int]) -> str:
     return bytes(i - self.offset for i in ids).decode("utf-8", errors="replace")
 
+  def piece_bytes(self, i: int) -> bytes:
+    return b"" if i in self._names else bytes([i - self.offset])
+
   def model_bytes(self) -> bytes:
     return b""
 
@@ -195,6 +208,17 @@ class SentencePieceTokenizer(Tokenizer):
   def decode_plain(self, ids: list[int]) -> str:
     return self._sp.decode(ids)
 
+  def piece_bytes(self, i: int) -> bytes:
+    if i in self._names or self._sp.is_control(i) or self._sp.is_unknown(i):
+      return b""
+    if self._sp.is_byte(i):
+      return bytes([int(self._sp.id_to_piece(i)[3:5], 16)])
+    return self._sp.id_to_piece(i).replace(SP_SPACE, " ").encode()
+
+  def fallback_mask(self) -> np.ndarray:
+    trained = [self._sp.is_byte(i) or self._sp.is_unknown(i) for i in range(self._sp.vocab_size())]
+    return np.array(trained + [False] * (self.vocab_size - len(trained)), bool)
+
   def model_bytes(self) -> bytes:
     return self._model
 
@@ -236,7 +260,7 @@ class HuggingFaceTokenizer(Tokenizer):
         continue
       if byte_level:
         out[i] = len(piece)
-      elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+      elif _is_byte_piece(piece):
         out[i] = 1
       else:
         out[i] = len(self._tk.decode([i], skip_special_tokens=False).encode())
@@ -248,8 +272,22 @@ class HuggingFaceTokenizer(Tokenizer):
   def decode_plain(self, ids: list[int]) -> str:
     return self._tk.decode(list(ids), skip_special_tokens=False)
 
+  def piece_bytes(self, i: int) -> bytes:
+    piece = self._tk.id_to_token(i)
+    return bytes([int(piece[3:5], 16)]) if _is_byte_piece(piece) else super().piece_bytes(i)
+
+  def fallback_mask(self) -> np.ndarray:
+    unknown = getattr(self._tk.model, "unk_token", None)  # BPE and WordPiece models name theirs
+    pieces = [self._tk.id_to_token(i) for i in range(self.vocab_size)]
+    return np.array([_is_byte_piece(p) or (p is not None and p == unknown) for p in pieces], bool)
+
   def model_bytes(self) -> bytes:
     return self._model
+
+
+def _is_byte_piece(piece: str | None) -> bool:
+  """Whether a Hugging Face token is a byte-fallback piece, <0xNN>."""
+  return piece is not None and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 MODEL_FILES = {"sentencepiece": "tokenizer.model", "huggingface": "tokenizer_hf.json"}  # the byte kind has none
@@ -294,6 +332,12 @@ def train_tokenizer(cfg, documents) -> Tokenizer:
       minloglevel=2,
     )
   except RuntimeError as e:
+    small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(e))
+    if small:  # each character of the text is a piece, beside the specials and the 256 byte pieces
+      raise UserError(
+        f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} is too small for this training text: sentencepiece "
+        f"needs at least {small[2]} (every character it holds, the specials and the 256 byte pieces)"
+      ) from None
     if "Vocabulary size too high" not in str(e):
       raise
     limit = str(e).rsplit("<=", 1)[-1].strip(" .")

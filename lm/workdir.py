@@ -95,8 +95,9 @@ def resolve_shards(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collectio
 
 
 def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer:
-  """The workdir's tokenizer, else that of the run `train.init_from = DIR` names, else a new one; checked
-  against the config. A new or copied one is saved by `write_workdir`.
+  """The workdir's tokenizer, else that of the run `train.init_from = DIR` names, else the one in
+  `tokenizer.path`, else a new one (`train_new_tokenizer`); checked against the config. A new or copied one
+  is saved by `write_workdir`.
 
   The model's vocabulary is the tokenizer's `loaded_vocab_size`: its size as the workdir saved it, so a
   run from before a special token was added (`tok.added`) keeps its model's shapes. A copied tokenizer is
@@ -108,13 +109,37 @@ def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer
     raise UserError(f"{workdir} has checkpoints but its tokenizer is missing (tokenizer.json)")
   source, step = config_lib.init_from(cfg)
   if cfg.train.init_from and step is None:  # token ids must mean what they meant to the source's params
+    if cfg.tokenizer.path:
+      raise UserError("set tokenizer.path or train.init_from, not both: a run from another's params uses its tokenizer")
     check_run(source, "train.init_from")
     return tokenizer_lib.Tokenizer.from_bytes(_checked_tokenizer(cfg, epath.Path(source)).to_bytes())
+  if cfg.tokenizer.path:
+    try:
+      return tokenizer_lib.Tokenizer.from_bytes(_checked_tokenizer(cfg, epath.Path(cfg.tokenizer.path)).to_bytes())
+    except UserError as e:
+      raise UserError(f"tokenizer.path: {e}") from None
   if cfg.tokenizer.kind == "huggingface":
     raise UserError(
       "a huggingface tokenizer comes with an imported checkpoint (lm import hf): set train.init_from to that run"
     )
-  return tokenizer_lib.train_tokenizer(cfg, corpus_builder.training_text(cfg, cfg.tokenizer.train_bytes))
+  return train_new_tokenizer(cfg)[0]
+
+
+def train_new_tokenizer(cfg) -> tuple[tokenizer_lib.Tokenizer, int]:
+  """A tokenizer of `cfg.tokenizer`, trained as a new run trains its own: on up to `tokenizer.train_bytes` of the
+  train split of `data.source`, spread over it (`corpus_builder.training_text`). `lm tokenizer train` and
+  `lm tokenizer stats` train theirs here too. Also returns the bytes of text read for it, at most train_bytes
+  (0 for the byte kind, which learns nothing)."""
+  read = 0
+
+  def counted(texts):
+    nonlocal read
+    for text in texts:
+      read += len(text.encode())
+      yield text
+
+  tok = tokenizer_lib.train_tokenizer(cfg, counted(corpus_builder.training_text(cfg, cfg.tokenizer.train_bytes)))
+  return tok, min(read, cfg.tokenizer.train_bytes)
 
 
 def _checked_tokenizer(cfg, directory: epath.Path) -> tokenizer_lib.Tokenizer:

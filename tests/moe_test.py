@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from resume_test import ON_8_DEVICES, layout_change_config, shard_shapes, train_on_mesh
 
 from lm import flops, train
 from lm.model import ModelConfig, MoEConfig, Transformer, init_cache, moe_stats, route
@@ -14,7 +15,6 @@ from lm.objectives.lm import NextToken
 from lm.scaling import accounting
 
 from conftest import random_batch, run_devices_script, tiny_config
-from resume_test import ON_8_DEVICES, layout_change_config, shard_shapes, train_on_mesh
 
 V = 97
 
@@ -23,7 +23,9 @@ def make(moe: MoEConfig, **kw):
   cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, moe=moe, **kw)
   model = Transformer(cfg)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"]
-  return model, jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params, is_leaf=lambda x: hasattr(x, "unbox"))
+  return model, jax.tree.map(
+    lambda x: x.unbox() if hasattr(x, "unbox") else x, params, is_leaf=lambda x: hasattr(x, "unbox")
+  )
 
 
 def logits_of(probs):
@@ -83,7 +85,9 @@ def test_one_expert_with_top_1_is_the_dense_mlp_exactly():
     expert = moe_params[f"layer_{i}"]["moe"]
     params[f"layer_{i}"] = {k: v for k, v in dense_params[f"layer_{i}"].items() if k != "mlp"}
     params[f"layer_{i}"]["moe"] = {"router": expert["router"]}
-    params[f"layer_{i}"]["moe"].update({k: dense_params[f"layer_{i}"]["mlp"][k][None] for k in ("w_gate", "w_up", "w_down")})
+    params[f"layer_{i}"]["moe"].update(
+      {k: dense_params[f"layer_{i}"]["mlp"][k][None] for k in ("w_gate", "w_up", "w_down")}
+    )
   batch = random_batch(2, 16, V, split=5)
   args = (batch["inputs"], batch["segment_ids"], batch["positions"])
   want = dense.apply({"params": dense_params}, *args)
@@ -97,8 +101,15 @@ def test_shared_experts_and_every_nth_layer_shape_the_params():
   layer = params["layer_1"]["moe"]
   assert layer["w_gate"].shape == (4, 32, 16) and layer["w_down"].shape == (4, 16, 32)
   assert layer["router"].shape == (32, 4) and layer["shared"]["w_up"].shape == (32, 16)
-  cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                    moe=MoEConfig(experts=4, top_k=2, every=2, shared_experts=1, d_ff=16))
+  cfg = ModelConfig(
+    vocab_size=V,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=64,
+    moe=MoEConfig(experts=4, top_k=2, every=2, shared_experts=1, d_ff=16),
+  )
   assert flops.param_counts(cfg)["total"] == sum(x.size for x in jax.tree.leaves(params))
 
 
@@ -181,7 +192,9 @@ def test_checkpoints_restore_across_expert_parallel_layouts(tmp_path):
     },
   ]
   first, second = run_devices_script(ON_8_DEVICES.format(runs=json.dumps(runs)), devices=8)
-  single = train_on_mesh({**common, "train.steps": 6}, str(tmp_path / "single"), str(tmp_path / "expert4_data2"), "w_gate")
+  single = train_on_mesh(
+    {**common, "train.steps": 6}, str(tmp_path / "single"), str(tmp_path / "expert4_data2"), "w_gate"
+  )
 
   # Every leaf comes back bit for bit, the experts laid out for each mesh: [experts, d_model, expert d_ff].
   assert first["final"]["step"] == 4

@@ -27,7 +27,10 @@ def prose(rng, pool, paragraphs: int = 3) -> str:
   for _ in range(paragraphs):
     sentences = []
     for _ in range(rng.integers(4, 7)):
-      words = [pool[i] if rng.random() > 0.3 else STOP[rng.integers(len(STOP))] for i in rng.integers(0, len(pool), rng.integers(8, 17))]
+      words = [
+        pool[i] if rng.random() > 0.3 else STOP[rng.integers(len(STOP))]
+        for i in rng.integers(0, len(pool), rng.integers(8, 17))
+      ]
       sentences.append(" ".join(words).capitalize() + ".")
     out.append(" ".join(sentences))
   return "\n\n".join(out)
@@ -214,7 +217,7 @@ def test_slurm_submits_one_array_job_per_stage_each_after_the_previous(tmp_path,
   sbatch = bin_dir / "sbatch"
   sbatch.write_text(
     "#!/bin/sh\n"
-    f'n=$(ls {tmp_path}/submitted | wc -l)\n'
+    f"n=$(ls {tmp_path}/submitted | wc -l)\n"
     f'for last; do :; done; cp "$last" {tmp_path}/submitted/$n.slurm; echo "$@" > {tmp_path}/submitted/$n.args\n'
     'echo "Submitted batch job $((1000 + n))"\n'
   )
@@ -255,7 +258,10 @@ def test_ray_runs_the_same_pipeline_to_the_same_documents(corpus, prepared, tmp_
 
   ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
   try:
-    assert run_lm("data", "prepare", "--config", exp, "--out", str(out), "--executor", "ray", "--no-progress").returncode == 0
+    assert (
+      run_lm("data", "prepare", "--config", exp, "--out", str(out), "--executor", "ray", "--no-progress").returncode
+      == 0
+    )
   finally:
     ray.shutdown()
   ray_kept = {r["id"] for path in sorted((out / "output").glob("*")) for r in prepare.read_jsonl(str(path))}

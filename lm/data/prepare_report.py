@@ -114,7 +114,9 @@ def write(out: str, cfg: ml_collections.ConfigDict, wall_s: float | None = None)
   p = cfg.prepare
   count_tokens = _counter(cfg)
   kept = _scan(os.path.join(out, "output"), count_tokens, 0)
-  removed = {name: _scan(os.path.join(out, "removed", name), count_tokens, p.samples_per_reason) for name in stage_order(cfg)}
+  removed = {
+    name: _scan(os.path.join(out, "removed", name), count_tokens, p.samples_per_reason) for name in stage_order(cfg)
+  }
   unit = "tokens" if p.tokenizer else "words"
   # Walk the stages backwards: a stage's input is its output plus what it removed.
   stages, flow = [], {k: kept[k] for k in ("documents", "bytes", "tokens")}
@@ -179,7 +181,12 @@ def markdown(r: dict) -> str:
   if r["cluster_sizes"]:
     lines += ["", "## Near-duplicate clusters (size: clusters)", ""]
     lines.append(", ".join(f"{size}: {n}" for size, n in r["cluster_sizes"].items()))
-  lines += ["", "## Throughput (each step's own time, summed over tasks)", "", "| stage | step | documents | docs/s | M chars/s |"]
+  lines += [
+    "",
+    "## Throughput (each step's own time, summed over tasks)",
+    "",
+    "| stage | step | documents | docs/s | M chars/s |",
+  ]
   lines.append("|---|---|---|---|---|")
   for t in r["throughput"]:
     rate = f"{t['docs_per_s']:,.0f}" if t["docs_per_s"] else ""

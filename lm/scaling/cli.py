@@ -161,7 +161,11 @@ def _run_scaling(args, fit) -> int:
       print(path)
     return 0
   report_md = report.write_report(
-    args.workdir, flops_per_param_token=args.flops_per_param_token, loss_column=args.loss_column, n_column=args.n_column, **options
+    args.workdir,
+    flops_per_param_token=args.flops_per_param_token,
+    loss_column=args.loss_column,
+    n_column=args.n_column,
+    **options,
   )
   print(report_md)
   return 0
