@@ -2,7 +2,8 @@
 
 A workdir holds `config.json`, `environment.json`, the tokenizer (`tokenizer.json`, and
 `tokenizer.model` for sentencepiece), `checkpoints/`, `metrics.jsonl`, `tb/` and `plots/`; a run
-started from another's params (`train.init_from = DIR`) also `init_from.json`. Everything here
+started from another's params (`train.init_from = DIR`) also `init_from.json`, and one that trains on
+`lm data prepare`'s output `prepared_data.json` (`lm.data.sources.prepared_record`). Everything here
 checks before anything is written: a run refuses to start, in one line, rather than damage a workdir.
 
 A LoRA run (`model.lora_rank` > 0) starts from a base run (`train.init_from = DIR`) and its checkpoints
@@ -29,7 +30,7 @@ from lm import distributed, environment, lora, objectives, partitioning, state
 from lm import metrics as metrics_lib
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
-from lm.data import corpus_builder
+from lm.data import corpus_builder, sources
 from lm.errors import UserError
 
 
@@ -368,6 +369,9 @@ def write_workdir(cfg, path: epath.Path, tok: tokenizer_lib.Tokenizer, init_reco
       metrics_lib.replace_text(path / "environment.json", json.dumps(environment.versions(), indent=2) + "\n")
       if init_record is not None:
         metrics_lib.replace_text(path / "init_from.json", json.dumps(init_record, indent=2) + "\n")
+      prepared = sources.prepared_record(cfg.data.source) if cfg.data.source.startswith("jsonl:") else None
+      if prepared is not None:  # the run trains on `lm data prepare`'s output: say which, and how it was made
+        metrics_lib.replace_text(path / "prepared_data.json", json.dumps(prepared, indent=2) + "\n")
       if not (path / "tokenizer.json").exists():
         staging = path / "tokenizer.tmp"
         tok.save(staging)

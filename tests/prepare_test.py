@@ -168,15 +168,24 @@ def test_the_report_accounts_for_every_document(prepared):
   assert result.returncode == 0 and '"docs_out"' in result.stdout
 
 
-def test_training_reads_the_prepared_documents(prepared, tmp_path):
+def test_training_reads_the_prepared_documents_and_records_them(prepared, tmp_path):
   from lm import config as config_lib
+  from lm import train
   from lm.data import sources
+
+  from conftest import tiny_config
 
   out, _, kept, _, _ = prepared
   cfg = config_lib.default_config()
   cfg.data.source = f"jsonl:{out}/output/*"
   ids = {identity.removeprefix("id:") for identity, _ in sources.identified_documents(cfg)}
   assert ids == kept
+  # A run on them says which prepared directory, under which prepare.* config, it trained on.
+  run_cfg = tiny_config(**{"data.source": cfg.data.source, "train.steps": 2, "data.cache_dir": str(tmp_path / "c")})
+  train.train(run_cfg, str(tmp_path / "run"), progress=False)
+  record = json.loads((tmp_path / "run" / "prepared_data.json").read_text())
+  assert record["directory"] == str(out) and record["prepare"]["preset"] == "prose"
+  assert record["report"]["docs_out"] == len(kept) and len(record["files"]) == 2
 
 
 def test_the_code_preset_keeps_source_files_and_removes_generated_minified_and_binary_ones(tmp_path):

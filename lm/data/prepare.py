@@ -27,6 +27,7 @@ code). English words are split by `WordSplitter`, a regular expression, so no sp
 import dataclasses
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -148,14 +149,17 @@ class SourceReader(PipelineStep):
     self.source, self.text_field, self.limit = source, text_field, limit
 
   def run(self, data=None, rank: int = 0, world_size: int = 1):
-    for i, (identity, text, metadata) in enumerate(read_source(self.source, self.text_field)):
-      if self.limit >= 0 and i >= self.limit:
-        break
+    documents = read_source(self.source, self.text_field)
+    for i in itertools.count():
+      with self.track_time():  # reading and decoding count as this step's time
+        item = next(documents, None) if self.limit < 0 or i < self.limit else None
+      if item is None:
+        return
       if i % world_size != rank:
         continue
-      with self.track_time():
-        self.stat_update("documents")
-        self.update_doc_stats(doc := Document(text=text, id=identity, metadata=metadata))
+      identity, text, metadata = item
+      self.stat_update("documents")
+      self.update_doc_stats(doc := Document(text=text, id=identity, metadata=metadata))
       yield doc
 
 

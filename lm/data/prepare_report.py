@@ -144,7 +144,8 @@ def write(out: str, cfg: ml_collections.ConfigDict, wall_s: float | None = None)
     "removed_by_stage": {name: r["documents"] for name, r in removed.items()},
     "stages": stages,
     "token_unit": unit,
-    "cluster_sizes": dict(sorted(collections.Counter(clusters).items())),
+    # Each member of a cluster of k documents (kept or removed) carries k: k of them make one cluster.
+    "cluster_sizes": {size: n // size for size, n in sorted(collections.Counter(clusters).items())},
     "throughput": _throughput(out),
     "samples": {name: r["samples"] for name, r in removed.items()},
     "wall_s": wall_s,

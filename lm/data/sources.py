@@ -123,6 +123,31 @@ def identified_documents(cfg) -> Iterator[tuple[str, str]]:
     raise UserError(f"data.source {cfg.data.source!r} is empty: {len(files)} files, no text")
 
 
+def prepared_record(source: str) -> dict | None:
+  """What `lm data prepare` made the documents of `source` from, if it names a prepared directory's output
+  (`jsonl:DIR/output/*`): DIR, its `prepare.*` config, the report's counts and the output files' sizes. A run
+  training on them writes this as `prepared_data.json`. None for any other source."""
+  kind, _ = parse(source)
+  base = root(source)
+  prepared = os.path.dirname(base)
+  if (
+    kind != "jsonl"
+    or os.path.basename(base) != "output"
+    or not os.path.exists(os.path.join(prepared, "prepare_config.json"))
+  ):
+    return None
+  with open(os.path.join(prepared, "prepare_config.json")) as f:
+    config = json.load(f).get("prepare", {})
+  record = {"directory": os.path.abspath(prepared), "prepare": config}
+  report_path = os.path.join(prepared, "report", "report.json")
+  if os.path.exists(report_path):
+    with open(report_path) as f:
+      report = json.load(f)
+    record["report"] = {k: report.get(k) for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "removed")}
+  record["files"] = {os.path.relpath(f, prepared): os.path.getsize(f) for f in list_files(source)}
+  return record
+
+
 def docstrings(path: str) -> str:
   """The module, class and function docstrings of a Python file, separated by blank lines ('' if none)."""
   return _docstrings(path, os.stat(path).st_mtime_ns)
