@@ -3,7 +3,8 @@
 nearly all code (measured in README).
 
   lm data prepare --config experiments/data_code.py --out runs/prepared_code
-  lm train --config experiments/quickstart.py --workdir runs/q_code --config.data.source='jsonl:runs/prepared_code/output/*'
+  lm train --config experiments/quickstart.py --workdir runs/q_code \
+    --config.data.source='jsonl:runs/prepared_code/output/*'
 """
 
 from lm.config import default_config

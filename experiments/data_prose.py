@@ -2,7 +2,8 @@
 MinHash deduplication, decontamination against the held-out docstrings.
 
   lm data prepare --config experiments/data_prose.py --out runs/prepared_prose
-  lm train --config experiments/quickstart.py --workdir runs/q_prose --config.data.source='jsonl:runs/prepared_prose/output/*'
+  lm train --config experiments/quickstart.py --workdir runs/q_prose \
+    --config.data.source='jsonl:runs/prepared_prose/output/*'
 
 The default source is the standard library's docstrings (English prose, one document per file); point
 `--config.prepare.source` at your own (`jsonl:GLOB`, `parquet:GLOB`, `text:GLOB`). README ("Data preparation") has
