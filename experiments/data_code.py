@@ -1,4 +1,4 @@
-"""Data preparation preset for source code: line-length, alphanumeric-fraction and auto-generated-marker heuristics
+r"""Data preparation preset for source code: line-length, alphanumeric-fraction and auto-generated-marker heuristics
 (`lm.data.prepare.CodeFilter`), exact and MinHash deduplication. Gopher's prose rules are not used: they remove
 nearly all code (measured in README).
 

@@ -1,4 +1,4 @@
-"""Data preparation preset for prose: Gopher quality and repetition, FineWeb quality and URL filters, exact and
+r"""Data preparation preset for prose: Gopher quality and repetition, FineWeb quality and URL filters, exact and
 MinHash deduplication, decontamination against the held-out docstrings.
 
   lm data prepare --config experiments/data_prose.py --out runs/prepared_prose
