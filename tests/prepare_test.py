@@ -161,7 +161,9 @@ def test_the_report_accounts_for_every_document(prepared):
   assert report["stages"][-1]["out"]["bytes"] == report["bytes_out"] > 0
   assert max(map(int, report["cluster_sizes"])) >= 2  # near-duplicate clusters of two or more (JSON keys)
   assert any(t["step"] == "Gopher Repetition" and t["docs_per_s"] for t in report["throughput"])
-  assert report["samples"]["exact_duplicate"][0]["id"].startswith("x")
+  # Samples of every reason, quoted from the removed documents themselves.
+  assert set(report["samples"]) == set(report["removed"])
+  assert all(s["id"] in removed and s["text"] for samples in report["samples"].values() for s in samples)
   md = (out / "report" / "report.md").read_text()
   assert "Removed, by reason" in md and "exact_duplicate" in md
   assert os.path.getsize(out / "report" / "removed.png") > 10_000

@@ -48,20 +48,22 @@ def _counter(cfg):
 
 
 def _scan(folder: str, count_tokens, samples: int) -> dict:
-  """Documents, bytes, tokens, reasons and the first `samples` documents of the JSONL files in `folder`."""
-  out = {"documents": 0, "bytes": 0, "tokens": 0, "reasons": collections.Counter(), "samples": [], "clusters": []}
+  """Documents, bytes, tokens, removal reasons (the filter's, else the folder's name) and the first `samples`
+  documents of each reason, of the JSONL files in `folder`."""
+  out = {"documents": 0, "bytes": 0, "tokens": 0, "reasons": collections.Counter(), "samples": {}, "clusters": []}
   for path in sorted(glob.glob(os.path.join(folder, "*.jsonl*"))):
     for record in prepare_lib.read_jsonl(path):
       text, metadata = record["text"], record.get("metadata") or {}
       out["documents"] += 1
       out["bytes"] += len(text.encode())
       out["tokens"] += count_tokens(text)
-      out["reasons"][metadata.get("filter_reason", "")] += 1
+      reason = metadata.get("filter_reason") or os.path.basename(folder)
+      out["reasons"][reason] += 1
       if metadata.get("minhash_cluster_size", 1) > 1:
         out["clusters"].append(metadata["minhash_cluster_size"])
-      if len(out["samples"]) < samples:
+      if len(out["samples"].setdefault(reason, [])) < samples:
         shown = {k: v for k, v in metadata.items() if k != "filter_reason"}
-        out["samples"].append({"id": record.get("id"), "text": text[:400], **shown})
+        out["samples"][reason].append({"id": record.get("id"), "text": text[:400], **shown})
   return out
 
 
@@ -127,9 +129,8 @@ def write(out: str, cfg: ml_collections.ConfigDict, wall_s: float | None = None)
     flow = before
   stages.reverse()
   reasons = collections.Counter()
-  for name, r in removed.items():
-    for reason, n in r["reasons"].items():
-      reasons[reason or name] += n
+  for r in removed.values():
+    reasons.update(r["reasons"])
   clusters = removed.get("near_duplicate", {"clusters": []})["clusters"] + kept["clusters"]
   report = {
     "source": p.source,
@@ -147,7 +148,7 @@ def write(out: str, cfg: ml_collections.ConfigDict, wall_s: float | None = None)
     # Each member of a cluster of k documents (kept or removed) carries k: k of them make one cluster.
     "cluster_sizes": {size: n // size for size, n in sorted(collections.Counter(clusters).items())},
     "throughput": _throughput(out),
-    "samples": {name: r["samples"] for name, r in removed.items()},
+    "samples": {reason: sample for r in removed.values() for reason, sample in r["samples"].items()},
     "wall_s": wall_s,
   }
   os.makedirs(os.path.join(out, "report"), exist_ok=True)
@@ -193,7 +194,7 @@ def markdown(r: dict) -> str:
     rate = f"{t['docs_per_s']:,.0f}" if t["docs_per_s"] else ""
     mbs = f"{t['mchars_per_s']:.2f}" if t["mchars_per_s"] else ""
     lines.append(f"| {t['stage']} | {t['step']} | {t['documents']:,} | {rate} | {mbs} |")
-  lines += ["", "## Samples of removed documents", ""]
+  lines += ["", "## Samples of removed documents, by reason", ""]
   for name, samples in r["samples"].items():
     for sample in samples:
       text = sample["text"].replace("\n", " ")[:300]
