@@ -96,11 +96,15 @@ def ngram_hash(gram: str) -> int:
   return int.from_bytes(hashlib.blake2b(gram.encode(), digest_size=8).digest(), "little")
 
 
-def read_source(source: str, text_field: str = "text") -> Iterator[tuple[str, str, dict]]:
+def read_source(
+  source: str, text_field: str = "text", shard: tuple[int, int] = (0, 1)
+) -> Iterator[tuple[str, str, dict]]:
   """(id, text, metadata) of every non-empty document of a `data.source`-style source, in a fixed order.
 
   `parquet:GLOB` reads the column `text_field` (and `id`, `url` if present) with pyarrow; the others are
   `lm.data.sources`' readers. A JSON-lines record keeps its `id` and `url`; one without an id gets "PATH:LINE".
+  For a source of one document per file (stdlib, stdlib_docstrings, text:), `shard` = (i, n) reads only every
+  n-th file from the i-th: the tasks of a stage split the reading; other sources yield every document.
   """
   from lm.data import sources  # noqa: PLC0415
 
@@ -132,14 +136,17 @@ def read_source(source: str, text_field: str = "text") -> Iterator[tuple[str, st
         metadata = {k: record[k] for k in ("url",) if isinstance(record.get(k), str)}
         yield (where if identity is None else str(identity)), record[text_field], metadata
     return
-  cfg = config_lib.default_config()
-  cfg.data.source = source
-  for identity, text in sources.identified_documents(cfg):
-    yield identity, text, {}
+  files = sources.list_files(source)[shard[0] :: shard[1]]
+  base, read = sources.root(source), sources.docstrings if kind == "stdlib_docstrings" else sources.read_text
+  for path in files:
+    text = read(path)
+    if text:
+      yield os.path.relpath(path, base), text, {}
 
 
 class SourceReader(PipelineStep):
-  """Reads `prepare.source`; task `rank` of `world_size` takes every world_size-th document."""
+  """Reads `prepare.source`: task `rank` of `world_size` reads every world_size-th file (one document per file)
+  or keeps every world_size-th document."""
 
   name = "📖 lm source"
   type = "📖 - READER"
@@ -149,13 +156,15 @@ class SourceReader(PipelineStep):
     self.source, self.text_field, self.limit = source, text_field, limit
 
   def run(self, data=None, rank: int = 0, world_size: int = 1):
-    documents = read_source(self.source, self.text_field)
+    # One document per file: each task reads its own files. Otherwise every task reads all and keeps its share.
+    by_file = self.source.split(":")[0] in ("stdlib", "stdlib_docstrings", "text") and self.limit < 0
+    documents = read_source(self.source, self.text_field, (rank, world_size) if by_file else (0, 1))
     for i in itertools.count():
       with self.track_time():  # reading and decoding count as this step's time
         item = next(documents, None) if self.limit < 0 or i < self.limit else None
       if item is None:
         return
-      if i % world_size != rank:
+      if not by_file and i % world_size != rank:
         continue
       identity, text, metadata = item
       self.stat_update("documents")
