@@ -404,7 +404,10 @@ def route(logits_GxSxX: Array, top_k: int, capacity: int, renormalize: bool) -> 
   g, s, x = logits_GxSxX.shape
   logits_GxSxX = logits_GxSxX.astype(jnp.float32)
   probs_GxSxX = jax.nn.softmax(logits_GxSxX, axis=-1)
-  weights_GxSxK, experts_GxSxK = jax.lax.top_k(probs_GxSxX, top_k)
+  _, experts_GxSxK = jax.lax.top_k(jax.lax.stop_gradient(probs_GxSxX), top_k)
+  # The chosen probabilities by a one-hot product, not top_k's values: their gradient would be a scatter-add,
+  # which XLA offloads to v5p's SparseCores and its cost model then prices at about -2 s.
+  weights_GxSxK = jnp.sum(jax.nn.one_hot(experts_GxSxK, x, dtype=jnp.float32) * probs_GxSxX[:, :, None, :], axis=-1)
   if renormalize:
     weights_GxSxK = weights_GxSxK / jnp.sum(weights_GxSxK, axis=-1, keepdims=True)
   chosen_GxMxX = jax.nn.one_hot(experts_GxSxK.swapaxes(1, 2).reshape(g, top_k * s), x, dtype=jnp.int32)
