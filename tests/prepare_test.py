@@ -277,3 +277,32 @@ def test_ray_runs_the_same_pipeline_to_the_same_documents(corpus, prepared, tmp_
     ray.shutdown()
   ray_kept = {r["id"] for path in sorted((out / "output").glob("*")) for r in prepare.read_jsonl(str(path))}
   assert ray_kept == kept
+
+
+def test_the_url_filter_works_offline_and_passes_documents_without_a_url():
+  from datatrove.data import Document
+
+  url_filter = prepare.OfflineURLFilter()  # datatrove's bundled block lists, tldextract's bundled suffix list
+  assert url_filter.filter(Document(text="x", id="a", metadata={"url": "http://0-1sex.com/page"})) == (False, "domain")
+  assert url_filter.filter(Document(text="x", id="b", metadata={"url": "https://docs.python.org/3/"})) is True
+  assert url_filter.filter(Document(text="x", id="c", metadata={})) is True
+
+
+def test_parquet_sources_keep_their_ids_and_urls(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  table = pa.table({"id": ["p1", "p2", "p3"], "text": ["alpha beta", "", "gamma delta"], "url": ["u1", "u2", "u3"]})
+  pq.write_table(table, tmp_path / "part-0.parquet")
+  got = list(prepare.read_source(f"parquet:{tmp_path}/*.parquet"))
+  assert got == [("p1", "alpha beta", {"url": "u1"}), ("p3", "gamma delta", {"url": "u3"})]  # the empty one skipped
+  exp = write_experiment(
+    tmp_path / "exp.py",
+    **{"prepare.source": f"parquet:{tmp_path}/*.parquet", "prepare.preset": "none", "prepare.compression": "none"},
+  )
+  assert run_lm("data", "prepare", "--config", exp, "--out", str(tmp_path / "o"), "--no-progress").returncode == 0
+  records = [r for p in sorted((tmp_path / "o" / "output").glob("*.jsonl")) for r in prepare.read_jsonl(str(p))]
+  assert sorted((r["id"], r["text"], r["metadata"]["url"]) for r in records) == [
+    ("p1", "alpha beta", "u1"),
+    ("p3", "gamma delta", "u3"),
+  ]
