@@ -170,9 +170,13 @@ def test_sweep_plan_tables_every_point_shares_compiles_and_exits_2_if_one_does_n
   assert "1 of 3 sweep points do not fit v5e:2x4: huge" in err
 
 
-def test_an_moe_config_plans_with_experts_split_over_the_expert_axis(planner):
+def test_an_moe_config_plans_with_experts_split_over_the_expert_axis():
+  # On v5p: top_k's values would take a scatter-add gradient, which v5p offloads to its SparseCores and XLA's cost
+  # model then prices at about -2 s; the router takes the chosen probabilities by a one-hot product instead.
+  planner = plan.Planner("v5p:2x2x2")
   moe = {"model.moe.experts": 8, "model.moe.top_k": 2, "model.moe.d_ff": 64, "mesh.data": 1}
   split = planner.plan(tiny_config(**moe, **{"mesh.expert": 4, "mesh.fsdp": 2}))
+  assert split["step_s"] > 0 and 0 < split["mfu"] < 1
   replicated = planner.plan(tiny_config(**{**moe, "mesh.data": 4, "mesh.fsdp": 2}))  # experts split over fsdp only
   assert split["mesh"] == {"data": 1, "expert": 4, "fsdp": 2, "tensor": 1} and split["fits"]
   counts = split["params"]
@@ -187,11 +191,3 @@ def test_an_moe_config_plans_with_experts_split_over_the_expert_axis(planner):
   expert_bytes = 2 * 8 * 3 * 32 * 64 * 4 / 2  # f32, over fsdp=2
   saved = replicated["memory_per_device"]["params"] - split["memory_per_device"]["params"]
   assert saved == expert_bytes * 3 / 4
-
-
-def test_an_moe_step_gets_a_step_time_on_a_chip_with_sparsecores():
-  # top_k's values would take a scatter-add gradient, which v5p offloads to its SparseCores and XLA's cost model
-  # then prices at about -2 s: the router takes the chosen probabilities by a one-hot product instead.
-  cfg = tiny_config(**{"model.moe.experts": 4, "model.moe.d_ff": 32, "mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2})
-  r = plan.Planner("v5p:2x2x1").plan(cfg)
-  assert r["fits"] and r["step_s"] > 0 and 0 < r["mfu"] < 1

@@ -209,10 +209,6 @@ def test_the_code_preset_keeps_source_files_and_removes_generated_minified_and_b
   removed = [r["id"] for p in (out / "removed" / "code").glob("*") for r in prepare.read_jsonl(str(p))]
   assert {"zz_minified.py", "zz_generated.py", "zz_table.py"} <= set(removed)
   assert report["docs_out"] >= 0.8 * len(names)  # real source files pass
-  # Gopher's prose rules, by contrast, remove nearly all code.
-  prose_out = tmp_path / "prose"
-  run_lm("data", "prepare", "--config", exp, "--out", str(prose_out), "--no-progress", "--config.prepare.preset=prose")
-  assert json.loads((prose_out / "report" / "report.json").read_text())["docs_out"] <= 0.2 * len(names)
 
 
 def test_bad_keys_are_one_line_errors(tmp_path):
