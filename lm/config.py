@@ -40,6 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.z_loss = 0.0  # weight of log(Z)^2, as in PaLM; 0 disables it
   c.model.scan_layers = False
   c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
+  # Training attention (lm.kernels): auto (splash on TPU, cuDNN on GPU where shapes allow, else xla) | xla |
+  # splash (Pallas, TPU) | cudnn (GPU)
+  c.model.attention = "auto"
   c.model.lora_rank = 0  # > 0: LoRA adapters of this rank; only they train (lm.lora)
   c.model.lora_alpha = 16.0  # adapters scale by lora_alpha / lora_rank
   c.model.lora_targets = LORA_TARGETS  # the projections adapted
@@ -338,6 +341,7 @@ def parse_value(key: str, text: str, kind: type):
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd", "constant")
 REMAT = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("auto", "xla", "splash", "cudnn")  # lm.kernels
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -375,6 +379,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
       raise UserError(f"{key} must be one of {DTYPES}, got {get_key(cfg, key)!r}")
   if m.remat not in REMAT:
     raise UserError(f"model.remat must be one of {REMAT}, got {m.remat!r}")
+  if m.attention not in ATTENTION:
+    raise UserError(f"model.attention must be one of {ATTENTION}, got {m.attention!r}")
   if m.z_loss < 0:
     raise UserError(f"model.z_loss must be >= 0, got {m.z_loss}")
   _validate_moe(cfg)
@@ -606,6 +612,7 @@ RESUMABLE_KEYS = (
   "data.eval_min_tokens",
   "tokenizer.path",
   "model.remat",
+  "model.attention",
   "mesh.data",
   "mesh.expert",
   "mesh.fsdp",

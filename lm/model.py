@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from lm import kernels
 from lm.config import LORA_TARGETS  # by parameter name: attention q, k, v, o and the SwiGLU MLP's three
 
 Array = jax.Array
@@ -90,6 +91,8 @@ class ModelConfig:
   lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
   lora_targets: tuple[str, ...] = LORA_TARGETS
   moe: MoEConfig = MoEConfig()
+  attention: str = "xla"  # the training forward's attention: xla, or a fused kernel of lm.kernels.FUSED
+  kernel_interpret: bool = False  # run Pallas kernels in interpret mode (tests on CPU)
 
   def __post_init__(self):
     assert self.head in HEADS, f"head must be one of {HEADS}, got {self.head!r}"
@@ -120,6 +123,8 @@ class ModelConfig:
       lora_alpha=m.lora_alpha,
       lora_targets=tuple(m.lora_targets),
       moe=MoEConfig(**{f.name: m.moe[f.name] for f in dataclasses.fields(MoEConfig)}),
+      # `auto` runs the xla path until `lm.state.build` resolves it for the mesh's devices.
+      attention=m.attention if m.attention in kernels.FUSED else "xla",
     )
 
 
@@ -329,7 +334,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD: Array, rope_BxTx1x2xE: tuple[Array, Array], mask_BxTxS: Array, cache=None, index=None):
     """Returns (output, cache). With a cache (keys [B * K, E, S], values [B * K, S, E]), this call's
-    keys and values are written at slots `index` to `index + T` and the queries attend over the cache."""
+    keys and values are written at slots `index` to `index + T` and the queries attend over the cache.
+    With a fused kernel (`cfg.attention`) and no cache, `mask_BxTxS` is the [B, T] segment ids."""
     c = self.cfg
     h, k, e, d = c.n_heads, c.n_kv_heads, c.head_dim, c.d_model
     g = h // k
@@ -348,6 +354,11 @@ class Attention(nn.Module):
     k_BxTxKxE = rope(_adapted(self, "wk", x_BxTxD, wk_DxKxE, 1, kv_axes, c), rope_BxTx1x2xE)
     v_BxTxKxE = _adapted(self, "wv", x_BxTxD, wv_DxKxE, 1, kv_axes, c)
     q_BxTxHxE = nn.with_logical_constraint(q_BxTxHxE, ("act_batch", "act_length", "act_heads", None))
+
+    if cache is None and c.attention in kernels.FUSED:
+      qkv = (x.astype(c.dtype) for x in (q_BxTxHxE * e**-0.5, k_BxTxKxE, v_BxTxKxE))
+      out_BxTxHxE = kernels.attention(c.attention, *qkv, mask_BxTxS, interpret=c.kernel_interpret)
+      return _adapted(self, "wo", out_BxTxHxE, wo_HxExD, 2, o_axes, c), cache
 
     # Heads-major layouts make both attention matmuls plain batched matmuls over (B, K), with
     # the G query heads that share a kv head stacked along the rows: N = G * T.
@@ -547,7 +558,8 @@ class Transformer(nn.Module):
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_length", "act_embed"))
     index = None if cache is None else cache["index"]
     if cache is None:
-      mask_BxTxS = attention_mask(segment_ids_BxT)
+      # A fused kernel masks by the segment ids itself and never builds the [B, T, T] mask.
+      mask_BxTxS = segment_ids_BxT if c.attention in kernels.FUSED else attention_mask(segment_ids_BxT)
     else:
       slot_BxT = index + jnp.arange(tokens_BxT.shape[1])[None, :]
       slots_1x1xS = jnp.arange(cache["v"][0].shape[-2])[None, None, :]

@@ -49,17 +49,18 @@ class Chip:
   dims: int  # the topology's dimensions: AxB or AxBxC chips
   hbm_bytes: int  # per JAX device
   peak_flops: float  # dense bf16 FLOP/s per chip
+  hbm_bandwidth: float  # bytes/s per chip
   devices_per_chip: int = 1
   megacore: bool = False  # the chip's two TensorCores run as one device
 
 
 # From cloud.google.com/tpu/docs/{v3,v4,v5e,v5p,v6e}; the peaks are those of lm.flops.TPU_PEAK_FLOPS.
 CHIPS = {
-  "v3": Chip(dims=2, hbm_bytes=16 * GiB, peak_flops=123e12, devices_per_chip=2),
-  "v4": Chip(dims=3, hbm_bytes=32 * GiB, peak_flops=275e12, megacore=True),
-  "v5e": Chip(dims=2, hbm_bytes=16 * GiB, peak_flops=197e12),
-  "v5p": Chip(dims=3, hbm_bytes=95 * GiB, peak_flops=459e12, megacore=True),
-  "v6e": Chip(dims=2, hbm_bytes=32 * GiB, peak_flops=918e12),
+  "v3": Chip(dims=2, hbm_bytes=16 * GiB, peak_flops=123e12, hbm_bandwidth=900e9, devices_per_chip=2),
+  "v4": Chip(dims=3, hbm_bytes=32 * GiB, peak_flops=275e12, hbm_bandwidth=1228e9, megacore=True),
+  "v5e": Chip(dims=2, hbm_bytes=16 * GiB, peak_flops=197e12, hbm_bandwidth=819e9),
+  "v5p": Chip(dims=3, hbm_bytes=95 * GiB, peak_flops=459e12, hbm_bandwidth=2765e9, megacore=True),
+  "v6e": Chip(dims=2, hbm_bytes=32 * GiB, peak_flops=918e12, hbm_bandwidth=1640e9),
 }
 TOPOLOGY_EXAMPLES = "v5e:2x4 (v5e-8), v5p:2x2x4 (v5p-32), v6e:4x4 (v6e-16), v4:2x2x2 (v4-16), v3:4x4 (v3-32)"
 
@@ -95,11 +96,18 @@ def add_parser(subparsers) -> None:
   p.add_argument("--config", required=True, help="experiment file defining get_config()")
   p.add_argument("--topology", required=True, help=f"TPU slice as GENERATION:CHIPS, e.g. {TOPOLOGY_EXAMPLES}")
   p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+  from lm import plan_search  # noqa: PLC0415
+
+  plan_search.add_arguments(p)
 
 
 def run(args, overrides: list[str]) -> int:
   """Plans `args.config` on `args.topology` and prints the report; raises UserError if it does not fit."""
   cfg = config_lib.load_config(args.config, overrides)
+  if args.search:
+    from lm import plan_search  # noqa: PLC0415
+
+    return plan_search.run(args, cfg)
   planner = Planner(args.topology, log=lambda text: print(f"lm plan: {text}", file=sys.stderr))
   report = planner.plan(cfg)
   print(json.dumps(report) if args.json else format_report(report, args.config))
@@ -212,11 +220,7 @@ class Planner:
     from lm.model import ModelConfig  # noqa: PLC0415
     from lm.scaling import accounting  # noqa: PLC0415
 
-    config_lib.validate(cfg, len(self.devices))
-    key = program_key(cfg)
-    if key not in self._programs:
-      self._programs[key] = self._program(cfg)
-    program = self._programs[key]
+    program = self.program(cfg)
     acc = accounting.accounting(cfg)
     flops_per_token = acc["flops_per_token"][cfg.train.flops_convention]
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -247,6 +251,18 @@ class Planner:
       "hours": steps * step_s / 3600 if step_s else None,
       "chip_hours": steps * step_s * chips / 3600 if step_s else None,
     }
+
+  def program(self, cfg: ml_collections.ConfigDict) -> dict:
+    """The part of `cfg`'s report its compiled program decides (memory, fit, cost), compiled once."""
+    config_lib.validate(cfg, len(self.devices))
+    key = program_key(cfg)
+    if key not in self._programs:
+      self._programs[key] = self._program(cfg)
+    return self._programs[key]
+
+  def set_program(self, cfg: ml_collections.ConfigDict, program: dict) -> None:
+    """Plans of `cfg`'s program use `program` (compiled elsewhere, or cached) instead of compiling it."""
+    self._programs[program_key(cfg)] = program
 
   def _program(self, cfg: ml_collections.ConfigDict) -> dict:
     """Memory per device and cost of one step of `cfg`'s program; the part of a report points can share."""
@@ -282,6 +298,8 @@ class Planner:
       "flops_per_step": None,
       "cost_from": None,
       "step_s": None,
+      "attention": setup.model_cfg.attention,
+      "kernel_cost": None,
     }
     if state_bytes > self.chip.hbm_bytes:
       program["does_not_fit"] = f"the train state and batch alone need {_size(state_bytes)} (not compiled)"
@@ -305,8 +323,43 @@ class Planner:
       program["does_not_fit"] = "the compiled step's peak exceeds HBM"
       return program
     flops, seconds, program["cost_from"] = self._cost(cfg, compiled)
+    if setup.model_cfg.attention == "splash":
+      kernel = program["kernel_cost"] = self._splash_cost(cfg, setup)
+      flops += kernel["flops_per_device"]
+      seconds = seconds and seconds + kernel["seconds"]
+      program["cost_from"] += "; splash attention's kernels by formula (XLA's cost model does not see inside them)"
     program.update(flops_per_device=flops, flops_per_step=flops * len(self.devices), step_s=seconds)
     return program
+
+  def _splash_cost(self, cfg: ml_collections.ConfigDict, setup) -> dict:
+    """FLOPs and seconds per device of one step's splash kernels (`lm.kernels.attention_cost`): every layer,
+    every microbatch, the forward twice under remat; each kernel at the slower of the chip's peak FLOP/s and
+    its HBM bandwidth."""
+    import flax.linen as nn  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+
+    from lm import kernels  # noqa: PLC0415
+
+    m, mesh = setup.model_cfg, setup.mesh
+    with nn.logical_axis_rules(setup.rules):
+      batch_axes, head_axes = kernels.splash_partition(mesh, m.n_heads, m.n_kv_heads)
+
+    def shards(spec) -> int:
+      return math.prod(mesh.shape[a] for a in kernels._axes(spec))
+
+    rows = cfg.train.batch_size // cfg.optim.grad_accum_steps // shards(batch_axes)
+    heads, kv_heads = m.n_heads // shards(head_axes), m.n_kv_heads // shards(head_axes)
+    itemsize = jax.numpy.dtype(m.dtype).itemsize
+    cost = kernels.attention_cost(rows, heads, kv_heads, cfg.data.seq_len, m.head_dim, itemsize)
+    peak, bandwidth = (x / self.chip.devices_per_chip for x in (self.chip.peak_flops, self.chip.hbm_bandwidth))
+    forwards = 2 if m.remat != "none" else 1
+    calls = m.n_layers * cfg.optim.grad_accum_steps
+    flops = calls * (forwards * cost["forward_flops"] + cost["backward_flops"])
+    seconds = calls * (
+      forwards * max(cost["forward_flops"] / peak, cost["forward_bytes"] / bandwidth)
+      + max(cost["backward_flops"] / peak, cost["backward_bytes"] / bandwidth)
+    )
+    return {"flops_per_device": flops, "seconds": seconds, "rows_per_device": rows, "heads_per_device": heads}
 
   def _cost(self, cfg: ml_collections.ConfigDict, compiled: _Compiled) -> tuple[float, float | None, str]:
     """(FLOPs per device, seconds or None) of one step by XLA's cost model, every loop iteration counted."""
@@ -487,6 +540,7 @@ def format_report(report: dict, name: str = "") -> str:
     "per step (XLA's cost model; " + r["cost_from"] + ")",
     f"  compiled FLOPs      {_number(r['flops_per_device'])} {per}, {_number(r['flops_per_step'])} for the slice "
     f"({ratio:.2f}x the model's {_number(r['model_flops_per_step'])} under {r['flops_convention']})",
+    *_kernel_lines(r, per),
     f"  step time           {r['step_s']:.4g} s",
     f"  MFU                 {100 * r['mfu']:.1f}%",
     f"  tokens/s            {r['tokens_per_s']:,.0f} for the slice",
@@ -495,6 +549,16 @@ def format_report(report: dict, name: str = "") -> str:
     f"{_hours(r['chip_hours'])} chip-hours",
   ]
   return "\n".join(lines)
+
+
+def _kernel_lines(report: dict, per: str) -> list[str]:
+  kernel = report.get("kernel_cost")
+  if not kernel:
+    return [f"  attention           {report.get('attention', 'xla')} (inside XLA's cost model)"]
+  return [
+    f"  attention           splash kernels: {_number(kernel['flops_per_device'])} FLOPs and "
+    f"{kernel['seconds']:.4g} s {per}, counted by formula and included above"
+  ]
 
 
 def sweep_table(rows: list[tuple[str, dict]], topology: str, compiles: int) -> str:

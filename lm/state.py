@@ -23,7 +23,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from lm import lora, objectives, optim, partitioning
+from lm import kernels, lora, objectives, optim, partitioning
 from lm.model import ModelConfig, Transformer
 
 
@@ -126,6 +126,9 @@ def build(
   """
   objective = objectives.create(cfg) if objective is None else objective
   model_cfg = objective.model_config(ModelConfig.from_config(cfg, vocab_size))
+  platform = mesh.devices.flat[0].platform
+  attention = kernels.resolve(cfg.model.attention, platform, cfg.data.seq_len, model_cfg.dtype, model_cfg.head_dim)
+  model_cfg = dataclasses.replace(model_cfg, attention=attention)
   model = Transformer(model_cfg)
   tx = optim.make_optimizer(cfg)
   rules = partitioning.rules_for(model_cfg, mesh)

@@ -15,7 +15,7 @@ import warnings
 
 from etils import epath
 
-from lm import distributed
+from lm import distributed, plan_search
 from lm.errors import UserError
 
 DEFAULT_BENCH_TABLE = "../shared/data/scaling/chinchilla_240.csv"
@@ -31,6 +31,7 @@ def add_parsers(subparsers) -> None:
     "--plan", action="store_true", help="train nothing: per point, memory, step time, MFU and chip-hours (lm plan)"
   )
   p.add_argument("--topology", default=None, help="with --plan: the TPU slice, e.g. v5p:2x2x4")
+  plan_search.add_arguments(p)
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   distributed.add_flags(p)
 
@@ -118,8 +119,14 @@ def _plan_sweep(args, overrides: list[str], sweep) -> int:
 
   if not (args.plan and args.topology):
     raise UserError("lm sweep: --plan needs --topology, and --topology goes with --plan")
-  rows, compiles = sweep.plan_points(args.config, args.topology, overrides, progress=not args.no_progress)
+  if args.search:
+    rows, compiles = sweep.search_points(args, overrides)
+  else:
+    rows, compiles = sweep.plan_points(args.config, args.topology, overrides, progress=not args.no_progress)
   print(plan.sweep_table(rows, args.topology, compiles))
+  for point_id, report in rows if args.search else ():
+    layout = plan_search.format_overrides(report["overrides"]) if "overrides" in report else "(no layout fits)"
+    print(f"{point_id}: {layout}")
   too_big = [point_id for point_id, report in rows if not report["fits"]]
   if too_big:
     raise UserError(f"{len(too_big)} of {len(rows)} sweep points do not fit {args.topology}: {', '.join(too_big)}")

@@ -301,6 +301,25 @@ def plan_points(path: str, topology: str, overrides: list[str] = (), progress: b
   return rows, planner.compiles
 
 
+def search_points(args, overrides: list[str] = ()) -> tuple[list, int]:
+  """`lm sweep --plan --search`: per point, the fastest layout that fits (`lm.plan_search`), as
+  ([(id, best report, or the point's own report if no layout fits)], programs compiled)."""
+  import sys  # noqa: PLC0415
+
+  from lm import plan as plan_lib  # noqa: PLC0415
+  from lm import plan_search  # noqa: PLC0415
+
+  planner = plan_lib.Planner(args.topology, log=lambda text: print(f"lm sweep: {text}", file=sys.stderr))
+  cache, jobs = plan_search.Cache(args.cache_dir), args.jobs or plan_search.default_jobs()
+  rows, compiles = [], 0
+  for point_id, cfg, _ in load_sweep(args.config, overrides):
+    planner.log(f"searching layouts for {point_id}")
+    found = plan_search.search(cfg, planner, args.max_candidates, args.time_budget, jobs, cache, planner.log)
+    rows.append((point_id, found["best"] or planner.plan(cfg)))
+    compiles += found["compiled"]
+  return rows, compiles
+
+
 def run_sweep(path: str, workdir: str, overrides: list[str] = (), progress: bool = True) -> str:
   """Trains every unfinished point in turn; returns the path of the aggregated `results.csv`.
 
