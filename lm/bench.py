@@ -142,7 +142,7 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
   step_s = float(np.median(times))
   fpt = flops_lib.flops_per_token(setup.model_cfg, t, cfg.train.flops_convention)
   fpt_computed = flops_lib.flops_per_token_computed(setup.model_cfg, t)  # causal query blocks: below 6N+attn
-  peak = flops_lib.measure_matmul_flops(cfg.model.dtype)
+  peak, peak_from = _peak(cfg.model.dtype)
   tokens_per_s = b * t / step_s
   record = {
     "impl": f"lm-jax-{cfg.model.dtype}",
@@ -155,6 +155,9 @@ def train_step_throughput(cfg, steps: int = 10, warmup: int = 3, profile: bool =
     "flops_per_token_computed": fpt_computed,
     "mfu_computed": tokens_per_s * fpt_computed / peak,
     "matmul_peak_flops": peak,
+    "peak_from": peak_from,
+    "device_kind": jax.devices()[0].device_kind,
+    "attention": setup.model_cfg.attention,
     "params": flops_lib.param_counts(setup.model_cfg)["total"],
     "loss": float(metrics["train/loss"]),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -206,6 +209,19 @@ def bare_step_throughput(cfg, steps: int = 10, warmup: int = 3) -> dict:
 
 # A fused op is named after its root: a matmul, a copy, or (anything else) elementwise work and reductions.
 _KIND_OF_ROOT = {"dot_general": "matmul", "transpose": "copy/transpose", "copy": "copy/transpose"}
+
+
+def _peak(dtype: str) -> tuple[float, str]:
+  """(peak FLOP/s of all local devices, where the figure comes from): the TPU or GPU data sheet, or on a
+  CPU a matmul measured in this process."""
+  import jax  # noqa: PLC0415
+
+  from lm import flops as flops_lib  # noqa: PLC0415
+
+  per_device = flops_lib.accelerator_peak_flops()
+  if per_device is not None:
+    return per_device * jax.local_device_count(), f"data sheet: {jax.devices()[0].device_kind}"
+  return flops_lib.measure_matmul_flops(dtype), "measured matmul"
 
 
 def profile_ops(lowered, run: Callable, steps: int, top: int = 12) -> dict:
@@ -519,8 +535,13 @@ def sample_throughput(
   recompute()
   recompute_rate = new_tokens / (time.perf_counter() - t0)
 
+  peak, peak_from = _peak(cfg.model.dtype)
+  forward_flops = flops_lib.flops_per_token(model_cfg, context) / 3  # one forward pass per token
   record = {
     "impl": f"lm-jax-{cfg.model.dtype}",
+    "device_kind": jax.devices()[0].device_kind,
+    "peak_flops": peak,
+    "peak_from": peak_from,
     "new_tokens": new_tokens,
     "prompt_tokens": prompt_len,
     "prefill_tokens_per_s": new_tokens / prefill_s,
@@ -538,6 +559,8 @@ def sample_throughput(
     record["profile_batch8"] = profile_ops(lowered, lambda c: c(params, starts.pop()[0], controls, steps), new_tokens)
     record["step_ms_by_cache_slots"] = step_ms_by_cache_slots(sampler, params, vocab, prompt_len, new_tokens, rng)
   record["cached_vs_recompute"] = record["decode_tokens_per_s"] / record["recompute_tokens_per_s"]
+  for key in ("prefill", "decode", "batch8_decode"):
+    record[f"{key}_mfu"] = record[f"{key}_tokens_per_s"] * forward_flops / peak
   record["batch8_vs_batch1"] = record["batch8_decode_tokens_per_s"] / record["decode_tokens_per_s"]
   return record
 

@@ -146,17 +146,32 @@ TPU_PEAK_FLOPS = {
   "v6 lite": 918e12,
 }
 
+# Dense bf16 FLOP/s per GPU (NVIDIA's data sheets, SXM parts, without sparsity), by device_kind substring.
+GPU_PEAK_FLOPS = {
+  "h200": 989e12,
+  "h100": 989e12,
+  "a100": 312e12,
+  "l4": 121e12,
+}
+
 _measured_peak: dict[str, float] = {}
 
 
-def peak_flops_per_device(dtype: str = "float32") -> float:
-  """Per-device peak FLOP/s: a table for TPUs, a measured matmul rate elsewhere (cached)."""
+def accelerator_peak_flops() -> float | None:
+  """The data-sheet peak of this host's TPU or GPU per device, or None (a CPU, or an unlisted device)."""
   import jax  # noqa: PLC0415 (keeps `lm.flops` importable without initialising JAX)
 
-  kind = jax.devices()[0].device_kind.lower()
-  for name, peak in TPU_PEAK_FLOPS.items():
-    if name in kind:
-      return peak
+  device = jax.devices()[0]
+  kind = device.device_kind.lower()
+  table = TPU_PEAK_FLOPS if device.platform == "tpu" else GPU_PEAK_FLOPS if device.platform == "gpu" else {}
+  return next((peak for name, peak in table.items() if name in kind), None)
+
+
+def peak_flops_per_device(dtype: str = "float32") -> float:
+  """Per-device peak FLOP/s: a table for TPUs and GPUs, a measured matmul rate elsewhere (cached)."""
+  peak = accelerator_peak_flops()
+  if peak is not None:
+    return peak
   if dtype not in _measured_peak:
     _measured_peak[dtype] = measure_matmul_flops(dtype)
   return _measured_peak[dtype]

@@ -300,11 +300,13 @@ class Planner:
       "step_s": None,
       "attention": setup.model_cfg.attention,
       "kernel_cost": None,
+      "compiled": False,  # the state alone fits HBM, so the step went to the compiler
     }
     if state_bytes > self.chip.hbm_bytes:
       program["does_not_fit"] = f"the train state and batch alone need {_size(state_bytes)} (not compiled)"
       return program
     compiled = self._compile(cfg, setup=setup, batch=batch)
+    program["compiled"] = True
     if compiled.out_of_memory:
       program["does_not_fit"] = f"the compiler ran out of HBM: {compiled.out_of_memory}"
       memory["total"] = _required_from(compiled.out_of_memory)

@@ -44,7 +44,7 @@ COMPILE_MEMORY = 4 * 2**30  # host memory one compile process may take
 def add_arguments(p) -> None:
   """The search's options of `lm plan`."""
   p.add_argument("--search", action="store_true", help="search mesh, remat, accumulation and scan for the fastest fit")
-  p.add_argument("--max-candidates", type=int, default=24, help="with --search: compile at most this many (24)")
+  p.add_argument("--max-candidates", type=int, default=24, help="with --search: plan at most this many (24)")
   p.add_argument("--time-budget", type=float, default=0, help="with --search: start no compile after S seconds")
   p.add_argument("--jobs", type=int, default=0, help="with --search: compile processes (0: by cores and memory)")
   p.add_argument("--cache-dir", default=None, help="with --search: compiled plans (default ~/.cache/lm/plan)")
@@ -76,7 +76,9 @@ class Candidate:
 
 def candidates(cfg: ml_collections.ConfigDict, devices: int) -> list[Candidate]:
   """Every valid layout of `cfg` on `devices` devices, most promising first."""
-  expert = config_lib.mesh_shape(cfg, devices)[config_lib.MESH_AXES.index("expert")]
+  expert = cfg.mesh.expert
+  if expert == -1:  # the configured mesh's resolved expert axis
+    expert = config_lib.mesh_shape(cfg, devices)[config_lib.MESH_AXES.index("expert")]
   rest = devices // expert
   found = []
   for tensor in _divisors(rest):
@@ -227,9 +229,9 @@ def search(
   found = candidates(cfg, devices)
   if not found:
     raise UserError(f"no layout of this config divides the {devices} devices of {topology}: try plain lm plan")
-  log(f"{len(found)} candidate layouts on {topology}; compiling at most {max_candidates} in {jobs} process(es)")
+  log(f"{len(found)} candidate layouts on {topology}; planning at most {max_candidates} in {jobs} process(es)")
   started = time.perf_counter()
-  compiled = 0
+  planned = 0
   pool = None
   if jobs > 1:
     context = multiprocessing.get_context("spawn")
@@ -249,17 +251,17 @@ def search(
     for c in found:
       if c.status != "pending":
         continue
+      over_budget = time_budget and time.perf_counter() - started > time_budget
+      if planned >= max_candidates or over_budget:
+        c.status, c.why = "cut", "over --time-budget" if over_budget else "over --max-candidates"
+        continue
+      planned += 1  # cached or compiled: the same search again compiles nothing
       variant = with_overrides(cfg, c.overrides)
       hit = cache.get(topology, variant) if cache else None
       if hit is not None:
         c.cached = True
         finish(c, hit["program"], hit["compile_s"])
         continue
-      over_budget = time_budget and time.perf_counter() - started > time_budget
-      if compiled >= max_candidates or over_budget:
-        c.status, c.why = "cut", "over --time-budget" if over_budget else "over --max-candidates"
-        continue
-      compiled += 1
       if pool is None:
         program, seconds = _compile_program(topology, variant.to_dict())
         _store(cache, topology, variant, program, seconds)
@@ -316,7 +318,7 @@ def result(found: list[Candidate]) -> dict:
   skipped = [{"overrides": c.overrides, "why": c.why} for c in found if c.status in ("pruned", "cut")]
   if best is not None:
     best = {**best, "overrides": fitting[0].overrides}
-  compiled = sum(not c.cached for c in planned)
+  compiled = sum(not c.cached and c.report["compiled"] for c in planned)
   return {"candidates": rows, "skipped": skipped, "best": best, "compiled": compiled}
 
 

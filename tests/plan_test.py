@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lm import cli, flops, plan
+from lm import cli, flops, plan, plan_search
 from lm.errors import UserError
 from lm.model import ModelConfig
 from lm.scaling import accounting
@@ -191,3 +191,103 @@ def test_an_moe_config_plans_with_experts_split_over_the_expert_axis():
   expert_bytes = 2 * 8 * 3 * 32 * 64 * 4 / 2  # f32, over fsdp=2
   saved = replicated["memory_per_device"]["params"] - split["memory_per_device"]["params"]
   assert saved == expert_bytes * 3 / 4
+
+
+SPLASH = {"data.seq_len": 512, "model.d_model": 64, "model.dtype": "bfloat16", "mesh.fsdp": -1, "train.batch_size": 8}
+
+
+def test_splash_attention_compiles_for_tpu_and_its_kernels_are_counted_not_left_out(planner):
+  # Attention is a large share of this step (512 tokens at d_model 64). XLA's cost model counts no FLOPs inside
+  # the Pallas kernel's custom call: without the formula the splash step would look 40% cheaper than the XLA one.
+  splash = planner.plan(tiny_config(**SPLASH))  # model.attention=auto: splash on a TPU for 512 = 4 x 128 tokens
+  xla = planner.plan(tiny_config(**SPLASH, **{"model.attention": "xla"}))
+  assert (splash["attention"], xla["attention"], xla["kernel_cost"]) == ("splash", "xla", None)
+  kernel = splash["kernel_cost"]
+  assert kernel["rows_per_device"] == 1 and kernel["heads_per_device"] == 4  # 8 rows over fsdp=8
+  per_layer = flops.flops_per_token(ModelConfig.from_config(tiny_config(**SPLASH), 264), 512)  # 6N + attention
+  assert kernel["flops_per_device"] > 0.2 * per_layer * 512  # a sizeable share of the step, included below
+  # The kernels recompute q k^T in the backward pass (9 matmuls per block pair; lm's XLA path keeps the weights
+  # and runs 6), so the splash step counts more FLOPs, not fewer; without the kernels it would count far fewer.
+  assert xla["flops_per_device"] < splash["flops_per_device"] < 1.5 * xla["flops_per_device"]
+  assert splash["flops_per_device"] - kernel["flops_per_device"] < 0.8 * xla["flops_per_device"]
+  assert splash["step_s"] > kernel["seconds"] > 0 and "by formula" in splash["cost_from"]
+  assert "splash kernels" in plan.format_report(splash)
+
+
+def test_search_candidates_hold_the_global_batch_and_come_most_promising_first():
+  cfg = tiny_config(**{"train.batch_size": 16})
+  found = plan_search.candidates(cfg, 8)
+  assert found[0].overrides == {
+    "mesh.data": 1,
+    "mesh.fsdp": 8,
+    "mesh.tensor": 1,
+    "model.remat": "none",
+    "optim.grad_accum_steps": 1,
+    "model.scan_layers": True,
+  }
+  for c in found:
+    o = c.overrides
+    assert o["mesh.data"] * o["mesh.fsdp"] * o["mesh.tensor"] == 8 and 4 % o["mesh.tensor"] == 0  # 4 heads
+    assert (16 // o["optim.grad_accum_steps"]) % (o["mesh.data"] * o["mesh.fsdp"]) == 0
+  assert {c.overrides["model.remat"] for c in found} == set(plan_search.REMATS)
+  # 16 rows over 8 data-parallel devices accumulate at most 2 microbatches; over 2 (tensor 4), at most 8.
+  assert {c.overrides["optim.grad_accum_steps"] for c in found} == {1, 2, 4, 8}
+
+
+def test_search_pruning_rules():
+  found = plan_search.candidates(tiny_config(**{"train.batch_size": 16}), 8)
+  group = [c for c in found if c.group == (1, 2, 4, True)]  # data 1, fsdp 2, tensor 4, scanned: accumulation 1-8
+  by_knobs = {(c.overrides["model.remat"], c.accum): c for c in group}
+  too_big = by_knobs[("dots", 2)]
+  too_big.report, too_big.status = {"fits": False}, "planned"
+  plan_search.prune(found, too_big)
+  assert by_knobs[("none", 1)].status == by_knobs[("none", 2)].status == by_knobs[("dots", 1)].status == "pruned"
+  assert by_knobs[("full", 2)].status == by_knobs[("dots", 4)].status == "pending"
+  fits = by_knobs[("dots_no_batch", 4)]
+  fits.report, fits.status = {"fits": True}, "planned"
+  plan_search.prune(found, fits)
+  assert by_knobs[("full", 4)].status == by_knobs[("full", 8)].status == "pruned"
+  assert "which fits" in by_knobs[("full", 8)].why
+  assert by_knobs[("full", 2)].status == "pending" and by_knobs[("dots_no_batch", 2)].status == "pending"
+  twin = {**fits.overrides, "model.scan_layers": False}
+  assert next(c for c in found if c.overrides == twin).status == "pruned"  # costs the same, compiles longer
+
+
+def test_plan_search_in_compile_processes_prints_the_fastest_fit_and_a_rerun_compiles_nothing(
+  tmp_path, capsys, fsdp_plan
+):
+  exp = write_experiment(tmp_path)
+  argv = ["plan", "--config", exp, "--topology", SLICE, "--search", "--max-candidates", "2"]
+  argv += ["--cache-dir", str(tmp_path / "cache"), "--json", "--config.model.n_layers=1"]
+  assert cli.main([*argv, "--jobs", "2"]) == 0
+  first = json.loads(capsys.readouterr().out)
+  planned = first["candidates"]
+  assert len(planned) == 2 and first["compiled"] == 2 and not any(c["cached"] for c in planned)
+  speeds = [c["tokens_per_s"] for c in planned if c["fits"]]
+  assert speeds == sorted(speeds, reverse=True) and all(c["mfu"] > 0 and c["compile_s"] > 0 for c in planned)
+  best = first["best"]
+  assert best["overrides"] == planned[0]["overrides"] and best["tokens_per_s"] == speeds[0]
+  _, plain = fsdp_plan
+  assert set(plain) <= set(best) and set(best) - set(plain) == {"overrides"}  # plain lm plan --json's keys
+  assert len(first["skipped"]) > 0 and all(s["why"] for s in first["skipped"])
+  assert cli.main([*argv, "--jobs", "1"]) == 0  # the same search again: every plan from the cache
+  again = json.loads(capsys.readouterr().out)
+  assert again["compiled"] == 0 and all(c["cached"] for c in again["candidates"])
+  assert [c["tokens_per_s"] for c in again["candidates"]] == [c["tokens_per_s"] for c in planned]
+  # The table form names the winner as the overrides to paste.
+  assert cli.main([a for a in argv if a != "--json"]) == 0
+  table = capsys.readouterr().out
+  assert table.rstrip().splitlines()[-1] == plan_search.format_overrides(best["overrides"])
+
+
+def test_sweep_plan_search_picks_a_layout_per_point(tmp_path, capsys):
+  exp = write_experiment(tmp_path)
+  argv = ["sweep", "--config", exp, "--plan", "--topology", SLICE, "--search", "--max-candidates", "1"]
+  argv += ["--jobs", "1", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--config.model.n_layers=1"]
+  assert cli.main(argv) == 2  # `huge` fits in no layout
+  out = capsys.readouterr().out.splitlines()
+  layouts = dict(line.split(": ", 1) for line in out if line.startswith(("short: ", "long: ", "huge: ")))
+  assert layouts["short"] == layouts["long"]
+  assert layouts["short"].startswith("--config.mesh.data=1 --config.mesh.fsdp=8")
+  assert layouts["huge"] == "(no layout fits)"
+  assert "(programs compiled: 1)" in out[-4]  # short and long share one program; huge's state alone is too big
