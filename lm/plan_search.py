@@ -10,13 +10,13 @@ The knobs users otherwise tune by hand, with the global batch held fixed:
 
 Each candidate is planned like `lm plan` plans a config (`lm.plan.Planner`): its real step compiled for
 the topology, its memory against HBM and XLA's cost-model step time. Candidates go in order of what is
-usually fastest (less recomputation, less accumulation, less tensor parallelism) and two rules prune the
-rest, for one mesh and scan setting: a candidate that does not fit rules out those that hold more (a
-lighter remat with no more accumulation), and one that fits rules out those that recompute or accumulate
-more (they are slower by the cost model's count). Compiles run in `--jobs` processes (by default as many
-as cores and memory allow, about 4 GiB each) and land in a cache (`--cache-dir`, by default
-~/.cache/lm/plan), keyed by the compiled program, the topology and the versions of lm, jax and libtpu, so
-that a rerun compiles only what is new.
+usually fastest (less recomputation, less accumulation, less tensor parallelism, the most fsdp shards
+first) and their results prune the rest (`prune`): one that does not fit rules out those that hold more
+(fewer fsdp shards, a lighter remat, no more accumulation), one that fits rules out those on its mesh
+that recompute or accumulate more (slower by the cost model's count). Compiles run in `--jobs`
+processes (by default as many as cores and memory allow, about 4 GiB each) and land in a cache
+(`--cache-dir`, by default ~/.cache/lm/plan), keyed by the compiled program, the topology and the
+versions of lm, jax and libtpu, so that a rerun compiles only what is new.
 """
 
 import concurrent.futures
@@ -126,19 +126,27 @@ def with_overrides(cfg: ml_collections.ConfigDict, overrides: dict) -> ml_collec
 
 
 def prune(pending: list[Candidate], done: Candidate) -> None:
-  """Marks the pending candidates of `done`'s group that its result rules out."""
-  fits = done.report["fits"]
+  """Marks the pending candidates that `done`'s result rules out.
+
+  Memory: with the tensor split and scan setting fixed, every data x fsdp split holds the same
+  activations per device, and fewer fsdp shards hold more of the state; so a candidate that does not
+  fit rules out those with no more fsdp, a lighter remat and no more accumulation. Speed: on the same
+  mesh, one that fits rules out those that recompute or accumulate more, and its unscanned twin.
+  """
+  fits, d = done.report["fits"], done.overrides
   for c in pending:
-    if c.status != "pending" or c.group != done.group or c is done:
+    if c.status != "pending" or c is done:
       continue
-    if not fits and c.remat <= done.remat and c.accum <= done.accum:
-      c.status, c.why = "pruned", f"holds more than {describe(done)}, which does not fit"
-    elif fits and c.remat >= done.remat and c.accum >= done.accum:
+    o = c.overrides
+    same_split = (o["mesh.tensor"], o["model.scan_layers"]) == (d["mesh.tensor"], d["model.scan_layers"])
+    if not fits and same_split and o["mesh.fsdp"] <= d["mesh.fsdp"] and c.remat <= done.remat and c.accum <= done.accum:
+      c.status, c.why = "pruned", f"holds at least what {describe(done)} holds, which does not fit"
+    elif fits and c.group == done.group and c.remat >= done.remat and c.accum >= done.accum:
       c.status, c.why = "pruned", f"recomputes or accumulates more than {describe(done)}, which fits"
-  if fits and done.overrides["model.scan_layers"]:
+  if fits and d["model.scan_layers"]:
     # Unscanned, the same layout costs the same (a scanned step is priced by unscanned compiles) and
     # compiles n_layers times the code: worth compiling only where the scanned one does not fit.
-    twin = {**done.overrides, "model.scan_layers": False}
+    twin = {**d, "model.scan_layers": False}
     for c in pending:
       if c.status == "pending" and c.overrides == twin:
         c.status, c.why = "pruned", "costs what its scanned twin, which fits, does"
@@ -146,7 +154,8 @@ def prune(pending: list[Candidate], done: Candidate) -> None:
 
 def describe(c: Candidate) -> str:
   o = c.overrides
-  return f"remat {o['model.remat']}, accumulation {o['optim.grad_accum_steps']}"
+  mesh = f"data {o['mesh.data']} x fsdp {o['mesh.fsdp']} x tensor {o['mesh.tensor']}"
+  return f"{mesh}, remat {o['model.remat']}, accumulation {o['optim.grad_accum_steps']}"
 
 
 class Cache:

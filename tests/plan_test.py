@@ -243,6 +243,10 @@ def test_search_pruning_rules():
   plan_search.prune(found, too_big)
   assert by_knobs[("none", 1)].status == by_knobs[("none", 2)].status == by_knobs[("dots", 1)].status == "pruned"
   assert by_knobs[("full", 2)].status == by_knobs[("dots", 4)].status == "pending"
+  # Fewer fsdp shards at the same tensor split hold more state: data 2 x fsdp 1 x tensor 4 is out too.
+  scanned = [c for c in found if c.overrides["model.scan_layers"]]
+  meshes = {(c.overrides["mesh.data"], c.overrides["mesh.tensor"], c.remat, c.accum): c for c in scanned}
+  assert meshes[(2, 4, 1, 2)].status == "pruned" and meshes[(1, 2, 0, 1)].status == "pending"  # remat 1: dots
   fits = by_knobs[("dots_no_batch", 4)]
   fits.report, fits.status = {"fits": True}, "planned"
   plan_search.prune(found, fits)
