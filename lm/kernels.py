@@ -89,12 +89,12 @@ def splash(q_BxHxTxE, k_BxKxTxE, v_BxKxTxE, segment_ids_BxT, interpret: bool = F
   if mesh.empty:
     return _splash_local(q_BxHxTxE, k_BxKxTxE, v_BxKxTxE, segment_ids_BxT, interpret)
   batch, heads = splash_partition(mesh, q_BxHxTxE.shape[1], k_BxKxTxE.shape[1])
-  q_spec, kv_spec = P(batch, heads), P(batch, heads)
+  rows_heads = P(batch, heads)  # of q, k, v and the output alike
   local = jax.shard_map(
     lambda q, k, v, s: _splash_local(q, k, v, s, interpret),
     mesh=mesh,
-    in_specs=(q_spec, kv_spec, kv_spec, P(batch)),
-    out_specs=q_spec,
+    in_specs=(rows_heads, rows_heads, rows_heads, P(batch)),
+    out_specs=rows_heads,
     check_vma=False,
   )
   return local(q_BxHxTxE, k_BxKxTxE, v_BxKxTxE, segment_ids_BxT)
@@ -107,13 +107,15 @@ def splash_partition(mesh, n_heads: int, n_kv_heads: int) -> tuple:
   divide too: each shard then holds whole groups of query heads with their kv head.
   """
   batch, heads = nn.logical_to_mesh_axes(("act_batch", "act_heads"))
-  if heads is not None and n_kv_heads % math.prod(mesh.shape[a] for a in _axes(heads)):
+  if heads is not None and n_kv_heads % shards(mesh, heads):
     heads = None
   return batch, heads
 
 
-def _axes(spec) -> tuple:
-  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+def shards(mesh, spec) -> int:
+  """How many ways the mesh axis or axes of one partition-spec entry (None, a name, or a tuple) split."""
+  names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return math.prod(mesh.shape[a] for a in names)
 
 
 def _splash_local(q_BxHxTxE, k_BxKxTxE, v_BxKxTxE, segment_ids_BxT, interpret):

@@ -345,12 +345,8 @@ class Planner:
     m, mesh = setup.model_cfg, setup.mesh
     with nn.logical_axis_rules(setup.rules):
       batch_axes, head_axes = kernels.splash_partition(mesh, m.n_heads, m.n_kv_heads)
-
-    def shards(spec) -> int:
-      return math.prod(mesh.shape[a] for a in kernels._axes(spec))
-
-    rows = cfg.train.batch_size // cfg.optim.grad_accum_steps // shards(batch_axes)
-    heads, kv_heads = m.n_heads // shards(head_axes), m.n_kv_heads // shards(head_axes)
+    rows = cfg.train.batch_size // cfg.optim.grad_accum_steps // kernels.shards(mesh, batch_axes)
+    heads, kv_heads = (n // kernels.shards(mesh, head_axes) for n in (m.n_heads, m.n_kv_heads))
     itemsize = jax.numpy.dtype(m.dtype).itemsize
     cost = kernels.attention_cost(rows, heads, kv_heads, cfg.data.seq_len, m.head_dim, itemsize)
     peak, bandwidth = (x / self.chip.devices_per_chip for x in (self.chip.peak_flops, self.chip.hbm_bandwidth))
