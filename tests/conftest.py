@@ -25,6 +25,29 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 
+# Modules whose tests share a costly module-scoped fixture (training runs, compiles, a trained tokenizer).
+# xdist's default scheduling deals a module's tests out to both workers in chunks, and then both pay for
+# the fixture; under `-n`, these modules each run whole on one worker, biggest first, and every other test
+# is scheduled on its own.
+SHARED_SETUP = set(
+  "chat cli dpo evals_instruct evals_tasks fault harness hf hf_tokenizer init_from knowledge lora_train partitioning"
+  " plan prepare reward rl_objective sample_cli sampling tokenizer_cli tokenizer train".split()
+)  # the modules' names without _test.py
+
+
+def pytest_xdist_make_scheduler(config, log):
+  if config.getoption("dist") != "load":
+    return None  # an explicit --dist keeps xdist's own scheduler
+  from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415
+
+  class SharedSetupScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split("::", 1)[0]
+      return module if os.path.basename(module).removesuffix("_test.py") in SHARED_SETUP else nodeid
+
+  return SharedSetupScheduling(config, log)
+
+
 TINY = {
   "model.d_model": 32,
   "model.n_layers": 2,
