@@ -463,7 +463,8 @@ def prepare(cfg: ml_collections.ConfigDict, out: str, executor: str = "local", p
       ray.init(num_cpus=cfg.prepare.workers, include_dashboard=False, log_to_driver=False)
   previous.run()  # runs its dependencies first, in order
   elapsed = time.time() - started
-  shutil.rmtree(os.path.join(out, "work"), ignore_errors=True) if not cfg.prepare.keep_work else None
+  if not cfg.prepare.keep_work:
+    shutil.rmtree(os.path.join(out, "work"), ignore_errors=True)
   return prepare_report.write(out, cfg, wall_s=elapsed)
 
 
