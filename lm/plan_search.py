@@ -112,7 +112,27 @@ def candidates(cfg: ml_collections.ConfigDict, devices: int) -> list[Candidate]:
     # compiles) and compile slower, so they matter only where no scanned layout fits.
     return (not o["model.scan_layers"], c.remat + accums.index(c.accum), o["mesh.tensor"], o["mesh.data"])
 
-  return sorted(found, key=priority)
+  found.sort(key=priority)
+  # The layout the config asks for goes first, so a search never ends slower than the config it started from.
+  configured = dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), _resolved_mesh(cfg, devices), strict=True))
+  configured.update(
+    {
+      "model.remat": cfg.model.remat,
+      "optim.grad_accum_steps": cfg.optim.grad_accum_steps,
+      "model.scan_layers": cfg.model.scan_layers,
+    }
+  )
+  first = [c for c in found if all(c.overrides[k] == v for k, v in configured.items())]
+  return first + [c for c in found if all(c is not f for f in first)]
+
+
+def _resolved_mesh(cfg: ml_collections.ConfigDict, devices: int) -> tuple[int, int, int]:
+  """The config's (data, fsdp, tensor), with -1 resolved against `devices`; (0, 0, 0) where it does not divide."""
+  try:
+    shape = dict(zip(config_lib.MESH_AXES, config_lib.mesh_shape(cfg, devices), strict=True))
+  except UserError:
+    return 0, 0, 0
+  return shape["data"], shape["fsdp"], shape["tensor"]
 
 
 def _divisors(n: int) -> list[int]:
@@ -185,10 +205,12 @@ class Cache:
 
 
 def _versions() -> dict:
-  """What a cached plan depends on besides its config: jax, libtpu and lm's own source."""
+  """What a cached plan depends on besides its config: jax, libtpu and lm's own source (but for this file:
+  the search does not change what a compiled program costs)."""
   source = hashlib.sha256()
   for path in sorted(pathlib.Path(__file__).parent.rglob("*.py")):
-    source.update(path.read_bytes())
+    if path != pathlib.Path(__file__):
+      source.update(path.read_bytes())
   versions = {"lm": source.hexdigest()[:16]}
   for package in ("jax", "jaxlib", "libtpu"):
     try:

@@ -234,6 +234,21 @@ def test_search_candidates_hold_the_global_batch_and_come_most_promising_first()
   assert {c.overrides["optim.grad_accum_steps"] for c in found} == {1, 2, 4, 8}
 
 
+def test_search_plans_the_configured_layout_first():
+  cfg = tiny_config(**{"train.batch_size": 16, "model.remat": "full", "optim.grad_accum_steps": 2})
+  cfg.mesh.data, cfg.mesh.fsdp = 2, -1
+  found = plan_search.candidates(cfg, 8)
+  assert found[0].overrides == {
+    "mesh.data": 2,
+    "mesh.fsdp": 4,
+    "mesh.tensor": 1,
+    "model.remat": "full",
+    "optim.grad_accum_steps": 2,
+    "model.scan_layers": cfg.model.scan_layers,
+  }
+  assert len(found) == len(plan_search.candidates(tiny_config(**{"train.batch_size": 16}), 8))  # reordered only
+
+
 def test_search_pruning_rules():
   found = plan_search.candidates(tiny_config(**{"train.batch_size": 16}), 8)
   group = [c for c in found if c.group == (1, 2, 4, True)]  # data 1, fsdp 2, tensor 4, scanned: accumulation 1-8
