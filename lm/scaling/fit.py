@@ -726,7 +726,7 @@ def scipy_fit(n, d, loss, starts: np.ndarray) -> dict:
 
   best, best_value = None, np.inf
   for start in starts:
-    res = minimize(objective, start, method="L-BFGS-B")
+    res = minimize(objective, start, method="L-BFGS-B", options={"ftol": 1e-13, "gtol": 1e-10, "maxiter": 5000})
     if res.fun < best_value:
       best, best_value = res.x, float(res.fun)
   return {**_named(best), "objective": best_value}
