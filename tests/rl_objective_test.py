@@ -71,6 +71,8 @@ def test_each_rollout_starts_at_ratio_one_and_the_policy_starts_at_its_reference
     assert rows[first]["train/clipfrac"] == 0.0
     assert rows[first]["train/approx_kl"] == pytest.approx(0.0, abs=1e-10)
   assert rows[1]["rl/kl"] == 0.0 and rows[1]["rl/rollouts"] == 1 and rows[5]["rl/rollouts"] == 2
+  for first in (1, 5):  # the sampler's cached decoding and the training forward give the tokens one log-prob
+    assert rows[first]["rl/sampler_logp_gap_max"] < 1e-4
   assert rows[5]["rl/kl"] > 0  # four updates later the policy has moved from its reference
   assert max(r["train/approx_kl"] for r in rows.values()) > 0
   if objective == "grpo":

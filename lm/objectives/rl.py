@@ -183,7 +183,7 @@ class RL(Objective):
       for lo in range(0, n, batches.rows):  # rollout-sized batches (the last one padded): no new compilation
         chunk = ids[lo : lo + batches.rows]
         padded = chunk + chunk[:1] * (batches.rows - len(chunk))
-        rows, chunk_texts, chunk_ended, chunk_lengths = batches.respond(params, padded, temperature=0.0, seed=0)
+        rows, chunk_texts, chunk_ended, chunk_lengths, _ = batches.respond(params, padded, temperature=0.0, seed=0)
         chunk_scores = self.scores(
           batches.to_global(rows),
           chunk_texts,
@@ -418,8 +418,9 @@ class Rollouts:
     }
 
   def respond(self, params, prompts: list[list[int]], temperature: float, seed: int):
-    """(rows in the batch format [N, seq_len], response texts, ended [N], response lengths [N]) of the policy's
-    responses to `prompts`, prompt i sampled with seed `seed` + i."""
+    """(rows in the batch format [N, seq_len], response texts, ended [N], response lengths [N], the sampler's
+    log-probs [N, seq_len]) of the policy's responses to `prompts`, prompt i sampled with seed `seed` + i. The
+    log-probs are the untempered ones of each sampled token, at its target position (0 off the response)."""
     c = self.cfg
     requests = [
       sampling_lib.SamplingParams(c.rl.max_new_tokens, temperature, stop_tokens=self.stop, seed=(seed + i) % 2**32)
@@ -433,7 +434,13 @@ class Rollouts:
       chunk=c.rl.max_new_tokens,
       prompt_length=self.prompt_length,
     )
-    return response_rows(self.tok, prompts, last.tokens, c.data.seq_len, set(self.stop) | {self.sampler.eos_id})
+    rows, texts, ended, lengths = response_rows(
+      self.tok, prompts, last.tokens, c.data.seq_len, set(self.stop) | {self.sampler.eos_id}
+    )
+    logps = np.zeros_like(rows["loss_mask"])
+    for i, (prompt, values) in enumerate(zip(prompts, last.logprobs, strict=True)):
+      logps[i, len(prompt) - 1 : len(prompt) - 1 + len(values)] = values
+    return rows, texts, ended, lengths, logps
 
   def prompt_indices(self, k: int) -> list[int]:
     """The prompts of rollout k: the next rows / group_size of an order reshuffled every epoch."""
@@ -462,7 +469,7 @@ class Rollouts:
     items = [objective.train.items[i] for i in chosen]
     seed = (c.train.seed * 1_000_003 + self.rollouts * self.rows) % 2**32
     start = time.perf_counter()
-    rows, texts, ended, lengths = self.respond(state.params, prompts, c.rl.temperature, seed)
+    rows, texts, ended, lengths, sampler_logps = self.respond(state.params, prompts, c.rl.temperature, seed)
     generate_s = time.perf_counter() - start
     batch = self.to_global(rows)
     score_B = objective.scores(batch, texts, items)
@@ -481,6 +488,9 @@ class Rollouts:
     }
     self.buffer = {k: np.asarray(v) for k, v in self.buffer.items()}
     kl = float(np.mean(host["kl_B"]))
+    # The same tokens' log-probs under the sampler's cached decoding and under the training forward pass: the two
+    # must agree (to rounding), or the update trains a policy other than the one that sampled.
+    gap = np.abs(sampler_logps - host["old_logps"]) * mask
     self.metrics.update(
       {
         "rl/score": float(np.mean(score_B)),
@@ -489,6 +499,8 @@ class Rollouts:
         "rl/kl": kl,
         "rl/kl_coef": self.kl_coef,
         "rl/entropy": float(np.sum(host["entropy"] * mask) / max(mask.sum(), 1)),
+        "rl/sampler_logp_gap": float(np.sum(gap) / max(mask.sum(), 1)),
+        "rl/sampler_logp_gap_max": float(np.max(gap)),
         "rl/response_length": float(np.mean(lengths)),
         "rl/ended": float(np.mean(ended)),
         "rl/rollout_s": time.perf_counter() - now,
