@@ -7,8 +7,11 @@ In the same workdir as `experiments/instruct.py`, its finished stages are skippe
   ppo_eval   PPO's win rate over SFT (temperature 1, judged by the hidden rule) and its KL from SFT
   grpo       instruct_grpo.py: GRPO from the SFT run, reward 1 for a correct reply (a program checks it)
   grpo_eval  GRPO's greedy held-out accuracy (SFT's is sft_eval's)
+  sft_sampled_eval, grpo_sampled_eval  held-out accuracy of SFT and GRPO sampled at temperature 1, the rollouts'
+             temperature: 4 replies per example, each with its own seed
   frontier   reward-model score against KL from SFT for every checkpoint of ppo, grpo and dpo (frontier.png)
-runs/instruct/report/report.json adds ppo_win_rate, ppo_kl, grpo_accuracy to instruct.py's numbers.
+runs/instruct/report/report.json adds ppo_win_rate, ppo_kl, grpo_accuracy, sft_accuracy_sampled and
+grpo_accuracy_sampled to instruct.py's numbers.
 """
 
 import os
@@ -32,6 +35,9 @@ def get_study(workdir):
     at = instruct.reward_and_kl(f"{workdir}/ppo", f"{workdir}/sft", f"{workdir}/rm", examples)
     return {**win, "kl": at["kl"], "reward": at["reward"]}
 
+  def sampled_accuracy(run, d):  # at the rollouts' temperature, 4 replies per held-out example
+    return instruct.chat_accuracy(f"{workdir}/{run}", examples, out_dir=d, temperature=1.0, samples=4)
+
   runs = {"PPO": f"{workdir}/ppo", "GRPO": f"{workdir}/grpo", "DPO": f"{workdir}/dpo"}
   return [
     *CHAIN.get_study(workdir),
@@ -44,6 +50,8 @@ def get_study(workdir):
     {"id": "ppo_eval", "run": ppo_eval},
     {"id": "grpo", "config": "instruct_grpo.py", "init_from": "sft", "overrides": prompts},
     {"id": "grpo_eval", "run": lambda d: instruct.chat_accuracy(f"{workdir}/grpo", examples, out_dir=d)},
+    {"id": "sft_sampled_eval", "run": lambda d: sampled_accuracy("sft", d)},
+    {"id": "grpo_sampled_eval", "run": lambda d: sampled_accuracy("grpo", d)},
     {
       "id": "frontier",
       "run": lambda d: {
@@ -60,4 +68,6 @@ def get_report(results):
     "ppo_win_rate": results["ppo_eval"]["win_rate"],
     "ppo_kl": results["ppo_eval"]["kl"],
     "grpo_accuracy": results["grpo_eval"]["accuracy"],
+    "sft_accuracy_sampled": results["sft_sampled_eval"]["accuracy"],
+    "grpo_accuracy_sampled": results["grpo_sampled_eval"]["accuracy"],
   }

@@ -81,6 +81,15 @@ def test_chat_accuracy_prompts_with_the_chat_template_and_batches_as_one_at_a_ti
     instruct.chat_accuracy(*args, n=9, max_new_tokens=16, temperature=1.0, batch_size=batch_size, out_dir=out_dir)
     sampled[batch_size] = samples(out_dir)
   assert sampled[4] == sampled[1] and sampled[4] != batched
+  # Several samples an example: the first round is the one-sample run's, the accuracy the mean over every reply.
+  twice = instruct.chat_accuracy(
+    *args, n=9, max_new_tokens=16, temperature=1.0, batch_size=4, out_dir=tmp_path / "twice", samples=2
+  )
+  rows = samples(tmp_path / "twice")
+  assert len(rows) == 18 and rows[:9] == sampled[4] and [r["prompt"] for r in rows[9:]] == [e.prompt for e in examples]
+  assert twice["n"] == 9 and twice["samples"] == 2 and twice["accuracy"] == np.mean([r["correct"] for r in rows])
+  with pytest.raises(UserError, match="samples"):
+    instruct.chat_accuracy(*args, n=9, samples=2)  # greedy replies would all be the same
 
 
 def test_plain_prompts_ask_as_the_pretraining_text_and_the_reply_is_the_first_line(world, tmp_path, monkeypatch):

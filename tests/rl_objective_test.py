@@ -124,6 +124,21 @@ def test_the_rollout_is_in_the_checkpoint_between_rollouts(world, tmp_path):
   assert all((g[0, :20] == g[1:, :20]).all() for g in groups)
 
 
+def test_at_another_temperature_the_loss_and_the_rollout_score_the_tempered_policy(world, tmp_path):
+  """At rl.temperature 0.5 the rollout's log-probs and the loss's are both of softmax(logits / 0.5): the first
+  minibatch of each rollout is still at ratio 1; the sampler's untempered log-probs still match the model's."""
+  root, paths, _ = world
+  cfg = rl_config(root, paths, "grpo", **{"rl.temperature": 0.5})
+  train.train(cfg, str(tmp_path / "run"), progress=False)
+  rows = rows_of(tmp_path / "run")
+  for first in (1, 5):
+    assert rows[first]["train/approx_kl"] == pytest.approx(0.0, abs=1e-10) and rows[first]["train/clipfrac"] == 0
+    assert rows[first]["rl/sampler_logp_gap_max"] < 1e-4
+  assert max(r["train/approx_kl"] for r in rows.values()) > 0
+  # A sharper distribution: the entropy of the first rollout's tokens is below the temperature-1 run's.
+  assert rows[1]["rl/entropy"] < rows_of(root / "grpo")[1]["rl/entropy"]
+
+
 BAD = [
   ({"rl.reward_model": "", "rl.reward_fn": ""}, "needs exactly one of rl.reward_model"),
   ({"rl.reward_fn": "lm.worlds.instructions:no_such"}, "rl.reward_fn 'lm.worlds.instructions:no_such' cannot be"),

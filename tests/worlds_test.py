@@ -255,3 +255,18 @@ def test_the_correct_reward_is_the_checker_on_the_record_answer(files):
       reply = world.STYLES[style][0] + example.answer + world.STYLES[style][1]
       assert world.correct(record["prompt"], reply, meta) == 1.0
     assert world.correct(record["prompt"], example.answer + " x", meta) == 0.0
+
+
+def test_the_partial_reward_is_one_when_correct_and_below_one_half_by_units_in_place_otherwise():
+  words = {"answer": "sun dog cat"}
+  assert world.partial(None, "The answer is sun dog cat.", words) == 1.0
+  assert world.partial(None, "sun cat dog", words) == pytest.approx(0.5 * 1 / 3)  # one word of three in place
+  assert world.partial(None, "sun dog cat cat", words) == pytest.approx(0.5 * 3 / 4)  # over the longer
+  assert world.partial(None, "cat dog sun", words) == pytest.approx(0.5 * 1 / 3)
+  assert world.partial(None, "", words) == 0.0
+  letters = {"answer": "fmzq"}  # one word: its letters are the units
+  assert world.partial(None, "fmzx", letters) == pytest.approx(0.5 * 3 / 4)
+  assert world.partial(None, "Answer: 18", {"answer": "19"}) == pytest.approx(0.25)
+  assert world.partial(None, "Answer: 19", {"answer": "19"}) == 1.0
+  # Closer replies score more, and every wrong one less than any right one.
+  assert world.partial(None, "sun dog", words) > world.partial(None, "dog", words)

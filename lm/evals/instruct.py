@@ -124,16 +124,21 @@ def chat_accuracy(
   batch_size: int = 64,
   out_dir=None,
   prompt_format: str = "chat",
+  samples: int = 1,
 ) -> dict[str, float]:
   """Exact-match accuracy of the run in `run_dir` on the first `n` examples of `eval_path` (all if None),
-  prompted with the chat template or, with `prompt_format="plain"`, as the pre-training text asks.
+  prompted with the chat template or, with `prompt_format="plain"`, as the pre-training text asks. With
+  `samples` > 1 (and a temperature above 0) each example is answered that many times, each with its own seed,
+  and the accuracy is the mean over all replies: pass@1 estimated from several samples.
 
-  Returns {"accuracy", "n", "accuracy/TASK" for each task present, "ended_turn" (the share of replies that
-  ended with <|end|> or EOS rather than at the length limit), "preferred_style" (the share in the world's
-  preferred answer style), "prompts_per_second"}. samples.jsonl: {task, prompt, answer, reply, correct,
+  Returns {"accuracy", "n" (examples), "samples", "accuracy/TASK" for each task present, "ended_turn" (the
+  share of replies that ended with <|end|> or EOS rather than at the length limit), "preferred_style" (the share
+  in the world's preferred answer style), "prompts_per_second"}. samples.jsonl: {task, prompt, answer, reply, correct,
   ended_turn}.
   """
-  examples = read_examples(eval_path, n)
+  if samples < 1 or (samples > 1 and temperature == 0):
+    raise UserError(f"samples must be 1 for greedy decoding and at least 1 otherwise, got {samples}")
+  examples = read_examples(eval_path, n) * samples
   generations, rate = replies(run_dir, examples, max_new_tokens, temperature, seed, batch_size, prompt_format)
   correct = [instructions.score(e, g.text) for e, g in zip(examples, generations, strict=True)]
   by_task = {}
@@ -155,7 +160,8 @@ def chat_accuracy(
   )
   return {
     **shares(examples, [g.text for g in generations]),
-    "n": len(examples),
+    "n": len(examples) // samples,
+    "samples": samples,
     **{f"accuracy/{task}": float(np.mean(rights)) for task, rights in sorted(by_task.items())},
     "ended_turn": float(np.mean([g.finish_reason == "stop" for g in generations])),
     "prompts_per_second": rate,

@@ -255,14 +255,18 @@ def value_of(x_BxTxD, head_D):
   return jnp.einsum("btd,d->bt", jax.lax.stop_gradient(x_BxTxD), head_D)
 
 
-def token_logps(model, params: dict, batch: dict):
-  """(log p(target) [B, T], entropy [B, T], hidden states [B, T, D]) of the policy `params` on `batch`."""
+def token_logps(model, params: dict, batch: dict, temperature: float = 1.0):
+  """(log p(target) [B, T], entropy [B, T], hidden states [B, T, D]) of the policy `params` on `batch`, p being
+  the distribution the rollouts sample: softmax(logits / temperature), as TRL's trainers compute it. At any other
+  temperature than 1 the policy the loss improves would not be the one that sampled."""
   x_BxTxD, head_DxV = model.apply(
     {"params": model_params(params)}, batch["inputs"], batch["segment_ids"], batch["positions"], return_hidden=True
   )
   logits_BxTxV = jnp.einsum(
     "btd,dv->btv", x_BxTxD.astype(model.cfg.dtype), head_DxV.astype(model.cfg.dtype), preferred_element_type=jnp.float32
   )
+  if temperature != 1.0:
+    logits_BxTxV = logits_BxTxV / temperature
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
   logp_BxT = jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
   return logp_BxT, rl.entropy(logits_BxTxV), x_BxTxD
@@ -294,7 +298,7 @@ class PPO(RL):
     def loss(params, batch, rng, frozen):
       del rng, frozen
       mask_BxT = batch["loss_mask"]
-      logp_BxT, entropy_BxT, x_BxTxD = token_logps(model, params, batch)
+      logp_BxT, entropy_BxT, x_BxTxD = token_logps(model, params, batch, r.temperature)
       values_BxT = value_of(x_BxTxD, params[VALUE_HEAD])
       pg_BxT, clipped_BxT, approx_kl_BxT = rl.policy_loss(
         logp_BxT, batch["old_logps"], batch["advantages"], r.cliprange
@@ -333,7 +337,7 @@ class GRPO(RL):
     def loss(params, batch, rng, frozen):
       del rng, frozen
       mask_BxT = batch["loss_mask"]
-      logp_BxT, entropy_BxT, _ = token_logps(model, params, batch)
+      logp_BxT, entropy_BxT, _ = token_logps(model, params, batch, r.temperature)
       pg_BxT, clipped_BxT, approx_kl_BxT = rl.policy_loss(
         logp_BxT, batch["old_logps"], batch["advantages"], r.cliprange
       )
@@ -384,9 +388,12 @@ class Rollouts:
     model = setup.model
 
     def score_pass(params, frozen, batch):
-      old_logps, entropy, x_BxTxD = token_logps(model, params, batch)
-      ref_logps, _, _ = token_logps(model, objective.reference(params, frozen), batch)
-      out = {"old_logps": old_logps, "ref_logps": ref_logps, "entropy": entropy}
+      t = c.rl.temperature
+      old_logps, entropy, x_BxTxD = token_logps(model, params, batch, t)
+      ref_logps, _, _ = token_logps(model, objective.reference(params, frozen), batch, t)
+      # The sampler records each token's untempered log-prob: the gap is measured at temperature 1.
+      untempered = old_logps if t == 1.0 else token_logps(model, params, batch)[0]
+      out = {"old_logps": old_logps, "ref_logps": ref_logps, "entropy": entropy, "untempered_logps": untempered}
       if objective.uses_values:
         out["old_values"] = value_of(x_BxTxD, params[VALUE_HEAD]) * batch["loss_mask"]
       else:
@@ -490,7 +497,7 @@ class Rollouts:
     kl = float(np.mean(host["kl_B"]))
     # The same tokens' log-probs under the sampler's cached decoding and under the training forward pass: the two
     # must agree (to rounding), or the update trains a policy other than the one that sampled.
-    gap = np.abs(sampler_logps - host["old_logps"]) * mask
+    gap = np.abs(sampler_logps - host["untempered_logps"]) * mask
     self.metrics.update(
       {
         "rl/score": float(np.mean(score_B)),

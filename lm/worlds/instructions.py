@@ -261,6 +261,23 @@ def correct(prompt, response: str, metadata: dict) -> float:
   return float(parse(response)[1] == metadata["answer"])
 
 
+def partial(prompt, response: str, metadata: dict) -> float:
+  """A graded reward a program computes (`rl.reward_fn = "lm.worlds.instructions:partial"`): 1.0 for a correct
+  response (`correct`), else half the share of the answer's units in their place: words for an answer of
+  several words, letters or digits for one of a single word or number, over the longer of the two sequences.
+  So a wrong response scores below 0.5, and one closer to the answer scores more: a group of GRPO replies
+  that are all wrong still ranks them, where `correct` gives them one score and the group teaches nothing."""
+  del prompt
+  got, want = parse(response)[1], metadata["answer"]
+  if got == want:
+    return 1.0
+  units_want, units_got = want.split(), got.split()
+  if len(units_want) == 1:
+    units_want, units_got = list(want), list(got)
+  matches = sum(a == b for a, b in zip(units_want, units_got, strict=False))
+  return 0.5 * matches / max(len(units_want), len(units_got), 1)
+
+
 def judge(example: Example, reply_a: str, reply_b: str) -> float:
   """1.0 if the hidden rule prefers `reply_a` to `reply_b`, 0.0 if it prefers `reply_b`, 0.5 for a tie."""
   a, b = _rank(example, reply_a), _rank(example, reply_b)
