@@ -255,21 +255,33 @@ def value_of(x_BxTxD, head_D):
   return jnp.einsum("btd,d->bt", jax.lax.stop_gradient(x_BxTxD), head_D)
 
 
-def token_logps(model, params: dict, batch: dict, temperature: float = 1.0):
-  """(log p(target) [B, T], entropy [B, T], hidden states [B, T, D]) of the policy `params` on `batch`, p being
-  the distribution the rollouts sample: softmax(logits / temperature), as TRL's trainers compute it. At any other
-  temperature than 1 the policy the loss improves would not be the one that sampled."""
+def policy_logits(model, params: dict, batch: dict):
+  """(logits [B, T, V] in float32, final hidden states [B, T, D]) of the policy `params` on `batch`."""
   x_BxTxD, head_DxV = model.apply(
     {"params": model_params(params)}, batch["inputs"], batch["segment_ids"], batch["positions"], return_hidden=True
   )
   logits_BxTxV = jnp.einsum(
     "btd,dv->btv", x_BxTxD.astype(model.cfg.dtype), head_DxV.astype(model.cfg.dtype), preferred_element_type=jnp.float32
   )
+  return logits_BxTxV, x_BxTxD
+
+
+def target_logps(logits_BxTxV, targets_BxT, temperature: float = 1.0):
+  """(log p(target) [B, T], entropy [B, T]) with p = softmax(logits / temperature): the distribution the rollouts
+  sample, as TRL's trainers compute it. At any other temperature than 1 the policy the loss improves would not
+  be the one that sampled."""
   if temperature != 1.0:
     logits_BxTxV = logits_BxTxV / temperature
   logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-  logp_BxT = jnp.take_along_axis(logp_BxTxV, batch["targets"][..., None], axis=-1)[..., 0]
-  return logp_BxT, rl.entropy(logits_BxTxV), x_BxTxD
+  logp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  return logp_BxT, rl.entropy(logits_BxTxV)
+
+
+def token_logps(model, params: dict, batch: dict, temperature: float = 1.0):
+  """(log p(target) [B, T], entropy [B, T], hidden states [B, T, D]) of the policy `params` on `batch` at
+  `temperature` (`target_logps`)."""
+  logits_BxTxV, x_BxTxD = policy_logits(model, params, batch)
+  return *target_logps(logits_BxTxV, batch["targets"], temperature), x_BxTxD
 
 
 class PPO(RL):
@@ -389,10 +401,11 @@ class Rollouts:
 
     def score_pass(params, frozen, batch):
       t = c.rl.temperature
-      old_logps, entropy, x_BxTxD = token_logps(model, params, batch, t)
+      logits_BxTxV, x_BxTxD = policy_logits(model, params, batch)
+      old_logps, entropy = target_logps(logits_BxTxV, batch["targets"], t)
       ref_logps, _, _ = token_logps(model, objective.reference(params, frozen), batch, t)
       # The sampler records each token's untempered log-prob: the gap is measured at temperature 1.
-      untempered = old_logps if t == 1.0 else token_logps(model, params, batch)[0]
+      untempered = old_logps if t == 1.0 else target_logps(logits_BxTxV, batch["targets"])[0]
       out = {"old_logps": old_logps, "ref_logps": ref_logps, "entropy": entropy, "untempered_logps": untempered}
       if objective.uses_values:
         out["old_values"] = value_of(x_BxTxD, params[VALUE_HEAD]) * batch["loss_mask"]
