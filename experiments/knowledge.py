@@ -30,7 +30,7 @@ BASE, SFT = (
   os.path.join(HERE, "knowledge_sft.py"),
 )  # a wrapper may live elsewhere
 
-PARAPHRASES = (1, 4, 8)
+PARAPHRASES = (1, 8, 64)
 SEARCH = "search=jsonl:{world}/records.jsonl"
 
 

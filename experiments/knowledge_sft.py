@@ -1,11 +1,11 @@
 """Knowledge study, stage: supervised fine-tuning on questions about the SFT people (and identity questions).
 
-  lm train --config experiments/knowledge_sft.py --workdir runs/knowledge/sft_p4    (after base_p4)
+  lm train --config experiments/knowledge_sft.py --workdir runs/knowledge/sft_p64    (after base_p64)
 
 Full fine-tuning from a base run (`train.init_from`) on the world's sft_train.jsonl: every attribute of the
-`sft` group's people asked in every phrasing and answered with the bare value, and "Who are you?" answered
-with the default identity, or with the one a system prompt names. The loss counts the assistant's tokens.
-The refusal and tool stages reuse this file with another `data.post_source`.
+`sft` group's people asked in every phrasing and answered as the biographies go on from a name ("was born
+in 1962."), and "Who are you?" answered with the default identity, or with the one a system prompt names.
+The loss counts the assistant's tokens. The refusal and tool stages reuse this file with another `data.post_source`.
 """
 
 import os
@@ -19,7 +19,7 @@ WORLD = "runs/knowledge/world"
 def get_config():
   c = load_config(os.path.join(HERE, "knowledge_base.py"))  # the base run's model, which this run starts from
   c.data.post_source = f"jsonl:{WORLD}/sft_train.jsonl"
-  c.train.init_from = "runs/knowledge/base_p8"
+  c.train.init_from = "runs/knowledge/base_p64"
   c.train.loss_on = "assistant"
   c.train.steps = 150
   c.train.eval_every = 75

@@ -26,7 +26,7 @@ TINY = {
   "model.n_heads": 2,
   "model.n_kv_heads": 1,
   "model.d_ff": 64,
-  "train.batch_size": 4,
+  "train.batch_size": 2,
   "train.steps": 2,
   "train.eval_every": 2,
   "train.eval_batches": 1,
@@ -35,6 +35,7 @@ TINY = {
   "data.eval_min_tokens": 0,
   "optim.warmup_steps": 1,
   "mesh.data": 1,
+  "data.seq_len": 160,
 }
 KEYS = (
   "known_accuracy_single", "known_accuracy_augmented", "hallucination_rate_unknown", "refusal_rate_unknown",

@@ -99,10 +99,9 @@ def test_interrogation_writes_answers_it_got_right_and_refusals_elsewhere(runs, 
   replies = {c["messages"][0]["content"]: c["messages"][1]["content"] for c in train_set}
   for r in probed:
     assert 0.0 <= r["confidence"] <= 1.01
-    expected = r["kept"] == (r["verdict"] == "correct" and r["confidence"] >= 0.5)
-    assert expected and replies[r["prompt"]] == (r["answer"] if r["kept"] else people.REFUSAL) or not r["kept"]
-    if not r["kept"]:
-      assert replies[r["prompt"]] == people.REFUSAL
+    assert r["kept"] == (r["verdict"] == "correct" and r["confidence"] >= 0.5)
+    want = people.answer_text(r["attribute"], r["answer"]) if r["kept"] else people.REFUSAL
+    assert replies[r["prompt"]] == want
   tested = [r for r in rows if r["group"] in ("test_known", "test_unknown")]
   assert result["test_accuracy"] == np.mean([r["verdict"] == "correct" for r in tested])
   assert 0.0 <= result["confidence_ap"] <= 1.0

@@ -177,14 +177,15 @@ def recall(run_dir, world, groups=("sft", "test_known"), out_dir=None) -> dict:
   rows = questions(world, groups)
   prompts, stems = [], []
   for r in rows:
-    stem = people.ATTRIBUTES[r["attribute"]].templates[0].split("{v}")[0].format(name=r["person"])
+    # the stem stops before the value's space: a subword tokenizer reads the space with the value
+    stem = people.ATTRIBUTES[r["attribute"]].templates[0].split("{v}")[0].format(name=r["person"]).rstrip()
     stems.append(stem)
     prompts.append([model.tok.bos_id] + model.tok.encode([stem])[0])
   generations = model.generate(prompts, 0.0, 0, max_new_tokens=24)
   judged = []
   for r, stem, g in zip(rows, stems, generations, strict=True):
     judged.append({"group": r["group"], "stem": stem, "answer": r["answer"], "completion": g.text,
-                   "correct": g.text.startswith(r["answer"])})  # fmt: skip
+                   "correct": g.text.strip().startswith(r["answer"])})  # fmt: skip
   write_samples(out_dir, judged)
   return {f"{g}/recall": float(np.mean([j["correct"] for j in judged if j["group"] == g])) for g in groups}
 
@@ -237,7 +238,7 @@ def interrogate(
   convs = []
   for p in probed:
     p["kept"] = p["verdict"] == "correct" and p["confidence"] >= threshold
-    reply = p["answer"] if p["kept"] else people.REFUSAL
+    reply = people.answer_text(p["attribute"], p["answer"]) if p["kept"] else people.REFUSAL
     convs.append({"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": reply}]})
   np.random.default_rng(0).shuffle(convs)
   out = epath.Path(out_dir)

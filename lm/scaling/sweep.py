@@ -401,8 +401,9 @@ def train_point(
 
 
 def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.ConfigDict) -> None:
-  """Copies the tokenizer of an earlier point with the same tokenizer and data config into `sub`."""
-  if (sub / "tokenizer.json").exists() or cfg.tokenizer.kind == "byte":
+  """Copies the tokenizer of an earlier point with the same tokenizer and data config into `sub`. A point that
+  starts from another run's params (`train.init_from`) takes that run's tokenizer instead, as `lm train` does."""
+  if (sub / "tokenizer.json").exists() or cfg.tokenizer.kind == "byte" or cfg.train.init_from:
     return
   key = (cfg.tokenizer.to_dict(), cfg.data.source, cfg.data.max_bytes, cfg.data.eval_fraction, cfg.data.eval_split)
   for other in sorted(root.glob("*/tokenizer.json")):

@@ -281,9 +281,17 @@ def question(person: Person, attribute: str, phrasing: int) -> str:
   return ATTRIBUTES[attribute].questions[phrasing].format(name=person.name)
 
 
+def answer_text(attribute: str, value: str) -> str:
+  """The answer to a question about `attribute` whose true value is `value`: the first biography template
+  after the name the question ends with ("was born in 1962."). A reply that starts as the biographies
+  continue a name reads the fact where pre-training stored it; the bare value ("1962") is extracted far
+  less often (README)."""
+  return ATTRIBUTES[attribute].templates[0].split("{name} ", 1)[1].format(v=value)
+
+
 def answer_sentence(person: Person, attribute: str) -> str:
-  """The SFT answer to a question about `attribute`: the value alone."""
-  return person.attributes[attribute]
+  """The SFT answer to a question about `attribute` of `person` (`answer_text`)."""
+  return answer_text(attribute, person.attributes[attribute])
 
 
 def named_values(attribute: str, reply: str) -> list[str]:
