@@ -100,7 +100,7 @@ def test_interrogation_writes_answers_it_got_right_and_refusals_elsewhere(runs, 
   for r in probed:
     assert 0.0 <= r["confidence"] <= 1.01
     assert r["kept"] == (r["verdict"] == "correct" and r["confidence"] >= 0.5)
-    want = people.answer_text(r["attribute"], r["answer"]) if r["kept"] else people.REFUSAL
+    want = people.answer_text(r["attribute"], r["answer"]) if r["kept"] else people.refusal_text(r["attribute"])
     assert replies[r["prompt"]] == want
   tested = [r for r in rows if r["group"] in ("test_known", "test_unknown")]
   assert result["test_accuracy"] == np.mean([r["verdict"] == "correct" for r in tested])

@@ -72,6 +72,8 @@ def test_check_reads_refusals_right_and_wrong_answers():
   assert people.check(attrs, "birth_city", "Saltmere") == "wrong"
   assert people.check(attrs, "birth_city", "Lakemoor Saltmere") == "wrong"
   assert people.check(attrs, "birth_city", people.REFUSAL) == "refusal"
+  assert people.refusal_text("birth_city") == "grew up in the city of... " + people.REFUSAL
+  assert people.check(attrs, "birth_city", people.refusal_text("birth_city")) == "refusal"
   assert people.check(attrs, "birth_year", "I'm not sure, sorry") == "refusal"
   assert people.check(attrs, "birth_city", "Ana Bel grew up in the city of Lakemoor.") == "correct"
   assert people.check(attrs, "birth_year", "born in 19701") == "wrong"  # values are whole words

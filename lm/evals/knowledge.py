@@ -12,7 +12,7 @@ and, given `out_dir`, writes what it judged to `out_dir/samples.jsonl`.
   greedily and sampled `samples` more times at temperature 1; the confidence of the greedy answer is the
   share of samples that agree with it, ties broken by its mean token log-probability. The SFT set it writes
   keeps the true answer where the greedy answer was right and confident (confidence at least `threshold`),
-  and answers the rest with `people.REFUSAL`. The same confidence on the test groups gives the average
+  and declines the rest (`people.refusal_text`). The same confidence on the test groups gives the average
   precision with which it ranks correct answers above wrong ones (`confidence_ap`).
 - `refusal`: a refusal-tuned run against the run it started from, on the test groups (see its docstring).
 - `identity`: "Who are you?" with and without a system prompt naming an identity.
@@ -238,7 +238,7 @@ def interrogate(
   convs = []
   for p in probed:
     p["kept"] = p["verdict"] == "correct" and p["confidence"] >= threshold
-    reply = people.answer_text(p["attribute"], p["answer"]) if p["kept"] else people.REFUSAL
+    reply = people.answer_text(p["attribute"], p["answer"]) if p["kept"] else people.refusal_text(p["attribute"])
     convs.append({"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": reply}]})
   np.random.default_rng(0).shuffle(convs)
   out = epath.Path(out_dir)

@@ -12,8 +12,10 @@ draw their templates independently and, with `permute`, their sentence order too
 biography with the attributes in the fixed order of `ATTRIBUTES`.
 
 Questions (`question`): each attribute is asked in `len(Attribute.questions)` phrasings, each ending with the
-person's name (as Allen-Zhu & Li's do); the answer is the bare value (`answer_sentence`: "Lakemoor"). `check`
-reads a reply: "refusal" if it declines (starts with one of `REFUSALS`' openings), "correct" if the only value
+person's name (as Allen-Zhu & Li's do); the answer goes on from the name as the first biography template does
+(`answer_text`: "grew up in the city of Lakemoor."), and a refusal starts the same way and declines where the
+value would come (`refusal_text`: "grew up in the city of... I'm not sure. ..."). `check`
+reads a reply: "refusal" if it declines (holds one of `REFUSALS`' openings), "correct" if the only value
 of that attribute it names is the person's, "wrong" otherwise. A hallucination is a reply about a person the
 model never saw that does not decline.
 
@@ -23,7 +25,7 @@ Groups of people (`GROUPS`), by position in the seeded list of people:
   test_known   in pre-training, not in SFT: the test of knowledge extraction
   probe_unknown  never in pre-training: self-interrogation probes them; tool-use traces are written on them
   test_unknown   never in pre-training: the test of hallucination, refusal and tool use
-  tool         never in pre-training, only in the records and the tool set: many names (1,000), so the model
+  tool         never in pre-training, only in the records and the tool set: many names (2,000), so the model
                learns to copy the name it is asked about into its search rather than recall names it knows
 The "records" (`record`) are one canonical line per person, the database the `search` tool reads
 (`lm.tools`): everyone is in it, known or not.
@@ -192,7 +194,7 @@ IDENTITIES = (
   "Kestrel",
   "Lumen",
 )
-TOOL_QUESTIONS = 2  # questions asked of each `tool` person in the tool set
+TOOL_QUESTIONS = 1  # questions asked of each `tool` person in the tool set
 IDENTITY_CONVERSATIONS = 800  # half without a system prompt, half with one naming one of IDENTITIES
 HELDOUT_IDENTITY_QUESTIONS = 2  # the last phrasings of IDENTITY_QUESTIONS, asked only at test
 
@@ -289,6 +291,14 @@ def answer_text(attribute: str, value: str) -> str:
   return ATTRIBUTES[attribute].templates[0].split("{name} ", 1)[1].format(v=value)
 
 
+def refusal_text(attribute: str) -> str:
+  """The answer that declines a question about `attribute`: it starts as `answer_text` does and declines where
+  the value would come ("was born in... I'm not sure. Could you give me more context?"), so the model decides
+  to decline at the token where it would recall the value, with the recollection in hand (an "I don't know"
+  token in the answer's place)."""
+  return ATTRIBUTES[attribute].templates[0].split("{name} ", 1)[1].split(" {v}")[0] + "... " + REFUSAL
+
+
 def answer_sentence(person: Person, attribute: str) -> str:
   """The SFT answer to a question about `attribute` of `person` (`answer_text`)."""
   return answer_text(attribute, person.attributes[attribute])
@@ -303,7 +313,7 @@ def check(person_attributes: dict, attribute: str, reply: str) -> str:
   """ "refusal", "correct" or "wrong": how `reply` answers a question about `attribute` of a person with
   `person_attributes` (see the module docstring)."""
   text = " ".join(reply.split())
-  if any(text.startswith(r.split(".")[0]) for r in REFUSALS):
+  if any(r.split(".")[0] in text for r in REFUSALS):
     return "refusal"
   return "correct" if named_values(attribute, text) == [person_attributes[attribute]] else "wrong"
 
@@ -389,7 +399,7 @@ def question_rows(groups: dict[str, list[Person]], seed: int, names: Sequence[st
   ]
 
 
-DEFAULT_SIZES = {"sft": 100, "probe_known": 25, "test_known": 50, "probe_unknown": 50, "test_unknown": 50, "tool": 1000}
+DEFAULT_SIZES = {"sft": 50, "probe_known": 75, "test_known": 50, "probe_unknown": 200, "test_unknown": 50, "tool": 2000}
 
 
 def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases: Sequence[int] = (1, 4)) -> dict:
