@@ -221,3 +221,17 @@ def test_isoflop_experiment_plans_are_valid_and_spend_each_budget(name, devices,
   assert any(cfg.train.init_from for _, cfg, _ in points)  # cooldown branches
   assert cli.main(["sweep", "--config", path, "--workdir", "W", "--print-commands"]) == 0
   assert len(capsys.readouterr().out.splitlines()) == len(sweep.plan(points))
+
+
+def test_points_share_a_tokenizer_unless_they_start_from_another_run(tmp_path):
+  cfg = config_lib.default_config()
+  earlier = tmp_path / "a"
+  earlier.mkdir()
+  (earlier / "config.json").write_text(config_lib.to_json(cfg))
+  (earlier / "tokenizer.json").write_text('{"kind": "sentencepiece"}')
+  (earlier / "tokenizer.model").write_bytes(b"pieces of a")
+  sweep._share_tokenizer(epath.Path(tmp_path), epath.Path(tmp_path / "b"), cfg)
+  assert (tmp_path / "b" / "tokenizer.model").read_bytes() == b"pieces of a"
+  cfg.train.init_from = str(tmp_path / "elsewhere")  # its tokenizer is the source run's, not a sibling's
+  sweep._share_tokenizer(epath.Path(tmp_path), epath.Path(tmp_path / "c"), cfg)
+  assert not (tmp_path / "c" / "tokenizer.json").exists()
