@@ -80,7 +80,7 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None):
       "id": "tool",
       "config": SFT,
       "init_from": f"sft_p{top}",
-      "overrides": {"data.post_source": f"jsonl:{world}/tool_train.jsonl", "train.steps": 1800},
+      "overrides": {"data.post_source": f"jsonl:{world}/tool_train.jsonl", "train.steps": 2700},
     },
     {"id": "tool_eval", "run": tool_eval},
     {"id": "identity", "run": lambda d: knowledge.identity(final, world, out_dir=d)},
