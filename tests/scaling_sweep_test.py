@@ -232,6 +232,13 @@ def test_points_share_a_tokenizer_unless_they_start_from_another_run(tmp_path):
   (earlier / "tokenizer.model").write_bytes(b"pieces of a")
   sweep._share_tokenizer(epath.Path(tmp_path), epath.Path(tmp_path / "b"), cfg)
   assert (tmp_path / "b" / "tokenizer.model").read_bytes() == b"pieces of a"
-  cfg.train.init_from = str(tmp_path / "elsewhere")  # its tokenizer is the source run's, not a sibling's
+  source = tmp_path / "elsewhere"
+  source.mkdir()
+  (source / "tokenizer.json").write_text('{"kind": "sentencepiece"}')
+  (source / "tokenizer.model").write_bytes(b"pieces of the source")
+  cfg.train.init_from = str(source)  # lm train copies the source run's, not a sibling's
   sweep._share_tokenizer(epath.Path(tmp_path), epath.Path(tmp_path / "c"), cfg)
   assert not (tmp_path / "c" / "tokenizer.json").exists()
+  cfg.train.init_from = f"{source}/checkpoints/40"  # a branch: the source's, copied here
+  sweep._share_tokenizer(epath.Path(tmp_path), epath.Path(tmp_path / "d"), cfg)
+  assert (tmp_path / "d" / "tokenizer.model").read_bytes() == b"pieces of the source"

@@ -402,21 +402,31 @@ def train_point(
 
 def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.ConfigDict) -> None:
   """Copies the tokenizer of an earlier point with the same tokenizer and data config into `sub`. A point that
-  starts from another run's params (`train.init_from`) takes that run's tokenizer instead, as `lm train` does."""
-  if (sub / "tokenizer.json").exists() or cfg.tokenizer.kind == "byte" or cfg.train.init_from:
+  starts from another run's params takes that run's tokenizer instead: `lm train` copies it for a run directory
+  (`train.init_from = DIR`), and this copies it for a branch (`DIR/checkpoints/STEP`)."""
+  if (sub / "tokenizer.json").exists() or cfg.tokenizer.kind == "byte":
+    return
+  if cfg.train.init_from:
+    source, step = config_lib.init_from(cfg)
+    if step is not None and (epath.Path(source) / "tokenizer.json").exists():
+      _copy_tokenizer(epath.Path(source), sub)
     return
   key = (cfg.tokenizer.to_dict(), cfg.data.source, cfg.data.max_bytes, cfg.data.eval_fraction, cfg.data.eval_split)
   for other in sorted(root.glob("*/tokenizer.json")):
     other_cfg = config_lib.from_json((other.parent / "config.json").read_text())
     d = other_cfg.data
     if (other_cfg.tokenizer.to_dict(), d.source, d.max_bytes, d.eval_fraction, d.eval_split) == key:
-      sub.mkdir(parents=True, exist_ok=True)
-      from lm import tokenizer as tokenizer_lib  # noqa: PLC0415
-
-      for name in ("tokenizer.json", *tokenizer_lib.MODEL_FILES.values()):
-        if (other.parent / name).exists():
-          (sub / name).write_bytes((other.parent / name).read_bytes())  # epath: local or gs://
+      _copy_tokenizer(other.parent, sub)
       return
+
+
+def _copy_tokenizer(source: epath.Path, sub: epath.Path) -> None:
+  from lm import tokenizer as tokenizer_lib  # noqa: PLC0415
+
+  sub.mkdir(parents=True, exist_ok=True)
+  for name in ("tokenizer.json", *tokenizer_lib.MODEL_FILES.values()):
+    if (source / name).exists():
+      (sub / name).write_bytes((source / name).read_bytes())  # epath: local or gs://
 
 
 def aggregate(workdir: str) -> str:
