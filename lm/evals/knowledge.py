@@ -178,7 +178,7 @@ def recall(run_dir, world, groups=("sft", "test_known"), out_dir=None) -> dict:
   prompts, stems = [], []
   for r in rows:
     # the stem stops before the value's space: a subword tokenizer reads the space with the value
-    stem = people.ATTRIBUTES[r["attribute"]].templates[0].split("{v}")[0].format(name=r["person"]).rstrip()
+    stem = f"{r['person']} {people.relation(r['attribute'])}"
     stems.append(stem)
     prompts.append([model.tok.bos_id] + model.tok.encode([stem])[0])
   generations = model.generate(prompts, 0.0, 0, max_new_tokens=24)

@@ -283,12 +283,17 @@ def question(person: Person, attribute: str, phrasing: int) -> str:
   return ATTRIBUTES[attribute].questions[phrasing].format(name=person.name)
 
 
+def relation(attribute: str) -> str:
+  """What the attribute's first biography template says between the name and the value ("was born in")."""
+  return ATTRIBUTES[attribute].templates[0].removeprefix("{name} ").removesuffix(" {v}.")
+
+
 def answer_text(attribute: str, value: str) -> str:
   """The answer to a question about `attribute` whose true value is `value`: the first biography template
   after the name the question ends with ("was born in 1962."). A reply that starts as the biographies
   continue a name reads the fact where pre-training stored it; the bare value ("1962") is extracted far
   less often (README)."""
-  return ATTRIBUTES[attribute].templates[0].split("{name} ", 1)[1].format(v=value)
+  return f"{relation(attribute)} {value}."
 
 
 def refusal_text(attribute: str) -> str:
@@ -296,7 +301,7 @@ def refusal_text(attribute: str) -> str:
   the value would come ("was born in... I'm not sure. Could you give me more context?"), so the model decides
   to decline at the token where it would recall the value, with the recollection in hand (an "I don't know"
   token in the answer's place)."""
-  return ATTRIBUTES[attribute].templates[0].split("{name} ", 1)[1].split(" {v}")[0] + "... " + REFUSAL
+  return f"{relation(attribute)}... {REFUSAL}"
 
 
 def answer_sentence(person: Person, attribute: str) -> str:
