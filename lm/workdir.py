@@ -96,7 +96,7 @@ def resolve_shards(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collectio
 
 
 def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer:
-  """The workdir's tokenizer, else that of the run `train.init_from = DIR` names, else the one in
+  """The workdir's tokenizer, else that of the run `train.init_from` names (DIR or DIR/checkpoints/STEP), else the one in
   `tokenizer.path`, else a new one (`train_new_tokenizer`); checked against the config. A new or copied one
   is saved by `write_workdir`.
 
@@ -108,8 +108,8 @@ def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer
     return _checked_tokenizer(cfg, workdir)
   if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
     raise UserError(f"{workdir} has checkpoints but its tokenizer is missing (tokenizer.json)")
-  source, step = config_lib.init_from(cfg)
-  if cfg.train.init_from and step is None:  # token ids must mean what they meant to the source's params
+  if cfg.train.init_from:  # token ids must mean what they meant to the source's params (a run or a branch)
+    source = config_lib.init_from(cfg)[0]
     if cfg.tokenizer.path:
       raise UserError("set tokenizer.path or train.init_from, not both: a run from another's params uses its tokenizer")
     check_run(source, "train.init_from")

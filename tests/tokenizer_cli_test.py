@@ -120,6 +120,10 @@ def test_a_run_with_tokenizer_path_uses_that_tokenizer_and_keeps_it_on_resume(co
   cfg.train.init_from = str(workdir)  # a run from another's params takes that run's tokenizer
   with pytest.raises(UserError, match="set tokenizer.path or train.init_from, not both"):
     workdir_lib.load_or_train_tokenizer(cfg, epath.Path(tmp_path / "new"))
+  cfg.tokenizer.path = ""
+  for source in (str(workdir), f"{workdir}/checkpoints/2"):  # a run directory, and a branch of its checkpoint
+    cfg.train.init_from = source  # (its config's data would train the other tokenizer above)
+    assert workdir_lib.load_or_train_tokenizer(cfg, epath.Path(tmp_path / "new")).to_bytes() == given.to_bytes()
   tokenizer_lib.ByteTokenizer().save(tmp_path / "byte")
   for path, message in [
     (tmp_path / "nothing", "tokenizer.path: no tokenizer in"),

@@ -402,14 +402,9 @@ def train_point(
 
 def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.ConfigDict) -> None:
   """Copies the tokenizer of an earlier point with the same tokenizer and data config into `sub`. A point that
-  starts from another run's params takes that run's tokenizer instead: `lm train` copies it for a run directory
-  (`train.init_from = DIR`), and this copies it for a branch (`DIR/checkpoints/STEP`)."""
-  if (sub / "tokenizer.json").exists() or cfg.tokenizer.kind == "byte":
-    return
-  if cfg.train.init_from:
-    source, step = config_lib.init_from(cfg)
-    if step is not None and (epath.Path(source) / "tokenizer.json").exists():
-      _copy_tokenizer(epath.Path(source), sub)
+  starts from another run's params (`train.init_from`) takes that run's tokenizer instead, which `lm train`
+  copies."""
+  if (sub / "tokenizer.json").exists() or cfg.tokenizer.kind == "byte" or cfg.train.init_from:
     return
   key = (cfg.tokenizer.to_dict(), cfg.data.source, cfg.data.max_bytes, cfg.data.eval_fraction, cfg.data.eval_split)
   for other in sorted(root.glob("*/tokenizer.json")):
