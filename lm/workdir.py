@@ -96,9 +96,9 @@ def resolve_shards(cfg: ml_collections.ConfigDict, workdir: str) -> ml_collectio
 
 
 def load_or_train_tokenizer(cfg, workdir: epath.Path) -> tokenizer_lib.Tokenizer:
-  """The workdir's tokenizer, else that of the run `train.init_from` names (DIR or DIR/checkpoints/STEP), else the one in
-  `tokenizer.path`, else a new one (`train_new_tokenizer`); checked against the config. A new or copied one
-  is saved by `write_workdir`.
+  """The workdir's tokenizer, else that of the run `train.init_from` names (DIR or DIR/checkpoints/STEP), else
+  the one in `tokenizer.path`, else a new one (`train_new_tokenizer`); checked against the config. A new or
+  copied one is saved by `write_workdir`.
 
   The model's vocabulary is the tokenizer's `loaded_vocab_size`: its size as the workdir saved it, so a
   run from before a special token was added (`tok.added`) keeps its model's shapes. A copied tokenizer is
