@@ -9,8 +9,10 @@ parenthesis, gets an error message as the tool's result instead, so the model ca
 
 Tools (`make_tool`):
   search=jsonl:PATH   the records of a JSON-lines file (each with a "text"): the texts that contain the
-                      argument (case-insensitive), at most `SEARCH_RESULTS` of them, one a line, or
-                      "no results for ARGUMENT".
+                      argument as whole words (case-insensitive), else those that contain it anywhere (a
+                      prefix of a name finds the name), at most `SEARCH_RESULTS` of them, one a line, or
+                      "no results for ARGUMENT". A whole name never brings back a longer one that starts
+                      with it ("Nilo Taslo" does not find "Nilo Taslorik" when "Nilo Taslo" is there).
 """
 
 import json
@@ -58,8 +60,10 @@ def search_tool(path: str) -> Callable[[str], str]:
     q = query.strip().lower()
     if not q:
       return "error: search needs a non-empty argument"
-    hits = [t for t in texts if q in t.lower()][:SEARCH_RESULTS]
-    return "\n".join(hits) if hits else f"no results for {query.strip()}"
+    anywhere = [t for t in texts if q in t.lower()]
+    words = re.compile(rf"(?<!\w){re.escape(q)}(?!\w)")
+    hits = [t for t in anywhere if words.search(t.lower())] or anywhere
+    return "\n".join(hits[:SEARCH_RESULTS]) if hits else f"no results for {query.strip()}"
 
   return search
 

@@ -131,12 +131,16 @@ def test_parse_call_tells_calls_malformed_calls_and_prose_apart():
 def test_search_tool_finds_records_and_says_when_it_cannot(tmp_path):
   path = tmp_path / "r.jsonl"
   path.write_text(
-    "".join(json.dumps({"text": t}) + "\n" for t in ("Ana Bel: born 1970.", "Ana Cor: born 1980.", "Tim Ro"))
+    "".join(
+      json.dumps({"text": t}) + "\n"
+      for t in ("Ana Belko: born 1990.", "Ana Bel: born 1970.", "Ana Cor: born 1980.", "Tim Ro")
+    )
   )
   name, search = tools.make_tool(f"search=jsonl:{path}")
   assert name == "search"
-  assert search("ana bel") == "Ana Bel: born 1970."
-  assert search("Ana").splitlines() == ["Ana Bel: born 1970.", "Ana Cor: born 1980."]
+  assert search("ana bel") == "Ana Bel: born 1970."  # the whole name, not the longer one that starts with it
+  assert search("Ana Be").splitlines() == ["Ana Belko: born 1990.", "Ana Bel: born 1970."]  # else any match
+  assert search("Ana").splitlines() == ["Ana Belko: born 1990.", "Ana Bel: born 1970.", "Ana Cor: born 1980."]
   assert search("Zed") == "no results for Zed"
   assert search(" ").startswith("error:")
   for bad in ("search", "search=csv:x", "9x=jsonl:x"):
