@@ -105,6 +105,8 @@ def test_interrogation_writes_answers_it_got_right_and_refusals_elsewhere(runs, 
   tested = [r for r in rows if r["group"] in ("test_known", "test_unknown")]
   assert result["test_accuracy"] == np.mean([r["verdict"] == "correct" for r in tested])
   assert 0.0 <= result["confidence_ap"] <= 1.0
+  assert 0.0 <= result["name_familiarity_ap"] <= 1.0
+  assert result["name_logprob_test_known"] < 0 and result["name_logprob_test_unknown"] < 0
 
 
 def test_refusal_and_identity_measures_of_a_run_against_itself(runs, tmp_path):

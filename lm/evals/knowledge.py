@@ -14,6 +14,9 @@ and, given `out_dir`, writes what it judged to `out_dir/samples.jsonl`.
   keeps the true answer where the greedy answer was right and confident (confidence at least `threshold`),
   and declines the rest (`people.refusal_text`). The same confidence on the test groups gives the average
   precision with which it ranks correct answers above wrong ones (`confidence_ap`).
+- `familiarity`: does the model know a name when it reads one? The log-probability of each person's name in a
+  question, and the average precision with which it ranks the people pre-training saw above those it never
+  did: whether the model holds the signal an "I don't know" needs, whatever it says.
 - `refusal`: a refusal-tuned run against the run it started from, on the test groups (see its docstring).
 - `identity`: "Who are you?" with and without a system prompt naming an identity.
 
@@ -228,7 +231,7 @@ def interrogate(
   """Self-interrogation (module docstring): writes `out_dir/refusal_train.jsonl`, SFT conversations on every
   phrasing of every question about `probe_groups`, and returns the share of each group's questions kept
   (`GROUP/kept`), the confidence's average precision on `test_groups` (`confidence_ap`), that of the
-  log-probability alone (`logprob_ap`) and the greedy accuracy there (`test_accuracy`)."""
+  log-probability alone (`logprob_ap`), the greedy accuracy there (`test_accuracy`) and `familiarity` there."""
   model = Model(run_dir)
   rows = []
   for r in questions(world, probe_groups):
@@ -255,9 +258,33 @@ def interrogate(
       "test_accuracy": float(np.mean(correct)),
       "refusal_train": str(out / "refusal_train.jsonl"),
       "n_train": len(convs),
+      **familiarity(run_dir, world, test_groups),
     }
   )
   return result
+
+
+def familiarity(run_dir, world, groups=("test_known", "test_unknown")) -> dict:
+  """The log-probability of each person's name (all its tokens) in the first question about them, read as plain
+  text after the question's words, and the average precision with which it ranks the people of pre-training
+  (`people.PRETRAINED_GROUPS`) above the others: `name_familiarity_ap`, `name_logprob_GROUP` (the mean)."""
+  from lm.evals import scoring  # noqa: PLC0415
+
+  scorer = scoring.Scorer.from_run(str(run_dir))
+  tok = scorer.tok
+  firsts = {}
+  for r in questions(world, groups):
+    firsts.setdefault(r["person"], r)
+  pairs = []
+  for name, r in firsts.items():
+    before = r["prompt"][: r["prompt"].index(name)].rstrip()  # a subword tokenizer reads the space with the name
+    pairs.append(([tok.bos_id] + tok.encode([before])[0], tok.encode([" " + name])[0]))
+  logps = [lp for lp, _ in scorer.loglikelihood(pairs)]
+  of = np.array([r["group"] for r in firsts.values()])
+  out = {"name_familiarity_ap": average_precision(logps, np.isin(of, people.PRETRAINED_GROUPS))}
+  for group in groups:
+    out[f"name_logprob_{group}"] = float(np.mean(np.asarray(logps)[of == group]))
+  return out
 
 
 def refusal(before_run, after_run, world, out_dir=None, known="test_known", unknown="test_unknown") -> dict:
