@@ -11,7 +11,8 @@ Stages, each in runs/knowledge/<id>/ (finished ones are skipped when the command
   interrogate   self-interrogation of sft_pK (K the largest): sampled answers checked against the world, the
                 confidence's average precision, and an SFT set that declines where the model was wrong or unsure
   refuse        knowledge_sft.py from sft_pK on that set (R-Tuning)
-  refuse_eval   before and after: accuracy on known people, refusal on unknown ones, false refusals
+  refuse_eval   before and after: accuracy on known people, refusal on unknown ones, false refusals (on the
+                test groups; probes/...: the same on the probe groups, whose questions it was tuned on)
   tool          knowledge_sft.py from sft_pK on traces that search the world's records before every answer
   tool_eval     accuracy on never-seen people with the search tool, without it, and with the record pasted in
   identity      "Who are you?" with and without a system prompt naming an identity (sft_pK)
@@ -67,6 +68,11 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None):
       "in_context_accuracy": pasted["test_unknown/accuracy"],
     }
 
+  def refuse_eval(d):
+    test = knowledge.refusal(final, f"{workdir}/refuse", world, out_dir=d)
+    probed = knowledge.refusal(final, f"{workdir}/refuse", world, f"{d}/probes", "probe_known", "probe_unknown")
+    return {**test, **{f"probes/{k}": v for k, v in probed.items()}}  # the people it was tuned on
+
   stages += [
     {"id": "interrogate", "run": lambda d: knowledge.interrogate(final, world, d)},
     {
@@ -75,12 +81,12 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None):
       "init_from": f"sft_p{top}",
       "overrides": {"data.post_source": f"jsonl:{workdir}/interrogate/refusal_train.jsonl", "train.steps": 150},
     },
-    {"id": "refuse_eval", "run": lambda d: knowledge.refusal(final, f"{workdir}/refuse", world, out_dir=d)},
+    {"id": "refuse_eval", "run": refuse_eval},
     {
       "id": "tool",
       "config": SFT,
       "init_from": f"sft_p{top}",
-      "overrides": {"data.post_source": f"jsonl:{world}/tool_train.jsonl", "train.steps": 2700},
+      "overrides": {"data.post_source": f"jsonl:{world}/tool_train.jsonl", "train.steps": 1800},
     },
     {"id": "tool_eval", "run": tool_eval},
     {"id": "identity", "run": lambda d: knowledge.identity(final, world, out_dir=d)},
@@ -99,9 +105,12 @@ def get_report(results):
     "hallucination_rate_unknown": results[f"qa_p{top}"]["test_unknown/hallucination"],
     "refusal_rate_unknown": refuse["refusal_rate_unknown"],
     "false_refusal_rate_known": refuse["false_refusal_rate_known"],
+    "refusal_rate_unknown_probes": refuse["probes/refusal_rate_unknown"],
+    "false_refusal_rate_known_probes": refuse["probes/false_refusal_rate_known"],
     "known_accuracy_before": refuse["known_accuracy_before"],
     "known_accuracy_after": refuse["known_accuracy_after"],
     "confidence_ap": results["interrogate"]["confidence_ap"],
+    "name_familiarity_ap": results["interrogate"]["name_familiarity_ap"],
     "unknown_accuracy_with_tool": tool["unknown_accuracy_with_tool"],
     "unknown_accuracy_without_tool": tool["unknown_accuracy_without_tool"],
     "in_context_accuracy": tool["in_context_accuracy"],

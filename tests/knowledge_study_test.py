@@ -41,7 +41,8 @@ KEYS = (
   "known_accuracy_single", "known_accuracy_augmented", "hallucination_rate_unknown", "refusal_rate_unknown",
   "false_refusal_rate_known", "known_accuracy_before", "known_accuracy_after", "confidence_ap",
   "unknown_accuracy_with_tool", "unknown_accuracy_without_tool", "in_context_accuracy",
-  "identity_rate_with_system", "identity_rate_without_system",
+  "identity_rate_with_system", "identity_rate_without_system", "name_familiarity_ap", "refusal_rate_unknown_probes",
+  "false_refusal_rate_known_probes",
 )  # fmt: skip
 
 

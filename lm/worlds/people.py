@@ -25,7 +25,7 @@ Groups of people (`GROUPS`), by position in the seeded list of people:
   test_known   in pre-training, not in SFT: the test of knowledge extraction
   probe_unknown  never in pre-training: self-interrogation probes them; tool-use traces are written on them
   test_unknown   never in pre-training: the test of hallucination, refusal and tool use
-  tool         never in pre-training, only in the records and the tool set: many names (2,000), so the model
+  tool         never in pre-training, only in the records and the tool set: many names (8,000), so the model
                learns to copy the name it is asked about into its search rather than recall names it knows
 The "records" (`record`) are one canonical line per person, the database the `search` tool reads
 (`lm.tools`): everyone is in it, known or not.
@@ -404,7 +404,7 @@ def question_rows(groups: dict[str, list[Person]], seed: int, names: Sequence[st
   ]
 
 
-DEFAULT_SIZES = {"sft": 50, "probe_known": 75, "test_known": 50, "probe_unknown": 200, "test_unknown": 50, "tool": 2000}
+DEFAULT_SIZES = {"sft": 50, "probe_known": 75, "test_known": 50, "probe_unknown": 200, "test_unknown": 50, "tool": 8000}
 
 
 def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases: Sequence[int] = (1, 4)) -> dict:
