@@ -163,6 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.rl.lam = 0.95
   c.rl.whiten_rewards = False  # PPO: whiten the per-token rewards before GAE
   c.rl.scale_rewards = True  # GRPO: divide by the group's reward std (False: Dr. GRPO)
+  c.rl.greedy_in_group = False  # GRPO: each group's first response is the policy's greedy one, the rest sampled
   c.rl.loss_aggregation = "token_mean"  # token_mean | sequence_mean (the mean of each response's token mean)
   c.rl.eval_prompts = 64  # held-out prompts answered greedily at each eval
 

@@ -193,3 +193,29 @@ def test_a_step_on_a_data_fsdp_tensor_mesh_equals_one_device(world):
       for key in ("train/loss", "train/policy_loss", "grad_norm", "rl/score", "rl/kl", "eval/reward"):
         if key in a:
           assert mixed[step][key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (objective, step, key)
+
+
+def test_greedy_in_group_puts_the_policys_greedy_reply_first_in_each_group(world, tmp_path):
+  """rl.greedy_in_group: a group's first response is what greedy decoding of the rollout's params gives (here
+  the SFT start's, the first rollout coming before any update); the others are sampled."""
+  from lm import chat, sample_cli  # noqa: PLC0415
+  from lm.sampling import SamplingParams  # noqa: PLC0415
+
+  root, paths, _ = world
+  extra = {"train.steps": 1, "train.checkpoint_every": 1, "rl.greedy_in_group": True}
+  train.train(rl_config(root, paths, "grpo", **extra), str(tmp_path / "run"), progress=False)
+  run_cfg, tok, setup, _ = workdir_lib.load_checkpoint(str(tmp_path / "run"))
+  state = workdir_lib.restore_newest(str(tmp_path / "run"), run_cfg, tok, setup, 1).data_state
+  buffer = {k: np.array(v["values"], v["dtype"]) for k, v in state["buffer"].items()}
+  prompts, responses = [], []
+  for inputs, targets, mask in zip(buffer["inputs"], buffer["targets"], buffer["loss_mask"], strict=True):
+    first = int(np.argmax(mask))  # the target position of the response's first token
+    prompts.append([int(t) for t in inputs[: first + 1]])
+    responses.append([int(t) for t in targets[mask > 0]])
+  sampler, params, sft_setup = sample_cli.load_sampler(str(root / "sft"))
+  requests = [SamplingParams(16, 0.0, stop_tokens=chat.stop_tokens(tok), seed=0) for _ in prompts[::4]]
+  with sft_setup.context():
+    greedy = sampler.generate_all(params, prompts[::4], requests, 4)
+  for g, response in zip(greedy, responses[::4], strict=True):
+    assert response[: len(g.tokens)] == list(g.tokens)  # the response also holds the <|end|> the sampler stops at
+  assert any(responses[i] != responses[i - i % 4] for i in range(16) if i % 4)  # the rest are sampled

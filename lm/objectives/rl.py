@@ -8,7 +8,8 @@ batches (`Rollouts`) make a rollout from the current params before handing out i
 - responses: sampled with the KV-cache sampler (`lm.sampling`, prompts padded to one length, so the prefill and
   the decode loop compile once per run) at `rl.temperature`, up to `rl.max_new_tokens` tokens, ending at the
   chat template's end-of-turn token, which the response keeps; row i of rollout k samples with seed
-  train.seed * 1,000,003 + k * rows + i, so a resumed run samples what the uninterrupted one did;
+  train.seed * 1,000,003 + k * rows + i, so a resumed run samples what the uninterrupted one did
+  (`rl.greedy_in_group`: each group's first response is greedy instead);
 - score: the reward model's (`rl.reward_model`, a run of `train.objective=reward`, read at the response's last
   token) or a Python function's (`rl.reward_fn` = "module:function", called as f(prompt, response, metadata)
   with the prompt's messages, the response's text and the record's other fields), minus
@@ -437,14 +438,16 @@ class Rollouts:
       k: jax.make_array_from_callback(v.shape, self.sharding, lambda index, v=v: v[index]) for k, v in rows.items()
     }
 
-  def respond(self, params, prompts: list[list[int]], temperature: float, seed: int):
+  def respond(self, params, prompts: list[list[int]], temperature, seed: int):
     """(rows in the batch format [N, seq_len], response texts, ended [N], response lengths [N], the sampler's
-    log-probs [N, seq_len]) of the policy's responses to `prompts`, prompt i sampled with seed `seed` + i. The
-    log-probs are the untempered ones of each sampled token, at its target position (0 off the response)."""
+    log-probs [N, seq_len]) of the policy's responses to `prompts`, prompt i sampled with seed `seed` + i at
+    `temperature` (or its i-th, given one per prompt; 0 is greedy). The log-probs are the untempered ones of each
+    sampled token, at its target position (0 off the response)."""
     c = self.cfg
+    temperatures = temperature if isinstance(temperature, list) else [temperature] * len(prompts)
     requests = [
-      sampling_lib.SamplingParams(c.rl.max_new_tokens, temperature, stop_tokens=self.stop, seed=(seed + i) % 2**32)
-      for i in range(len(prompts))
+      sampling_lib.SamplingParams(c.rl.max_new_tokens, t, stop_tokens=self.stop, seed=(seed + i) % 2**32)
+      for i, t in enumerate(temperatures)
     ]
     *_, last = self.sampler.stream(
       model_params(params),
@@ -489,7 +492,10 @@ class Rollouts:
     items = [objective.train.items[i] for i in chosen]
     seed = (c.train.seed * 1_000_003 + self.rollouts * self.rows) % 2**32
     start = time.perf_counter()
-    rows, texts, ended, lengths, sampler_logps = self.respond(state.params, prompts, c.rl.temperature, seed)
+    temperatures = [c.rl.temperature] * len(prompts)
+    if c.rl.greedy_in_group:  # the greedy reply is scored with its group, so a wrong one is pushed down
+      temperatures[:: c.rl.group_size] = [0.0] * (len(prompts) // c.rl.group_size)
+    rows, texts, ended, lengths, sampler_logps = self.respond(state.params, prompts, temperatures, seed)
     generate_s = time.perf_counter() - start
     batch = self.to_global(rows)
     score_B = objective.scores(batch, texts, items)
