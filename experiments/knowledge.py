@@ -13,6 +13,8 @@ Stages, each in runs/knowledge/<id>/ (finished ones are skipped when the command
   refuse        knowledge_sft.py from sft_pK on that set (R-Tuning)
   refuse_eval   before and after: accuracy on known people, refusal on unknown ones, false refusals (on the
                 test groups; probes/...: the same on the probe groups, whose questions it was tuned on)
+  gate_eval     the other way to decline, with no tuning: sft_pK answers only when the name's log-probability is
+                above a cut set on the probe groups (knowledge.gate), on the test groups
   tool          knowledge_sft.py from sft_pK on traces that search the world's records before every answer
   tool_eval     accuracy on never-seen people with the search tool, without it, and with the record pasted in
   identity      "Who are you?" with and without a system prompt naming an identity (sft_pK)
@@ -82,6 +84,7 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None):
       "overrides": {"data.post_source": f"jsonl:{workdir}/interrogate/refusal_train.jsonl", "train.steps": 150},
     },
     {"id": "refuse_eval", "run": refuse_eval},
+    {"id": "gate_eval", "run": lambda d: knowledge.gate(final, world, d)},
     {
       "id": "tool",
       "config": SFT,
@@ -98,7 +101,8 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None):
 def get_report(results):
   paraphrases = sorted(int(k.removeprefix("qa_p")) for k in results if k.startswith("qa_p"))
   top, single = max(paraphrases), min(paraphrases)
-  refuse, tool, ident = results["refuse_eval"], results["tool_eval"], results["identity"]
+  refuse, gate = results["refuse_eval"], results["gate_eval"]
+  tool, ident = results["tool_eval"], results["identity"]
   return {
     "known_accuracy_single": results[f"qa_p{single}"]["test_known/accuracy"],
     "known_accuracy_augmented": results[f"qa_p{top}"]["test_known/accuracy"],
@@ -109,6 +113,9 @@ def get_report(results):
     "false_refusal_rate_known_probes": refuse["probes/false_refusal_rate_known"],
     "known_accuracy_before": refuse["known_accuracy_before"],
     "known_accuracy_after": refuse["known_accuracy_after"],
+    "gate_refusal_rate_unknown": gate["refusal_rate_unknown"],
+    "gate_false_refusal_rate_known": gate["false_refusal_rate_known"],
+    "gate_known_accuracy_after": gate["known_accuracy_after"],
     "confidence_ap": results["interrogate"]["confidence_ap"],
     "name_familiarity_ap": results["interrogate"]["name_familiarity_ap"],
     "unknown_accuracy_with_tool": tool["unknown_accuracy_with_tool"],

@@ -87,6 +87,41 @@ def test_average_precision_against_hand_computed_values():
   assert knowledge.average_precision([0.1, 0.2], [False, False]) == 0.0
 
 
+def test_best_threshold_against_hand_computed_cuts():
+  assert knowledge.best_threshold([1, 2, 3, 4], [False, False, True, True]) == 2.5
+  assert knowledge.best_threshold([1, 2, 3], [True, False, True]) == 2.5  # J: 0 at -inf, -0.5, 0.5, 0 at 3
+  assert knowledge.best_threshold([4, 1, 4], [False, True, False]) == -np.inf  # better to answer everything
+  assert knowledge.best_threshold([1, 2], [True, True]) == -np.inf
+  assert knowledge.best_threshold([1, 2], [False, False]) == 2.0
+
+
+def test_the_gate_declines_exactly_below_the_cut_set_on_the_probes(runs, tmp_path):
+  from lm.evals import scoring
+
+  paths, _, _, base = runs
+  world = paths["records"].rsplit("/", 1)[0]
+  result = knowledge.gate(base, world, out_dir=tmp_path)
+  probes = knowledge.questions(world, ("probe_known", "probe_unknown"))
+  logps = knowledge.name_logprobs(scoring.Scorer.from_run(str(base)), probes)
+  assert result["threshold"] == knowledge.best_threshold(logps, [r["group"] == "probe_known" for r in probes])
+  assert result["n_calibration"] == len(probes)
+  # A cut in the middle of the test questions' names, so that both sides are exercised.
+  tested = knowledge.questions(world, ("test_known", "test_unknown"))
+  cut = float(np.median(knowledge.name_logprobs(scoring.Scorer.from_run(str(base)), tested)))
+  result = knowledge.gate(base, world, out_dir=tmp_path, threshold=cut)
+  assert result["threshold"] == cut
+  rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+  assert len(rows) == result["n_known"] + result["n_unknown"] == len(tested)
+  assert 0 < sum(r["name_logprob"] > cut for r in rows) < len(rows)
+  for r in rows:
+    if r["name_logprob"] > result["threshold"]:
+      assert (r["reply"], r["verdict"]) == (r["before"], r["verdict_before"])
+    else:
+      assert r["verdict"] == "refusal"
+  unknown = [r for r in rows if r["group"] == "test_unknown"]
+  assert result["refusal_rate_unknown"] == np.mean([r["verdict"] == "refusal" for r in unknown])
+
+
 def test_interrogation_writes_answers_it_got_right_and_refusals_elsewhere(runs, tmp_path):
   paths, _, _, base = runs
   world = paths["records"].rsplit("/", 1)[0]

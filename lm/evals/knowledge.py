@@ -18,6 +18,8 @@ and, given `out_dir`, writes what it judged to `out_dir/samples.jsonl`.
   question, and the average precision with which it ranks the people pre-training saw above those it never
   did: whether the model holds the signal an "I don't know" needs, whatever it says.
 - `refusal`: a refusal-tuned run against the run it started from, on the test groups (see its docstring).
+- `gate`: declining by familiarity instead of by tuning: a run answers only when the name's log-probability
+  is above a cut set on the probe groups.
 - `identity`: "Who are you?" with and without a system prompt naming an identity.
 
 Generation goes through `answer`, which runs tool calls (`lm.tools`) and samples in fixed-size batches, so
@@ -264,27 +266,82 @@ def interrogate(
   return result
 
 
+def name_logprobs(scorer, rows: list[dict]) -> list[float]:
+  """The log-probability (all its tokens) of the person's name in each row's question, read as plain text after
+  the question's words before it."""
+  tok = scorer.tok
+  pairs = []
+  for r in rows:
+    before = r["prompt"][: r["prompt"].index(r["person"])].rstrip()  # a subword tokenizer reads the space with the name
+    pairs.append(([tok.bos_id] + tok.encode([before])[0], tok.encode([" " + r["person"]])[0]))
+  return [lp for lp, _ in scorer.loglikelihood(pairs)]
+
+
 def familiarity(run_dir, world, groups=("test_known", "test_unknown")) -> dict:
-  """The log-probability of each person's name (all its tokens) in the first question about them, read as plain
-  text after the question's words, and the average precision with which it ranks the people of pre-training
-  (`people.PRETRAINED_GROUPS`) above the others: `name_familiarity_ap`, `name_logprob_GROUP` (the mean)."""
+  """The log-probability of each person's name in the first question about them (`name_logprobs`) and the
+  average precision with which it ranks the people of pre-training (`people.PRETRAINED_GROUPS`) above the others:
+  `name_familiarity_ap`, `name_logprob_GROUP` (the mean)."""
   from lm.evals import scoring  # noqa: PLC0415
 
-  scorer = scoring.Scorer.from_run(str(run_dir))
-  tok = scorer.tok
   firsts = {}
   for r in questions(world, groups):
     firsts.setdefault(r["person"], r)
-  pairs = []
-  for name, r in firsts.items():
-    before = r["prompt"][: r["prompt"].index(name)].rstrip()  # a subword tokenizer reads the space with the name
-    pairs.append(([tok.bos_id] + tok.encode([before])[0], tok.encode([" " + name])[0]))
-  logps = [lp for lp, _ in scorer.loglikelihood(pairs)]
+  logps = name_logprobs(scoring.Scorer.from_run(str(run_dir)), list(firsts.values()))
   of = np.array([r["group"] for r in firsts.values()])
   out = {"name_familiarity_ap": average_precision(logps, np.isin(of, people.PRETRAINED_GROUPS))}
   for group in groups:
     out[f"name_logprob_{group}"] = float(np.mean(np.asarray(logps)[of == group]))
   return out
+
+
+def best_threshold(scores, labels) -> float:
+  """The cut that best separates true labels (above it) from false ones (at or below it): the midpoint between
+  neighbouring scores that maximises Youden's J, the share of true items above less the share of false ones
+  above (the lowest such cut on ties). -inf when every item is true, the largest score when none is."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+  ordered = np.unique(scores)
+  cuts = np.concatenate([[-np.inf], (ordered[:-1] + ordered[1:]) / 2, [ordered[-1]]])
+  rate = lambda x: np.mean(x) if len(x) else 0.0  # noqa: E731
+  j = [rate(scores[labels] > c) - rate(scores[~labels] > c) for c in cuts]
+  return float(cuts[int(np.argmax(j))])
+
+
+def gate(run_dir, world, out_dir=None, calibrate=("probe_known", "probe_unknown"), known="test_known",
+         unknown="test_unknown", threshold: float | None = None) -> dict:  # fmt: skip
+  """Declining by familiarity, with no tuning: the run answers a question only when the log-probability of its
+  person's name (`name_logprobs`) is above the cut (`best_threshold`) that best tells the pre-trained people of
+  `calibrate` from the never-seen ones (or above `threshold`, when given), and otherwise gives the refusal that
+  refusal tuning teaches (`people.refusal_text`). The same measures as `refusal`, the run itself being "before"
+  and the gated run "after", plus `threshold`, `calibration_ap` and `n_calibration` (the calibration questions)."""
+  from lm.evals import scoring  # noqa: PLC0415
+
+  scorer = scoring.Scorer.from_run(str(run_dir))
+  probes = questions(world, calibrate)
+  probe_logps = name_logprobs(scorer, probes)
+  pretrained = [r["group"] in people.PRETRAINED_GROUPS for r in probes]
+  if threshold is None:
+    threshold = best_threshold(probe_logps, pretrained)
+  rows = questions(world, (known, unknown))
+  logps = name_logprobs(scorer, rows)
+  replies = answer(Model(run_dir), [user(r["prompt"]) for r in rows])
+  gated = [
+    a if lp > threshold else {**a, "reply": people.refusal_text(r["attribute"]), "logprob": 0.0}
+    for r, a, lp in zip(rows, replies, logps, strict=True)
+  ]
+  before, after = judge_rows(rows, replies), judge_rows(rows, gated)
+  write_samples(
+    out_dir,
+    [
+      {**a, "name_logprob": lp, "before": b["reply"], "verdict_before": b["verdict"]}
+      for a, b, lp in zip(after, before, logps, strict=True)
+    ],
+  )
+  return {
+    **compare(before, after, known, unknown),
+    "threshold": threshold,
+    "calibration_ap": average_precision(probe_logps, pretrained),
+    "n_calibration": len(probes),
+  }
 
 
 def refusal(before_run, after_run, world, out_dir=None, known="test_known", unknown="test_unknown") -> dict:
@@ -299,8 +356,13 @@ def refusal(before_run, after_run, world, out_dir=None, known="test_known", unkn
   write_samples(
     out_dir, [{**a, "before": b["reply"], "verdict_before": b["verdict"]} for a, b in zip(after, before, strict=True)]
   )
-  k = [i for i, r in enumerate(rows) if r["group"] == known]
-  u = [i for i, r in enumerate(rows) if r["group"] == unknown]
+  return compare(before, after, known, unknown)
+
+
+def compare(before: list[dict], after: list[dict], known: str, unknown: str) -> dict:
+  """`refusal`'s measures of judged rows (`judge_rows`) before and after a mitigation."""
+  k = [i for i, r in enumerate(before) if r["group"] == known]
+  u = [i for i, r in enumerate(before) if r["group"] == unknown]
   was_right = [i for i in k if before[i]["verdict"] == "correct"]
   share = lambda idx, judged, verdict: float(np.mean([judged[i]["verdict"] == verdict for i in idx]))  # noqa: E731
   return {
@@ -348,7 +410,7 @@ def identity(run_dir, world, out_dir=None) -> dict:
 def figures(workdir, paraphrases) -> dict:
   """`workdir/report/knowledge.png` from the finished stages' results: left, accuracy on held-out known people
   (and the base model's recall of their facts) against the paraphrases per person; right, the rates before
-  and after each mitigation."""
+  and after each mitigation, and with the familiarity gate (`gate`) where it applies."""
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
@@ -360,7 +422,7 @@ def figures(workdir, paraphrases) -> dict:
   top = max(paraphrases)
   qa_results = [result(f"qa_p{k}") for k in paraphrases]
   recalls = [result(f"recall_p{k}")["test_known/recall"] for k in paraphrases]
-  refuse, tool, ident = result("refuse_eval"), result("tool_eval"), result("identity")
+  refuse, gate, tool, ident = result("refuse_eval"), result("gate_eval"), result("tool_eval"), result("identity")
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
   left.plot(paraphrases, [q["test_known/accuracy"] for q in qa_results], "o-", label="QA accuracy after SFT")
   left.plot(paraphrases, recalls, "s--", label="base model's recall")
@@ -372,24 +434,37 @@ def figures(workdir, paraphrases) -> dict:
     xlabel="biographies per person", ylabel="held-out known people", ylim=(0, 1.02), title="Knowledge extraction"
   )
   left.legend(loc="upper left", fontsize=8)
+  # (label, before, after the mitigation, after the familiarity gate or None)
   bars = [
     ("hallucination,\nunknown people", refuse["hallucination_rate_unknown_before"],
-     refuse["hallucination_rate_unknown_after"]),
-    ("refusal,\nunknown people", refuse["refusal_rate_unknown_before"], refuse["refusal_rate_unknown"]),
-    ("accuracy,\nknown people", refuse["known_accuracy_before"], refuse["known_accuracy_after"]),
-    ("refusal,\nknown people", refuse["refusal_rate_known_before"], refuse["refusal_rate_known_after"]),
-    ("accuracy, unknown\n(search tool)", tool["unknown_accuracy_without_tool"], tool["unknown_accuracy_with_tool"]),
-    ("identity named\n(system prompt)", ident["identity_rate_without_system"], ident["identity_rate_with_system"]),
+     refuse["hallucination_rate_unknown_after"], gate["hallucination_rate_unknown_after"]),
+    ("refusal,\nunknown people", refuse["refusal_rate_unknown_before"], refuse["refusal_rate_unknown"],
+     gate["refusal_rate_unknown"]),
+    ("accuracy,\nknown people", refuse["known_accuracy_before"], refuse["known_accuracy_after"],
+     gate["known_accuracy_after"]),
+    ("refusal,\nknown people", refuse["refusal_rate_known_before"], refuse["refusal_rate_known_after"],
+     gate["refusal_rate_known_after"]),
+    ("accuracy, unknown\n(search tool)", tool["unknown_accuracy_without_tool"], tool["unknown_accuracy_with_tool"],
+     None),
+    ("identity named\n(system prompt)", ident["identity_rate_without_system"], ident["identity_rate_with_system"],
+     None),
   ]  # fmt: skip
   x = np.arange(len(bars))
-  right.bar(x - 0.2, [b[1] for b in bars], 0.4, label="before (SFT; no tool; no system prompt)", color="#999999")
-  right.bar(x + 0.2, [b[2] for b in bars], 0.4, label="after (refusal tuning; tool; system prompt)", color="#1f77b4")
-  for xi, b in zip(x, bars, strict=True):
-    for dx, v in ((-0.2, b[1]), (0.2, b[2])):
-      right.text(xi + dx, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+  series = (
+    (-0.27, 1, "before (SFT; no tool; no system prompt)", "#999999"),
+    (0.0, 2, "after (refusal tuning; tool; system prompt)", "#1f77b4"),
+    (0.27, 3, "familiarity gate (no tuning)", "#ff7f0e"),
+  )
+  for dx, column, label, color in series:
+    shown = [(xi + dx, b[column]) for xi, b in zip(x, bars, strict=True) if b[column] is not None]
+    xs, values = [s[0] for s in shown], [s[1] for s in shown]
+    right.bar(xs, values, 0.27, label=label, color=color)
+    for xi, v in zip(xs, values, strict=True):
+      right.text(xi, v + 0.01, f"{v:.2f}", ha="center", fontsize=7)
   right.set_xticks(x, [b[0] for b in bars], fontsize=8)
+  right.set_yticks(np.linspace(0, 1, 6))  # the room above 1 is the legend's
   right.set(ylim=(0, 1.3), ylabel="rate", title=f"Mitigations (models from {top} biographies per person)")
-  right.legend(loc="upper center", fontsize=8, ncol=2)
+  right.legend(loc="upper center", fontsize=8, ncol=3)
   fig.tight_layout()
   out = epath.Path(workdir) / "report"
   out.mkdir(parents=True, exist_ok=True)
