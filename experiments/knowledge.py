@@ -10,6 +10,8 @@ Stages, each in runs/knowledge/<id>/ (finished ones are skipped when the command
   qa_pK         accuracy on people held out from SFT (knowledge extraction) and hallucination on never-seen people
   interrogate   self-interrogation of sft_pK (K the largest): sampled answers checked against the world, the
                 confidence's average precision, and an SFT set that declines where the model was wrong or unsure
+  probe         linear probes of sft_pK's hidden states at the name and where the answer starts: is "I have read
+                this name" readable there? (trained on the probe groups, average precision on the test groups)
   refuse        knowledge_sft.py from sft_pK on that set (R-Tuning)
   refuse_eval   before and after: accuracy on known people, refusal on unknown ones, false refusals (on the
                 test groups; probes/...: the same on the probe groups, whose questions it was tuned on)
@@ -77,6 +79,7 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None):
 
   stages += [
     {"id": "interrogate", "run": lambda d: knowledge.interrogate(final, world, d)},
+    {"id": "probe", "run": lambda d: knowledge.probe(final, world)},
     {
       "id": "refuse",
       "config": SFT,
@@ -118,6 +121,8 @@ def get_report(results):
     "gate_known_accuracy_after": gate["known_accuracy_after"],
     "confidence_ap": results["interrogate"]["confidence_ap"],
     "name_familiarity_ap": results["interrogate"]["name_familiarity_ap"],
+    "name_probe_ap": max(v for k, v in results["probe"].items() if k.startswith("probe_ap/name/")),
+    "answer_probe_ap": max(v for k, v in results["probe"].items() if k.startswith("probe_ap/answer/")),
     "unknown_accuracy_with_tool": tool["unknown_accuracy_with_tool"],
     "unknown_accuracy_without_tool": tool["unknown_accuracy_without_tool"],
     "in_context_accuracy": tool["in_context_accuracy"],

@@ -43,7 +43,7 @@ KEYS = (
   "unknown_accuracy_with_tool", "unknown_accuracy_without_tool", "in_context_accuracy",
   "identity_rate_with_system", "identity_rate_without_system", "name_familiarity_ap", "refusal_rate_unknown_probes",
   "false_refusal_rate_known_probes", "gate_refusal_rate_unknown", "gate_false_refusal_rate_known",
-  "gate_known_accuracy_after",
+  "gate_known_accuracy_after", "name_probe_ap", "answer_probe_ap",
 )  # fmt: skip
 
 

@@ -95,6 +95,30 @@ def test_best_threshold_against_hand_computed_cuts():
   assert knowledge.best_threshold([1, 2], [False, False]) == 2.0
 
 
+def test_logistic_fit_reaches_the_penalised_optimum():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(200, 5))
+  y = (x @ np.array([2.0, -1.0, 0.0, 0.5, 0.0]) + 0.3 + rng.normal(size=200)) > 0
+  w, b = knowledge.logistic_fit(x, y, l2=3.0)
+  p = 1 / (1 + np.exp(-(x @ w + b)))
+  assert np.abs(x.T @ (p - y) + 3.0 * w).max() < 1e-6  # the gradient of the penalised loss vanishes
+  assert abs(np.sum(p - y)) < 1e-6  # the bias is not penalised
+  assert w[0] > 1 and w[1] < -0.5 and np.mean((p > 0.5) == y) > 0.8
+
+
+def test_probe_reports_every_layer_at_both_positions(runs):
+  paths, _, _, base = runs
+  world = paths["records"].rsplit("/", 1)[0]
+  result = knowledge.probe(base, world)
+  layers = json.loads((base / "config.json").read_text())["model"]["n_layers"]
+  assert result["n_train"] == len(knowledge.questions(world, ("probe_known", "probe_unknown")))
+  for position in ("name", "answer"):
+    for layer in range(layers):
+      assert 0.0 <= result[f"probe_ap/{position}/layer_{layer}"] <= 1.0
+      assert 0.5 <= result[f"probe_train_accuracy/{position}/layer_{layer}"] <= 1.0
+  assert f"probe_ap/name/layer_{layers}" not in result
+
+
 def test_the_gate_declines_exactly_below_the_cut_set_on_the_probes(runs, tmp_path):
   from lm.evals import scoring
 

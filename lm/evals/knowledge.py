@@ -18,6 +18,8 @@ and, given `out_dir`, writes what it judged to `out_dir/samples.jsonl`.
   question, and the average precision with which it ranks the people pre-training saw above those it never
   did: whether the model holds the signal an "I don't know" needs, whatever it says.
 - `refusal`: a refusal-tuned run against the run it started from, on the test groups (see its docstring).
+- `probe`: linear probes of each layer's hidden state, at the name and where the answer starts: where can
+  "I have read this name" be read off the model?
 - `gate`: declining by familiarity instead of by tuning: a run answers only when the name's log-probability
   is above a cut set on the probe groups.
 - `identity`: "Who are you?" with and without a system prompt naming an identity.
@@ -291,6 +293,84 @@ def familiarity(run_dir, world, groups=("test_known", "test_unknown")) -> dict:
   out = {"name_familiarity_ap": average_precision(logps, np.isin(of, people.PRETRAINED_GROUPS))}
   for group in groups:
     out[f"name_logprob_{group}"] = float(np.mean(np.asarray(logps)[of == group]))
+  return out
+
+
+def logistic_fit(x_NxD, y_N, l2: float = 1.0, steps: int = 500) -> tuple[np.ndarray, float]:
+  """An L2-penalised logistic regression of labels `y_N` on features `x_NxD` (standardise them first), by
+  Newton's method: (weights [D], bias). The penalty is `l2` / 2 * |w|^2 on the mean log-loss times N."""
+  x = np.concatenate([np.asarray(x_NxD, np.float64), np.ones((len(x_NxD), 1))], axis=1)
+  y = np.asarray(y_N, np.float64)
+  penalty = np.full(x.shape[1], l2)
+  penalty[-1] = 0.0  # the bias is not penalised
+  w = np.zeros(x.shape[1])
+  for _ in range(steps):
+    p = 1 / (1 + np.exp(-x @ w))
+    grad = x.T @ (p - y) + penalty * w
+    hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
+    step = np.linalg.solve(hess, grad)
+    w -= step
+    if np.max(np.abs(step)) < 1e-8:
+      break
+  return w[:-1], float(w[-1])
+
+
+def probe(run_dir, world, calibrate=("probe_known", "probe_unknown"), test=("test_known", "test_unknown")) -> dict:
+  """Where is "I have read this name" linearly readable? For each layer's output (`layer_i`; the last one after
+  the final norm) at two positions of each question, the name's last token (`name`) and the prompt's last, where
+  the answer starts (`answer`), a logistic regression (`logistic_fit`) trained on the questions about `calibrate`
+  to tell pre-trained people (`people.PRETRAINED_GROUPS`) from the others, and its average precision on the
+  questions about `test`: `probe_ap/POSITION/layer_i`, and `probe_train_accuracy/POSITION/layer_i`.
+  Needs a run without `model.scan_layers`."""
+  import jax  # noqa: PLC0415
+
+  from lm import workdir as workdir_lib  # noqa: PLC0415
+
+  cfg, tok, setup, restored = workdir_lib.load_checkpoint(str(run_dir))
+  if cfg.model.scan_layers:
+    raise UserError(f"{run_dir}: probe reads each layer's output, which model.scan_layers stacks away")
+  rows = questions(world, (*calibrate, *test))
+  prompts, at_name = [], []
+  for r in rows:
+    ids = chat.render(tok, user(r["prompt"]), generation_prompt=True)[0]
+    content = tok.encode([r["prompt"]])[0]
+    start = next(i for i in range(len(ids)) if ids[i : i + len(content)] == content)
+    end = r["prompt"].index(r["person"]) + len(r["person"])
+    prompts.append(ids)
+    at_name.append(start + len(tok.encode([r["prompt"][:end]])[0]) - 1)
+
+  @jax.jit
+  def hidden(params, tokens_BxT, segments_BxT):
+    (final_BxTxD, _), state = setup.model.apply(
+      {"params": params}, tokens_BxT, segments_BxT, return_hidden=True, capture_intermediates=True
+    )
+    found = state["intermediates"]
+    return [found[f"layer_{i}"]["__call__"][0][0] for i in range(cfg.model.n_layers - 1)] + [final_BxTxD]
+
+  length = max(map(len, prompts))
+  feats = {"name": [], "answer": []}
+  for lo in range(0, len(prompts), BATCH):
+    chunk = prompts[lo : lo + BATCH]
+    tokens, segments = np.zeros((BATCH, length), np.int32), np.zeros((BATCH, length), np.int32)
+    for i, ids in enumerate(chunk):
+      tokens[i, : len(ids)], segments[i, : len(ids)] = ids, 1
+    with setup.context():
+      layers = [np.asarray(h) for h in hidden(restored.state.params, tokens, segments)]
+    n = np.arange(len(chunk))
+    feats["name"].append(np.stack([h[n, at_name[lo : lo + len(chunk)]] for h in layers], 1))
+    feats["answer"].append(np.stack([h[n, [len(p) - 1 for p in chunk]] for h in layers], 1))
+  groups = np.array([r["group"] for r in rows])
+  known, train = np.isin(groups, people.PRETRAINED_GROUPS), np.isin(groups, calibrate)
+  out = {"n_train": int(train.sum()), "n_test": int((~train).sum())}
+  for position, chunks in feats.items():
+    x_NxLxD = np.concatenate(chunks)
+    for layer in range(x_NxLxD.shape[1]):
+      x = x_NxLxD[:, layer]
+      x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+      w, b = logistic_fit(x[train], known[train])
+      score = x @ w + b
+      out[f"probe_ap/{position}/layer_{layer}"] = average_precision(score[~train], known[~train])
+      out[f"probe_train_accuracy/{position}/layer_{layer}"] = float(np.mean((score[train] > 0) == known[train]))
   return out
 
 
