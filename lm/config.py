@@ -132,6 +132,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.clip_norm = 1.0  # 0 disables clipping
   c.optim.grad_accum_steps = 1
+  c.optim.trainable = ""  # a regex: only params whose path ("layer_3/attn/wq") it matches train; "": all
 
   c.reward = ml_collections.ConfigDict()  # objective reward: Bradley-Terry on preference pairs
   c.reward.center_coef = 0.0  # weight of the reward-centering term mean((r_chosen + r_rejected)^2)

@@ -19,6 +19,7 @@ interrupted run resumes bit for bit.
 """
 
 import math
+import re
 
 import flax
 import jax
@@ -127,7 +128,7 @@ def decay_mask(params, cfg: ml_collections.ConfigDict):
   """True for the parameters weight decay applies to: matrices, and optionally norms/embeddings."""
 
   def keep(path, _):
-    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]  # skips box attributes
+    names = param_path(path).split("/")
     if names[-1] == "scale":
       return cfg.optim.decay_norms
     if names[-1] == "embed":
@@ -137,8 +138,21 @@ def decay_mask(params, cfg: ml_collections.ConfigDict):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def param_path(path) -> str:
+  """A parameter's path as "layer_3/attn/wq" (box attributes skipped)."""
+  return "/".join(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+def frozen_mask(params, cfg: ml_collections.ConfigDict):
+  """True for the parameters `optim.trainable` (a regex searched in each path) leaves out; all False when empty."""
+  pattern = re.compile(cfg.optim.trainable) if cfg.optim.trainable else None
+  frozen = lambda path, _: bool(pattern) and not pattern.search(param_path(path))  # noqa: E731
+  return jax.tree_util.tree_map_with_path(frozen, params)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW at unit learning rate: the train step multiplies its updates by `learning_rate` of the state's clock."""
+  """AdamW at unit learning rate: the train step multiplies its updates by `learning_rate` of the state's clock.
+  Parameters `optim.trainable` leaves out get zero updates (their gradients still count in the clipped norm)."""
   o = cfg.optim
   adamw = optax.adamw(
     1.0,
@@ -148,6 +162,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     weight_decay=o.weight_decay,
     mask=lambda params: decay_mask(params, cfg),
   )
+  if o.trainable:
+    adamw = optax.chain(adamw, optax.masked(optax.set_to_zero(), lambda params: frozen_mask(params, cfg)))
   if o.clip_norm:
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
   return adamw

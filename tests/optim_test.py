@@ -87,6 +87,22 @@ def test_gradient_accumulation_gives_the_full_batch_update():
   assert float(full_metrics["grad_norm"]) == pytest.approx(float(accum_metrics["grad_norm"]), rel=1e-4)
 
 
+def test_only_the_params_trainable_matches_change():
+  batches = [random_batch(8, 32, 64, seed=i) for i in range(2)]
+  setup = state_lib.build(tiny_config(), 64, partitioning.make_mesh(tiny_config(), jax.devices()[:1]))
+  with setup.context():
+    start = jax.device_get(setup.init_state().params)
+  params, _ = run_steps(tiny_config(**{"optim.trainable": "layer_1/|head"}), batches)
+  moved = jax.tree_util.tree_map_with_path(
+    lambda path, a, b: (optim.param_path(path), not np.array_equal(a, b)), params, start
+  )
+  moved = dict(jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple)))
+  assert moved["head"] and moved["layer_1/mlp/w_up"] and moved["layer_1/attn_norm/scale"]
+  assert not any(v for k, v in moved.items() if not (k.startswith("layer_1/") or k == "head")), moved
+  all_moved, _ = run_steps(tiny_config(), batches)
+  assert not np.array_equal(all_moved["embed"], start["embed"])
+
+
 def test_clipping_bounds_the_gradient_adam_sees():
   batch = random_batch(8, 32, 64)
   _, m = run_steps(tiny_config(**{"optim.clip_norm": 1e-3, "optim.warmup_steps": 0}), [batch])
