@@ -7,11 +7,12 @@ In the same workdir as `experiments/instruct.py`, its finished stages are skippe
   ppo_eval   PPO's win rate over SFT (temperature 1, judged by the hidden rule) and its KL from SFT
   grpo       instruct_grpo.py: GRPO from the SFT run, reward 1 for a correct reply (a program checks it)
   grpo_eval  GRPO's greedy held-out accuracy (SFT's is sft_eval's)
+  grpo_vs_sft  the two, example by example: examples GRPO gained and lost against SFT, McNemar's exact p-value
   sft_sampled_eval, grpo_sampled_eval  held-out accuracy of SFT and GRPO sampled at temperature 1, the rollouts'
              temperature: 4 replies per example, each with its own seed
   frontier   reward-model score against KL from SFT for every checkpoint of ppo, grpo and dpo (frontier.png)
-runs/instruct/report/report.json adds ppo_win_rate, ppo_kl, grpo_accuracy, sft_accuracy_sampled and
-grpo_accuracy_sampled to instruct.py's numbers.
+runs/instruct/report/report.json adds ppo_win_rate, ppo_kl, grpo_accuracy, grpo_gained, grpo_lost,
+grpo_vs_sft_p, sft_accuracy_sampled and grpo_accuracy_sampled to instruct.py's numbers.
 """
 
 import os
@@ -50,6 +51,7 @@ def get_study(workdir):
     {"id": "ppo_eval", "run": ppo_eval},
     {"id": "grpo", "config": "instruct_grpo.py", "init_from": "sft", "overrides": prompts},
     {"id": "grpo_eval", "run": lambda d: instruct.chat_accuracy(f"{workdir}/grpo", examples, out_dir=d)},
+    {"id": "grpo_vs_sft", "run": lambda d: instruct.paired(f"{workdir}/sft_eval", f"{workdir}/grpo_eval")},
     {"id": "sft_sampled_eval", "run": lambda d: sampled_accuracy("sft", d)},
     {"id": "grpo_sampled_eval", "run": lambda d: sampled_accuracy("grpo", d)},
     {
@@ -68,6 +70,9 @@ def get_report(results):
     "ppo_win_rate": results["ppo_eval"]["win_rate"],
     "ppo_kl": results["ppo_eval"]["kl"],
     "grpo_accuracy": results["grpo_eval"]["accuracy"],
+    "grpo_gained": results["grpo_vs_sft"]["gained"],
+    "grpo_lost": results["grpo_vs_sft"]["lost"],
+    "grpo_vs_sft_p": results["grpo_vs_sft"]["p_value"],
     "sft_accuracy_sampled": results["sft_sampled_eval"]["accuracy"],
     "grpo_accuracy_sampled": results["grpo_sampled_eval"]["accuracy"],
   }

@@ -195,3 +195,22 @@ def test_sampled_pairs_are_a_runs_own_replies_ranked_by_the_hidden_rule(world, t
   for pair in pairs:
     assert instructions.judge(examples[pair["prompt"]], pair["chosen"], pair["rejected"]) == 1.0
   assert all(p["chosen"] in {g.text for g in first} or p["rejected"] in {g.text for g in first} for p in pairs)
+
+
+def test_paired_counts_gains_and_losses_and_gives_mcnemars_exact_p(tmp_path):
+  def write(name, correct):
+    d = tmp_path / name
+    instruct.write_samples(d, [{"prompt": str(i), "correct": c} for i, c in enumerate(correct)])
+    return d
+
+  before = write("a", [True, False, False, True, False, True])
+  after = write("b", [True, True, True, False, False, True])
+  got = instruct.paired(before, after)
+  assert (got["gained"], got["lost"], got["n"]) == (2, 1, 6)
+  assert got["p_value"] == pytest.approx(1.0)  # 2 * P(X <= 1), X ~ Bin(3, 1/2) = 2 * 4/8, capped at 1
+  lopsided = instruct.paired(write("c", [False] * 10), write("d", [True] * 9 + [False]))
+  assert (lopsided["gained"], lopsided["lost"]) == (9, 0)
+  assert lopsided["p_value"] == pytest.approx(2 / 2**9)
+  assert instruct.paired(before, before)["p_value"] == 1.0
+  with pytest.raises(UserError, match="same examples"):
+    instruct.paired(before, write("e", [True] * 5))

@@ -4,6 +4,8 @@ Each function opens the newest checkpoint of its runs, returns a dict of numbers
 result) and, given `out_dir`, writes what it judged to `out_dir/samples.jsonl`, one line per example:
 - `chat_accuracy`: exact-match accuracy (`instructions.score`) of a run's replies, overall and per task
   (`accuracy/TASK`), greedy by default;
+- `paired`: two `chat_accuracy` results on the same examples, example by example: how many each got that the
+  other missed, and McNemar's exact test of the difference;
 - `win_rate`: how often run a's reply beats run b's under the world's hidden preference
   (`instructions.judge`, ties half), sampled at temperature 1 by default (the world's docstring says why);
 - `reward_accuracy`: how often a reward model scores a held-out pair's chosen reply above its rejected one
@@ -22,6 +24,7 @@ the last batch padded with copies of its first prompt so every batch has the sam
 import dataclasses
 import functools
 import json
+import math
 import time
 
 import jax
@@ -166,6 +169,21 @@ def chat_accuracy(
     "ended_turn": float(np.mean([g.finish_reason == "stop" for g in generations])),
     "prompts_per_second": rate,
   }
+
+
+def paired(before_dir, after_dir) -> dict:
+  """Two `chat_accuracy` runs on the same examples (their `samples.jsonl`), compared example by example:
+  `gained` (wrong before, right after), `lost` (the reverse), and the exact two-sided McNemar p-value of so
+  lopsided a split of the `gained + lost` discordant examples if either were equally likely (`p_value`)."""
+  read = lambda d: [json.loads(line) for line in (epath.Path(d) / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+  before, after = read(before_dir), read(after_dir)
+  if [b["prompt"] for b in before] != [a["prompt"] for a in after]:
+    raise UserError(f"{before_dir} and {after_dir} did not answer the same examples in the same order")
+  gained = sum(not b["correct"] and a["correct"] for b, a in zip(before, after, strict=True))
+  lost = sum(b["correct"] and not a["correct"] for b, a in zip(before, after, strict=True))
+  n, k = gained + lost, min(gained, lost)
+  tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+  return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail), "n": len(before)}
 
 
 def win_rate(
