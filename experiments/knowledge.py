@@ -8,6 +8,9 @@ Stages, each in runs/knowledge/<id>/ (finished ones are skipped when the command
   recall_pK     does the base model complete "NAME was born in" with the fact?
   sft_pK        knowledge_sft.py from base_pK: QA on the sft people, identity conversations
   qa_pK         accuracy on people held out from SFT (knowledge extraction) and hallucination on never-seen people
+  calibration   how sure base_pK and sft_pK (K the largest) are of a value where they would say one, in a
+                biography's words and in a reply: does the share of the likeliest value tell known people
+                from never-seen ones? (knowledge.value_confidence)
   interrogate   self-interrogation of sft_pK (K the largest): sampled answers checked against the world, the
                 confidence's average precision, and an SFT set that declines where the model was wrong or unsure
   probe         linear probes of sft_pK's hidden states at the name and where the answer starts: is "I have read
@@ -39,12 +42,18 @@ PARAPHRASES = (1, 8, 64)
 SEARCH = "search=jsonl:{world}/records.jsonl"
 
 
-def get_study(workdir, paraphrases=PARAPHRASES, sizes=None):
-  """The stages; `paraphrases` and `sizes` (people per group, `people.DEFAULT_SIZES`) scale the world."""
+def get_study(workdir, paraphrases=PARAPHRASES, sizes=None, repeats=1):
+  """The stages; `paraphrases`, `sizes` (people per group, `people.DEFAULT_SIZES`) and `repeats` (of the
+  biographies in each pre-training file, `people.pretraining_documents`) scale the world."""
   world = f"{workdir}/world"
   top = max(paraphrases)
   final = f"{workdir}/sft_p{top}"
-  stages = [{"id": "world", "run": lambda d: people.write_world(d, seed=0, sizes=sizes, paraphrases=paraphrases)}]
+  stages = [
+    {
+      "id": "world",
+      "run": lambda d: people.write_world(d, seed=0, sizes=sizes, paraphrases=paraphrases, repeats=repeats),
+    }
+  ]
   for k in paraphrases:
     stages += [
       {"id": f"base_p{k}", "config": BASE, "overrides": {"data.source": f"jsonl:{world}/pretrain_p{k}.jsonl"}},
@@ -77,7 +86,15 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None):
     probed = knowledge.refusal(final, f"{workdir}/refuse", world, f"{d}/probes", "probe_known", "probe_unknown")
     return {**test, **{f"probes/{k}": v for k, v in probed.items()}}  # the people it was tuned on
 
+  def calibration(d):
+    out = {}
+    for run, in_chat, key in ((f"base_p{top}", False, "base_text"), (f"sft_p{top}", True, "sft_chat")):
+      result = knowledge.value_confidence(f"{workdir}/{run}", world, in_chat, out_dir=f"{d}/{key}")
+      out.update({f"{key}/{k}": v for k, v in result.items()})
+    return out
+
   stages += [
+    {"id": "calibration", "run": calibration},
     {"id": "interrogate", "run": lambda d: knowledge.interrogate(final, world, d)},
     {"id": "probe", "run": lambda d: knowledge.probe(final, world)},
     {
@@ -120,6 +137,8 @@ def get_report(results):
     "gate_false_refusal_rate_known": gate["false_refusal_rate_known"],
     "gate_known_accuracy_after": gate["known_accuracy_after"],
     "confidence_ap": results["interrogate"]["confidence_ap"],
+    "value_share_ap_base": results["calibration"]["base_text/value_share_ap"],
+    "value_share_ap_sft": results["calibration"]["sft_chat/value_share_ap"],
     "name_familiarity_ap": results["interrogate"]["name_familiarity_ap"],
     "name_probe_ap": max(v for k, v in results["probe"].items() if k.startswith("probe_ap/name/")),
     "answer_probe_ap": max(v for k, v in results["probe"].items() if k.startswith("probe_ap/answer/")),

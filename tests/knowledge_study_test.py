@@ -43,8 +43,21 @@ KEYS = (
   "unknown_accuracy_with_tool", "unknown_accuracy_without_tool", "in_context_accuracy",
   "identity_rate_with_system", "identity_rate_without_system", "name_familiarity_ap", "refusal_rate_unknown_probes",
   "false_refusal_rate_known_probes", "gate_refusal_rate_unknown", "gate_false_refusal_rate_known",
-  "gate_known_accuracy_after", "name_probe_ap", "answer_probe_ap",
+  "gate_known_accuracy_after", "name_probe_ap", "answer_probe_ap", "value_share_ap_base", "value_share_ap_sft",
 )  # fmt: skip
+TAIL_WRAPPER = """
+from lm.config import load_module
+
+STUDY = load_module({path!r})
+SIZES = {{"sft": 3, "probe_known": 2, "test_known": 2, "probe_unknown": 2, "test_unknown": 2, "tool": 0}}
+
+
+def get_study(workdir):
+  return STUDY.get_study(workdir, passing=6, repeats=2, sizes=SIZES)
+
+
+get_report = STUDY.get_report
+"""
 
 
 def test_the_study_runs_every_stage_and_reports_every_rate(tmp_path):
@@ -61,3 +74,21 @@ def test_the_study_runs_every_stage_and_reports_every_rate(tmp_path):
   refuse = json.loads((workdir / "refuse" / "config.json").read_text())
   assert refuse["data"]["post_source"].endswith("interrogate/refusal_train.jsonl")
   assert json.loads((workdir / "refuse" / "init_from.json").read_text())["run"].endswith("sft_p2")
+
+
+def test_the_tail_study_reads_passing_people_once_and_reports_its_rates(tmp_path):
+  study = tmp_path / "study.py"
+  study.write_text(TAIL_WRAPPER.format(path=os.path.join(REPO, "experiments", "knowledge_tail.py")))
+  workdir = tmp_path / "tail"
+  overrides = [f"--config.{k}={v}" for k, v in TINY.items()] + [f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  cli.main(["study", "--config", str(study), "--workdir", str(workdir), "--no-progress", *overrides])
+  report = json.loads((workdir / "report" / "report.json").read_text())
+  assert set(report["stages"]) == {
+    "world", "base_p64", "recall_p64", "sft_p64", "qa_p64", "calibration", "interrogate", "probe", "refuse",
+    "refuse_eval", "gate_eval",
+  }  # fmt: skip
+  for key, value in report.items():
+    if key != "stages":
+      assert 0.0 <= value <= 1.0, key
+  docs = [json.loads(line)["text"] for line in (workdir / "world" / "pretrain_p64.jsonl").read_text().splitlines()]
+  assert len(docs) == 2 * 64 * (3 + 2 + 2) + 6

@@ -146,6 +146,43 @@ def test_the_gate_declines_exactly_below_the_cut_set_on_the_probes(runs, tmp_pat
   assert result["refusal_rate_unknown"] == np.mean([r["verdict"] == "refusal" for r in unknown])
 
 
+def test_value_confidence_is_the_likeliest_values_share_where_the_value_goes(runs, tmp_path):
+  from lm import chat
+  from lm.evals import scoring
+
+  paths, _, _, base = runs
+  world = paths["records"].rsplit("/", 1)[0]
+  scorer = scoring.Scorer.from_run(str(base))
+  for in_chat in (False, True):
+    result = knowledge.value_confidence(base, world, in_chat, out_dir=tmp_path / str(in_chat))
+    rows = [json.loads(line) for line in (tmp_path / str(in_chat) / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * len(people.ATTRIBUTES)
+    for group in ("test_known", "test_unknown"):
+      shares = [r["share"] for r in rows if r["group"] == group]
+      assert result[f"{group}/value_share"] == pytest.approx(np.mean(shares))
+      assert result[f"{group}/value_share_above_0.8"] == np.mean(np.array(shares) > 0.8)
+    assert result["value_share_ap"] == knowledge.average_precision(
+      [r["share"] for r in rows], [r["group"] == "test_known" for r in rows]
+    )
+    # One question by hand: every value of its attribute after the words that lead to it.
+    r = rows[0]
+    values = people.ATTRIBUTES[r["attribute"]].values
+    assert 1 / len(values) <= r["share"] <= 1
+    words = people.relation(r["attribute"])
+    if in_chat:
+      (question,) = [q["prompt"] for q in knowledge.questions(world, ("test_known",)) if q["person"] == r["person"]
+                     and q["attribute"] == r["attribute"]]  # fmt: skip
+      context = chat.render(scorer.tok, knowledge.user(question), generation_prompt=True)[0]
+      context += scorer.tok.encode([words])[0]
+    else:
+      context = [scorer.tok.bos_id] + scorer.tok.encode([f"{r['person']} {words}"])[0]
+    pairs = [(context, scorer.tok.encode([f" {v}."])[0]) for v in values]
+    logps = np.array([lp for lp, _ in scorer.loglikelihood(pairs)])
+    p = np.exp(logps - logps.max())
+    assert r["share"] == pytest.approx(p.max() / p.sum(), rel=1e-5)
+    assert r["likeliest"] == values[int(np.argmax(logps))]
+
+
 def test_interrogation_writes_answers_it_got_right_and_refusals_elsewhere(runs, tmp_path):
   paths, _, _, base = runs
   world = paths["records"].rsplit("/", 1)[0]

@@ -52,6 +52,30 @@ def test_groups_are_disjoint_and_only_pretrained_people_are_in_pretraining(world
     assert name not in tool_text
 
 
+def test_passing_people_are_read_once_and_never_asked_about(world, tmp_path):
+  sizes = {**SIZES, "passing": 7}
+  paths = people.write_world(tmp_path, seed=3, sizes=sizes, paraphrases=(1, 3), repeats=2)
+  groups = people.split_people(people.make_people(3, sum(sizes.values())), sizes)
+  assert groups["sft"] == people.split_people(people.make_people(3, sum(SIZES.values())), SIZES)["sft"]
+  asked = {r["person"] for r in read(paths["questions"])}
+  assert asked == {r["person"] for r in read(world["questions"])}  # the same questions as without them
+  assert len(read(paths["records"])) == sum(sizes.values())  # but they are in the records
+  for k in (1, 3):
+    docs = [d["text"] for d in read(paths[f"pretrain_p{k}"])]
+    assert len(docs) == 2 * k * len([p for g in people.PRETRAINED_GROUPS for p in groups[g]]) + 7
+    for p in groups["passing"]:
+      (doc,) = [d for d in docs if p.name in d]  # one biography, stating each fact once
+      assert doc.count(p.name) == len(people.ATTRIBUTES) and all(v in doc for v in p.attributes.values())
+    for p in groups["test_known"]:
+      assert sum(p.name in d for d in docs) == 2 * k
+      assert len({d for d in docs if p.name in d}) == k  # the same k biographies, twice
+  with pytest.raises(ValueError, match="repeats"):
+    people.pretraining_documents(groups, 3, 1, repeats=0)
+  # Without passing people or repeats the documents are `biographies`' (the study's default world).
+  pretrained = [p for g in people.PRETRAINED_GROUPS for p in groups[g]]
+  assert people.pretraining_documents({**groups, "passing": []}, 3, 3) == people.biographies(pretrained, 3, 3)
+
+
 def test_biographies_state_every_fact_once_and_paraphrases_vary(world):
   people_list = people.split_people(people.make_people(3, sum(SIZES.values())), SIZES)
   person = people_list["sft"][0]

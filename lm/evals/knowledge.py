@@ -17,6 +17,9 @@ and, given `out_dir`, writes what it judged to `out_dir/samples.jsonl`.
 - `familiarity`: does the model know a name when it reads one? The log-probability of each person's name in a
   question, and the average precision with which it ranks the people pre-training saw above those it never
   did: whether the model holds the signal an "I don't know" needs, whatever it says.
+- `value_confidence`: how sure is the model of a value where it would say one, in a biography's words or in
+  its reply to a question? The share of the likeliest of the attribute's values, and how well it tells known
+  people from never-seen ones.
 - `refusal`: a refusal-tuned run against the run it started from, on the test groups (see its docstring).
 - `probe`: linear probes of each layer's hidden state, at the name and where the answer starts: where can
   "I have read this name" be read off the model?
@@ -422,6 +425,57 @@ def gate(run_dir, world, out_dir=None, calibrate=("probe_known", "probe_unknown"
     "calibration_ap": average_precision(probe_logps, pretrained),
     "n_calibration": len(probes),
   }
+
+
+def value_confidence(run_dir, world, in_chat: bool, out_dir=None, known="test_known", unknown="test_unknown") -> dict:
+  """How sure the run is of a value at the place it would say one, for one question per attribute of each
+  person of `known` and `unknown`: the probability of each of the attribute's values (with its full stop) after
+  "NAME grew up in the city of" as the biographies say it, or, `in_chat`, after the question and the reply's
+  first words ("grew up in the city of", `people.answer_text`); the likeliest value's share of their sum is the
+  model's confidence there. Returns, for each group, the mean share (`GROUP/value_share`) and the share of
+  questions where it is above 0.8 (`GROUP/value_share_above_0.8`), and the average precision with which the
+  share ranks the known people's questions above the never-seen ones' (`value_share_ap`); `out_dir/samples.jsonl`
+  holds each question's share and likeliest value."""
+  from lm.evals import scoring  # noqa: PLC0415
+
+  scorer = scoring.Scorer.from_run(str(run_dir))
+  tok = scorer.tok
+  rows = questions(world, (known, unknown))
+  pairs, spans = [], []
+  for r in rows:
+    words = people.relation(r["attribute"])
+    if in_chat:
+      context = chat.render(tok, user(r["prompt"]), generation_prompt=True)[0] + tok.encode([words])[0]
+    else:
+      context = [tok.bos_id] + tok.encode([f"{r['person']} {words}"])[0]
+    values = people.ATTRIBUTES[r["attribute"]].values
+    spans.append((len(pairs), len(pairs) + len(values)))
+    pairs += [(context, tok.encode([f" {v}."])[0]) for v in values]
+  logps = np.array([lp for lp, _ in scorer.loglikelihood(pairs)])
+  shares = np.array([np.exp(logps[a:b].max() - np.logaddexp.reduce(logps[a:b])) for a, b in spans])
+  group = np.array([r["group"] for r in rows])
+  values = [people.ATTRIBUTES[r["attribute"]].values for r in rows]
+  likeliest = [v[int(np.argmax(logps[a:b]))] for v, (a, b) in zip(values, spans, strict=True)]
+  write_samples(
+    out_dir,
+    [
+      {
+        "group": r["group"],
+        "person": r["person"],
+        "attribute": r["attribute"],
+        "answer": r["answer"],
+        "likeliest": v,
+        "share": float(x),
+      }  # fmt: skip
+      for r, v, x in zip(rows, likeliest, shares, strict=True)
+    ],
+  )
+  out = {}
+  for g in (known, unknown):
+    out[f"{g}/value_share"] = float(shares[group == g].mean())
+    out[f"{g}/value_share_above_0.8"] = float(np.mean(shares[group == g] > 0.8))
+  out["value_share_ap"] = average_precision(shares, group == known)
+  return out
 
 
 def refusal(before_run, after_run, world, out_dir=None, known="test_known", unknown="test_unknown") -> dict:

@@ -27,6 +27,8 @@ Groups of people (`GROUPS`), by position in the seeded list of people:
   test_unknown   never in pre-training: the test of hallucination, refusal and tool use
   tool         never in pre-training, only in the records and the tool set: many names (8,000), so the model
                learns to copy the name it is asked about into its search rather than recall names it knows
+  passing      (none by default) people pre-training mentions once, one biography each and never asked about:
+               a corpus's long tail, where a name's facts cannot be predicted from having read it
 The "records" (`record`) are one canonical line per person, the database the `search` tool reads
 (`lm.tools`): everyone is in it, known or not.
 
@@ -38,7 +40,8 @@ this small, whose pre-training names were all memorised, never learnt to copy a 
 
 Files (`write_world`), JSON lines:
   pretrain_p{K}.jsonl  {"id", "text"}: K biographies per pre-training person (`paraphrases` K, each its own
-                       document; permuted when K > 1)
+                       document; permuted when K > 1), `repeats` times over, and one biography of each passing
+                       person (`pretraining_documents`)
   records.jsonl        {"id", "text"}: one canonical record per person, for the search tool
   sft_train.jsonl      QA conversations on the sft group (every attribute, every phrasing) and identity
                        conversations; `{"messages": [...]}`
@@ -165,7 +168,8 @@ ATTRIBUTES = {
     ),
   )
 }
-GROUPS = ("sft", "probe_known", "test_known", "probe_unknown", "test_unknown", "tool")
+GROUPS = ("sft", "probe_known", "test_known", "probe_unknown", "test_unknown", "tool", "passing")
+ASKED_GROUPS = GROUPS[:-1]  # the groups questions.jsonl asks about
 PRETRAINED_GROUPS = ("sft", "probe_known", "test_known")
 REFUSALS = ("I'm not sure. Could you give me more context?",)
 REFUSAL = REFUSALS[0]
@@ -404,16 +408,44 @@ def question_rows(groups: dict[str, list[Person]], seed: int, names: Sequence[st
   ]
 
 
-DEFAULT_SIZES = {"sft": 50, "probe_known": 75, "test_known": 50, "probe_unknown": 200, "test_unknown": 50, "tool": 8000}
+DEFAULT_SIZES = {
+  "sft": 50,
+  "probe_known": 75,
+  "test_known": 50,
+  "probe_unknown": 200,
+  "test_unknown": 50,
+  "tool": 8000,
+  "passing": 0,
+}
 
 
-def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases: Sequence[int] = (1, 4)) -> dict:
+def pretraining_documents(groups: dict[str, list[Person]], seed: int, paraphrases: int, repeats: int = 1) -> list[str]:
+  """The pre-training documents: `biographies` of the `PRETRAINED_GROUPS` people, `repeats` times over, and
+  one biography of each `passing` person in the same style (the first templates in order when `paraphrases`
+  is 1, else drawn and permuted). With `repeats` set so that the file holds a whole run's tokens, a run reads
+  it once: every passing person once, every other pre-training person `paraphrases` x `repeats` times."""
+  if repeats < 1:
+    raise ValueError(f"repeats must be at least 1, got {repeats}")
+  docs = biographies([p for g in PRETRAINED_GROUPS for p in groups[g]], seed, paraphrases) * repeats
+  passing = groups.get("passing", [])
+  if paraphrases == 1:
+    docs += biographies(passing, seed, 1)
+  else:
+    rng = _rng(seed, "passing", str(paraphrases))
+    docs += [biography(p, rng, permute=True) for p in passing]
+  if repeats > 1 or passing:
+    _rng(seed, "pretraining", str(paraphrases)).shuffle(docs)
+  return docs
+
+
+def write_world(
+  directory, seed: int = 0, sizes: dict | None = None, paraphrases: Sequence[int] = (1, 4), repeats: int = 1
+) -> dict:
   """Writes the world's files into `directory` (module docstring) and returns their paths by name."""
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   sizes = {**DEFAULT_SIZES, **(sizes or {})}
   groups = split_people(make_people(seed, sum(sizes.values())), sizes)
-  pretrained = [p for g in PRETRAINED_GROUPS for p in groups[g]]
   everyone = [p for g in GROUPS for p in groups[g]]
   rng = _rng(seed, "sft")
   sft = qa_conversations(groups["sft"]) + identity_conversations(seed, IDENTITY_CONVERSATIONS, IDENTITIES)
@@ -441,7 +473,9 @@ def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases
     for system in (f"You are {name}.", None)
   ]
   files = {
-    f"pretrain_p{k}": [{"id": f"bio{i}", "text": t} for i, t in enumerate(biographies(pretrained, seed, k))]
+    f"pretrain_p{k}": [
+      {"id": f"bio{i}", "text": t} for i, t in enumerate(pretraining_documents(groups, seed, k, repeats))
+    ]
     for k in paraphrases
   }
   files.update(
@@ -449,7 +483,7 @@ def write_world(directory, seed: int = 0, sizes: dict | None = None, paraphrases
       "records": [{"id": p.name, "text": record(p)} for p in everyone],
       "sft_train": sft,
       "tool_train": tool,
-      "questions": question_rows(groups, seed, GROUPS),
+      "questions": question_rows(groups, seed, ASKED_GROUPS),
       "identity": identity,
     }
   )
