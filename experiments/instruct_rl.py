@@ -3,7 +3,7 @@
   lm study --config experiments/instruct_rl.py --workdir runs/instruct
 
 In the same workdir as `experiments/instruct.py`, its finished stages are skipped. Then:
-  ppo        instruct_ppo.py: PPO from the SFT run against the reward model (rm), KL penalty 0.05
+  ppo        instruct_ppo.py: PPO from the SFT run against the reward model (rm), KL penalty 0.5 per nat
   ppo_eval   PPO's win rate over SFT (temperature 1, judged by the hidden rule) and its KL from SFT
   grpo       instruct_grpo.py: GRPO from the SFT run, reward 1 for a correct reply (a program checks it)
   grpo_eval  GRPO's greedy held-out accuracy (SFT's is sft_eval's)
