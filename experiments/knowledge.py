@@ -118,13 +118,12 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None, repeats=1):
   return stages
 
 
-def get_report(results):
-  paraphrases = sorted(int(k.removeprefix("qa_p")) for k in results if k.startswith("qa_p"))
-  top, single = max(paraphrases), min(paraphrases)
-  refuse, gate = results["refuse_eval"], results["gate_eval"]
-  tool, ident = results["tool_eval"], results["identity"]
+def refusal_report(results):
+  """The report's numbers from the stages the refusal chain shares with experiments/knowledge_tail.py: the answers of
+  sft_pK (K the largest), its calibration, interrogation, probes, refusal tuning and gate."""
+  top = max(int(k.removeprefix("qa_p")) for k in results if k.startswith("qa_p"))
+  refuse, gate, interrogate = results["refuse_eval"], results["gate_eval"], results["interrogate"]
   return {
-    "known_accuracy_single": results[f"qa_p{single}"]["test_known/accuracy"],
     "known_accuracy_augmented": results[f"qa_p{top}"]["test_known/accuracy"],
     "hallucination_rate_unknown": results[f"qa_p{top}"]["test_unknown/hallucination"],
     "refusal_rate_unknown": refuse["refusal_rate_unknown"],
@@ -136,12 +135,21 @@ def get_report(results):
     "gate_refusal_rate_unknown": gate["refusal_rate_unknown"],
     "gate_false_refusal_rate_known": gate["false_refusal_rate_known"],
     "gate_known_accuracy_after": gate["known_accuracy_after"],
-    "confidence_ap": results["interrogate"]["confidence_ap"],
+    "confidence_ap": interrogate["confidence_ap"],
     "value_share_ap_base": results["calibration"]["base_text/value_share_ap"],
     "value_share_ap_sft": results["calibration"]["sft_chat/value_share_ap"],
-    "name_familiarity_ap": results["interrogate"]["name_familiarity_ap"],
+    "name_familiarity_ap": interrogate["name_familiarity_ap"],
     "name_probe_ap": max(v for k, v in results["probe"].items() if k.startswith("probe_ap/name/")),
     "answer_probe_ap": max(v for k, v in results["probe"].items() if k.startswith("probe_ap/answer/")),
+  }
+
+
+def get_report(results):
+  paraphrases = sorted(int(k.removeprefix("qa_p")) for k in results if k.startswith("qa_p"))
+  tool, ident = results["tool_eval"], results["identity"]
+  return {
+    "known_accuracy_single": results[f"qa_p{min(paraphrases)}"]["test_known/accuracy"],
+    **refusal_report(results),
     "unknown_accuracy_with_tool": tool["unknown_accuracy_with_tool"],
     "unknown_accuracy_without_tool": tool["unknown_accuracy_without_tool"],
     "in_context_accuracy": tool["in_context_accuracy"],

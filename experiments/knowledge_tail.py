@@ -35,21 +35,4 @@ def get_study(workdir, passing=PASSING, repeats=REPEATS, sizes=None):
 
 
 def get_report(results):
-  refuse, gate, qa = results["refuse_eval"], results["gate_eval"], results["qa_p64"]
-  calibration = results["calibration"]
-  return {
-    "recall_p64": results["recall_p64"]["test_known/recall"],
-    "known_accuracy_augmented": qa["test_known/accuracy"],
-    "hallucination_rate_unknown": qa["test_unknown/hallucination"],
-    "value_share_ap_base": calibration["base_text/value_share_ap"],
-    "value_share_ap_sft": calibration["sft_chat/value_share_ap"],
-    "confidence_ap": results["interrogate"]["confidence_ap"],
-    "name_familiarity_ap": results["interrogate"]["name_familiarity_ap"],
-    "refusal_rate_unknown": refuse["refusal_rate_unknown"],
-    "false_refusal_rate_known": refuse["false_refusal_rate_known"],
-    "known_accuracy_before": refuse["known_accuracy_before"],
-    "known_accuracy_after": refuse["known_accuracy_after"],
-    "gate_refusal_rate_unknown": gate["refusal_rate_unknown"],
-    "gate_false_refusal_rate_known": gate["false_refusal_rate_known"],
-    "gate_known_accuracy_after": gate["known_accuracy_after"],
-  }
+  return {"recall_p64": results["recall_p64"]["test_known/recall"], **STUDY.refusal_report(results)}

@@ -11,11 +11,11 @@ WRAPPER = """
 from lm.config import load_module
 
 STUDY = load_module({path!r})
-SIZES = {{"sft": 3, "probe_known": 2, "test_known": 2, "probe_unknown": 2, "test_unknown": 2, "tool": 5}}
+SIZES = {{"sft": 3, "probe_known": 2, "test_known": 2, "probe_unknown": 2, "test_unknown": 2, "tool": {tool}}}
 
 
 def get_study(workdir):
-  return STUDY.get_study(workdir, paraphrases=(1, 2), sizes=SIZES)
+  return STUDY.get_study(workdir, {args}sizes=SIZES)
 
 
 get_report = STUDY.get_report
@@ -45,28 +45,21 @@ KEYS = (
   "false_refusal_rate_known_probes", "gate_refusal_rate_unknown", "gate_false_refusal_rate_known",
   "gate_known_accuracy_after", "name_probe_ap", "answer_probe_ap", "value_share_ap_base", "value_share_ap_sft",
 )  # fmt: skip
-TAIL_WRAPPER = """
-from lm.config import load_module
-
-STUDY = load_module({path!r})
-SIZES = {{"sft": 3, "probe_known": 2, "test_known": 2, "probe_unknown": 2, "test_unknown": 2, "tool": 0}}
 
 
-def get_study(workdir):
-  return STUDY.get_study(workdir, passing=6, repeats=2, sizes=SIZES)
-
-
-get_report = STUDY.get_report
-"""
+def run_study(tmp_path, experiment, tool, args):
+  """`lm study` on a wrapper of experiments/EXPERIMENT with tiny groups and TINY models: its workdir and report."""
+  study = tmp_path / "study.py"
+  path = os.path.join(REPO, "experiments", experiment)
+  study.write_text(WRAPPER.format(path=path, tool=tool, args=args))
+  workdir = tmp_path / "study"
+  overrides = [f"--config.{k}={v}" for k, v in TINY.items()] + [f"--config.data.cache_dir={tmp_path / 'cache'}"]
+  cli.main(["study", "--config", str(study), "--workdir", str(workdir), "--no-progress", *overrides])
+  return workdir, json.loads((workdir / "report" / "report.json").read_text())
 
 
 def test_the_study_runs_every_stage_and_reports_every_rate(tmp_path):
-  study = tmp_path / "study.py"
-  study.write_text(WRAPPER.format(path=os.path.join(REPO, "experiments", "knowledge.py")))
-  workdir = tmp_path / "knowledge"
-  overrides = [f"--config.{k}={v}" for k, v in TINY.items()] + [f"--config.data.cache_dir={tmp_path / 'cache'}"]
-  cli.main(["study", "--config", str(study), "--workdir", str(workdir), "--no-progress", *overrides])
-  report = json.loads((workdir / "report" / "report.json").read_text())
+  workdir, report = run_study(tmp_path, "knowledge.py", tool=5, args="paraphrases=(1, 2), ")
   for key in KEYS:
     assert 0.0 <= report[key] <= 1.0, key
   assert (workdir / "report" / "knowledge.png").stat().st_size > 10_000
@@ -77,12 +70,7 @@ def test_the_study_runs_every_stage_and_reports_every_rate(tmp_path):
 
 
 def test_the_tail_study_reads_passing_people_once_and_reports_its_rates(tmp_path):
-  study = tmp_path / "study.py"
-  study.write_text(TAIL_WRAPPER.format(path=os.path.join(REPO, "experiments", "knowledge_tail.py")))
-  workdir = tmp_path / "tail"
-  overrides = [f"--config.{k}={v}" for k, v in TINY.items()] + [f"--config.data.cache_dir={tmp_path / 'cache'}"]
-  cli.main(["study", "--config", str(study), "--workdir", str(workdir), "--no-progress", *overrides])
-  report = json.loads((workdir / "report" / "report.json").read_text())
+  workdir, report = run_study(tmp_path, "knowledge_tail.py", tool=0, args="passing=6, repeats=2, ")
   assert set(report["stages"]) == {
     "world", "base_p64", "recall_p64", "sft_p64", "qa_p64", "calibration", "interrogate", "probe", "refuse",
     "refuse_eval", "gate_eval",
