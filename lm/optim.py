@@ -152,7 +152,8 @@ def frozen_mask(params, cfg: ml_collections.ConfigDict):
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW at unit learning rate: the train step multiplies its updates by `learning_rate` of the state's clock.
-  Parameters `optim.trainable` leaves out get zero updates (their gradients still count in the clipped norm)."""
+  Parameters `optim.trainable` leaves out get zero updates and no Adam moments (their gradients still count in the
+  clipped norm)."""
   o = cfg.optim
   adamw = optax.adamw(
     1.0,
@@ -163,7 +164,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     mask=lambda params: decay_mask(params, cfg),
   )
   if o.trainable:
-    adamw = optax.chain(adamw, optax.masked(optax.set_to_zero(), lambda params: frozen_mask(params, cfg)))
+    frozen = lambda params: frozen_mask(params, cfg)  # noqa: E731
+    trained = lambda params: jax.tree.map(lambda f: not f, frozen(params))  # noqa: E731
+    adamw = optax.chain(optax.masked(adamw, trained), optax.masked(optax.set_to_zero(), frozen))
   if o.clip_norm:
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
   return adamw

@@ -136,8 +136,14 @@ def build(
   param_shardings = partitioning.logical_shardings(boxed.params, mesh, rules)
   replicated = partitioning.replicated(mesh)
   trained_shardings = lora.split(model_cfg, param_shardings)[0]
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (no moments for frozen params: optim.trainable)
   opt_shardings = optax.tree_map_params(
-    tx, lambda _, sharding: sharding, boxed.opt_state, trained_shardings, transform_non_params=lambda _: replicated
+    tx,
+    lambda x, sharding: x if masked(x) else sharding,
+    boxed.opt_state,
+    trained_shardings,
+    transform_non_params=lambda _: replicated,
+    is_leaf=masked,
   )
   shardings = TrainState(
     step=replicated,

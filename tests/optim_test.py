@@ -103,6 +103,16 @@ def test_only_the_params_trainable_matches_change():
   assert not np.array_equal(all_moved["embed"], start["embed"])
 
 
+def test_frozen_params_keep_no_adam_moments():
+  params = {"embed": np.zeros((16, 8), np.float32), "head": np.zeros((8, 16), np.float32)}
+  sizes = {}
+  for trainable in ("", "head"):
+    state = optim.make_optimizer(tiny_config(**{"optim.trainable": trainable})).init(params)
+    sizes[trainable] = sum(np.size(x) for x in jax.tree.leaves(state) if np.ndim(x) > 0)
+  assert sizes[""] == 2 * (16 * 8 + 8 * 16)  # mu and nu for both
+  assert sizes["head"] == 2 * 8 * 16  # for the head only
+
+
 def test_clipping_bounds_the_gradient_adam_sees():
   batch = random_batch(8, 32, 64)
   _, m = run_steps(tiny_config(**{"optim.clip_norm": 1e-3, "optim.warmup_steps": 0}), [batch])
