@@ -240,3 +240,18 @@ def test_points_share_a_tokenizer_unless_they_start_from_another_run(tmp_path):
     cfg.train.init_from = init_from
     sweep._share_tokenizer(epath.Path(tmp_path), epath.Path(tmp_path / "c"), cfg)
     assert not (tmp_path / "c" / "tokenizer.json").exists()
+
+
+def test_a_point_that_started_from_another_run_lends_no_tokenizer(tmp_path):
+  # A study's SFT stage names the default corpus in data.source, but its tokenizer is the one of the run it
+  # started from, pre-trained on another corpus: a later pre-training on the default corpus trains its own.
+  cfg = config_lib.default_config()
+  sft = tmp_path / "sft_p1"
+  sft.mkdir()
+  sft_cfg = config_lib.default_config()
+  sft_cfg.train.init_from = str(tmp_path / "base_p1")
+  (sft / "config.json").write_text(config_lib.to_json(sft_cfg))
+  (sft / "tokenizer.json").write_text('{"kind": "sentencepiece"}')
+  (sft / "tokenizer.model").write_bytes(b"pieces of another corpus")
+  sweep._share_tokenizer(epath.Path(tmp_path), epath.Path(tmp_path / "base_p64"), cfg)
+  assert not (tmp_path / "base_p64" / "tokenizer.json").exists()

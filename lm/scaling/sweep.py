@@ -403,13 +403,16 @@ def train_point(
 def _share_tokenizer(root: epath.Path, sub: epath.Path, cfg: ml_collections.ConfigDict) -> None:
   """Copies the tokenizer of an earlier point with the same tokenizer and data config into `sub`. A point that
   starts from another run's params (`train.init_from`) takes that run's tokenizer instead, which `lm train`
-  copies."""
+  copies; for the same reason such a point is never the earlier one (an SFT stage's `data.source` may name one
+  corpus while its tokenizer came from a pre-training on another)."""
   if (sub / "tokenizer.json").exists() or cfg.tokenizer.kind == "byte" or cfg.train.init_from:
     return
   key = (cfg.tokenizer.to_dict(), cfg.data.source, cfg.data.max_bytes, cfg.data.eval_fraction, cfg.data.eval_split)
   for other in sorted(root.glob("*/tokenizer.json")):
     other_cfg = config_lib.from_json((other.parent / "config.json").read_text())
     d = other_cfg.data
+    if other_cfg.train.init_from:
+      continue
     if (other_cfg.tokenizer.to_dict(), d.source, d.max_bytes, d.eval_fraction, d.eval_split) == key:
       _copy_tokenizer(other.parent, sub)
       return
