@@ -142,6 +142,26 @@ def test_the_scorer_sums_the_models_log_probs(run, scorer):
   assert rolling == pytest.approx(sum(lp for lp, _ in scorer.loglikelihood(windows)), abs=1e-3)
 
 
+def test_requests_packed_into_one_row_score_as_they_do_alone(scorer):
+  tok = scorer.tok
+  pairs = [([tok.bos_id] + tok.encode([f"{a} plus {b} is"])[0], tok.encode([f" {a + b}."])[0]) for a, b in
+           [(1, 2), (10, 11), (3, 3), (7, 9), (0, 0), (11, 5)]]  # fmt: skip
+  packed = scorer.loglikelihood(pairs)
+  assert len(scoring.pack([len(c) + len(x) - 1 for c, x in pairs], scorer.context)) == 2  # six in two rows
+  alone = [scorer.loglikelihood([p])[0] for p in pairs]
+  assert [g for _, g in packed] == [g for _, g in alone]
+  np.testing.assert_allclose([lp for lp, _ in packed], [lp for lp, _ in alone], atol=1e-5)
+  assert len({lp for lp, _ in packed}) > 1  # the segments do not see each other: different sums
+
+
+def test_pack_fits_every_request_once_and_fills_rows_first_fit_longest_first():
+  lengths = [5, 60, 30, 30, 64, 1, 33]
+  rows = scoring.pack(lengths, 64)
+  assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+  assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+  assert rows == [[4], [1, 5], [6, 2], [3, 0]]
+
+
 def test_perplexity_is_bits_per_byte_of_the_rolling_log_likelihoods(run, scorer, tmp_path):
   docs = [" ".join(LINES[i : i + 3]) for i in range(0, 30, 3)]
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))

@@ -1,7 +1,8 @@
 """What every evaluation asks of a model: log-likelihoods of continuations, of whole documents, and greedy text.
 
 A `Scorer` holds a run's params, sharded as the run was (`lm.workdir.load_params`), and answers in batches
-of `batch_size` rows of the run's context length (`data.seq_len`), so each question compiles once:
+of `batch_size` rows of the run's context length (`data.seq_len`), so each question compiles once; requests
+shorter than a row are packed into it, several to a row, each in its own segment:
 - `loglikelihood([(context_ids, continuation_ids)])` -> [(sum of log p(continuation | context), whether each
   continuation token is the model's argmax)]. A pair longer than the context loses the start of its context.
 - `loglikelihood_rolling([doc_ids])` -> the sum of log p of every token of each document after a bos, in
@@ -31,14 +32,14 @@ CHUNKS = 4
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _score_rows(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """(sum of log p(target) where loss_mask, whether every such target is the argmax) per row -> [B], [B]."""
+def _score_tokens(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(log p(target), whether the target is the argmax) at every position -> [B, T], [B, T]."""
   x_BxTxD, head_DxV = model.apply(
     {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], return_hidden=True
   )
   t = x_BxTxD.shape[1]
   n = max(c for c in range(1, min(t, CHUNKS) + 1) if t % c == 0)
-  logp_B, greedy_B = 0.0, True
+  logps, hits = [], []
   for lo, hi in ((i * t // n, (i + 1) * t // n) for i in range(n)):
     logits_BxCxV = jnp.einsum(
       "bcd,dv->bcv",
@@ -46,13 +47,28 @@ def _score_rows(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
       head_DxV.astype(model.cfg.dtype),
       preferred_element_type=jnp.float32,
     )
-    targets_BxC, mask_BxC = batch["targets"][:, lo:hi], batch["loss_mask"][:, lo:hi]
+    targets_BxC = batch["targets"][:, lo:hi]
     ce_BxC, _ = model_lib.cross_entropy(logits_BxCxV, targets_BxC)
-    logp_B = logp_B - jnp.sum(ce_BxC * mask_BxC, axis=1)
-    hit_BxC = jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
-    greedy_B = greedy_B & jnp.all(hit_BxC | (mask_BxC == 0), axis=1)
+    logps.append(-ce_BxC)
+    hits.append(jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC)
   replicated = jax.sharding.PartitionSpec()  # every process reads the scores
-  return jax.lax.with_sharding_constraint(logp_B, replicated), jax.lax.with_sharding_constraint(greedy_B, replicated)
+  return (
+    jax.lax.with_sharding_constraint(jnp.concatenate(logps, axis=1), replicated),
+    jax.lax.with_sharding_constraint(jnp.concatenate(hits, axis=1), replicated),
+  )
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+  """Groups of indices into `lengths` whose lengths sum to at most `capacity` each: first fit, longest first."""
+  rows, room = [], []
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    j = next((j for j, r in enumerate(room) if r >= lengths[i]), len(rows))
+    if j == len(rows):
+      rows.append([])
+      room.append(capacity)
+    rows[j].append(i)
+    room[j] -= lengths[i]
+  return rows
 
 
 @dataclasses.dataclass
@@ -82,26 +98,35 @@ class Scorer:
     return self.cfg.data.seq_len
 
   def _rows(self, rows: list[tuple[list[int], int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Scores rows (tokens, number of scored tokens at their end), each at most context + 1 tokens long."""
+    """Scores rows (tokens, number of scored tokens at their end), each at most context + 1 tokens long.
+
+    Short rows share a row of the batch, each in its own segment with positions from 0, as training packs
+    documents: the model's segment mask keeps them apart, so each scores as it would alone."""
     t, b = self.context, self.batch_size
+    for tokens, scored in rows:
+      assert 0 < scored <= len(tokens) - 1 <= t, (scored, len(tokens), t)
+    packed = pack([len(tokens) - 1 for tokens, _ in rows], t)
     logps, greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
     sharding = partitioning.batch_sharding(self.setup.mesh)
-    for lo in tqdm(range(0, len(rows), b), desc="scoring", unit="batch", leave=False, disable=None):
-      chunk = rows[lo : lo + b]
+    for lo in tqdm(range(0, len(packed), b), desc="scoring", unit="batch", leave=False, disable=None):
+      chunk = packed[lo : lo + b]
       batch = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-      batch["loss_mask"] = np.zeros((b, t), np.float32)
-      for i, (tokens, scored) in enumerate(chunk):
-        n = len(tokens) - 1
-        assert 0 < scored <= n <= t, (scored, n, t)
-        batch["inputs"][i, :n], batch["targets"][i, :n] = tokens[:-1], tokens[1:]
-        batch["segment_ids"][i, :n], batch["positions"][i, :n] = 1, np.arange(n)
-        batch["loss_mask"][i, n - scored : n] = 1.0
+      spans = []  # (request, row, first scored position, end)
+      for i, members in enumerate(chunk):
+        start = 0
+        for segment, r in enumerate(members, 1):
+          tokens, scored = rows[r]
+          n = len(tokens) - 1
+          batch["inputs"][i, start : start + n], batch["targets"][i, start : start + n] = tokens[:-1], tokens[1:]
+          batch["segment_ids"][i, start : start + n], batch["positions"][i, start : start + n] = segment, np.arange(n)
+          spans.append((r, i, start + n - scored, start + n))
+          start += n
       with self.setup.context():
         # Every process holds the whole batch and gives its devices their rows (several processes work too).
         placed = {k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i]) for k, v in batch.items()}
-        out_logp, out_greedy = _score_rows(self.setup.model, self.params, placed)
-      logps[lo : lo + len(chunk)] = np.asarray(out_logp)[: len(chunk)]
-      greedy[lo : lo + len(chunk)] = np.asarray(out_greedy)[: len(chunk)]
+        logp_BxT, hit_BxT = (np.asarray(x) for x in _score_tokens(self.setup.model, self.params, placed))
+      for r, i, first, end in spans:
+        logps[r], greedy[r] = logp_BxT[i, first:end].sum(), hit_BxT[i, first:end].all()
     return logps, greedy
 
   def loglikelihood(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
