@@ -18,6 +18,10 @@ token. With `--peer PYTHON`, Hugging Face `generate()` on a Llama of the `ref` s
 parameters (`--experts` experts of width d_ff / top_k, top-k routing; the config's other `model.moe.*` keys),
 alternating between the two so that both see the same machine, and prints both and their ratio.
 
+`score` times `lm eval`'s scorer on a run's checkpoint: random short requests (a context of 8 to 48 tokens, a
+continuation of 1 to 8), packed several to a row as evaluations score them and one to a row, in the same
+invocation, and the largest difference between the two's log-likelihoods.
+
 `matmul` times the single matmuls those steps are made of, under XLA and, with `--peer PYTHON`,
 under PyTorch in the same invocation: how much of a gap to PyTorch is the kernels' own.
 """
@@ -410,6 +414,10 @@ def main(args, overrides: list[str]) -> None:
     print(json.dumps({"preset": args.config or args.preset, **rl_throughput(cfg, args.steps)}))
     sys.stdout.flush()
     return
+  if args.what == "score":
+    print(json.dumps(score_throughput(args.workdir, args.requests)))
+    sys.stdout.flush()
+    return
   if args.what == "data":
     print(json.dumps(data_bench(args, overrides)))
     sys.stdout.flush()
@@ -447,6 +455,30 @@ def main(args, overrides: list[str]) -> None:
         record[f"{name}_error"] = peer["error"]
   print(json.dumps(record))
   sys.stdout.flush()
+
+
+def score_throughput(workdir: str | None, requests: int, seed: int = 0) -> dict:
+  """`lm bench score`: log-likelihood requests a second, packed into shared rows and one to a row."""
+  from lm import tokenizer as tokenizer_lib  # noqa: PLC0415
+  from lm.errors import UserError  # noqa: PLC0415
+  from lm.evals import scoring  # noqa: PLC0415
+
+  if not workdir:
+    raise UserError("lm bench score needs --workdir RUN (a trained run whose checkpoint to score with)")
+  scorer = scoring.Scorer.from_run(workdir)
+  rng = np.random.default_rng(seed)
+  ids = lambda n: rng.integers(len(tokenizer_lib.SPECIAL_TOKENS), scorer.tok.vocab_size, n).tolist()  # noqa: E731
+  pairs = [([scorer.tok.bos_id, *ids(rng.integers(8, 49))], ids(rng.integers(1, 9))) for _ in range(requests)]
+  record, scores = {"workdir": workdir, "requests": requests, "context": scorer.context}, {}
+  for name, packed in (("packed", True), ("one_a_row", False)):
+    timed = dataclasses.replace(scorer, packed=packed)
+    timed.loglikelihood(pairs[: timed.batch_size])  # compiles
+    start = time.perf_counter()
+    scores[name] = np.array([lp for lp, _ in timed.loglikelihood(pairs)])
+    record[f"{name}_requests_per_s"] = requests / (time.perf_counter() - start)
+  record["speedup"] = record["packed_requests_per_s"] / record["one_a_row_requests_per_s"]
+  record["max_abs_logp_diff"] = float(np.abs(scores["packed"] - scores["one_a_row"]).max())
+  return record
 
 
 def data_bench(args, overrides: list[str]) -> dict:

@@ -7,6 +7,7 @@ lm sample --workdir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-
 lm bench sample [--preset ref] [--new-tokens 512] [--peer PYTHON];  lm bench rl [--preset ref] [--steps ROLLOUTS]
 lm bench moe [--preset ref | --config FILE] [--experts 8]   (a dense model against its MoE twin of equal active params)
 lm bench hf [--workdir RUN]   (a SmolLM-135M-shaped Llama through lm import hf / export hf, against transformers)
+lm bench score --workdir RUN [--requests 2000]   (lm eval's scorer: requests packed into shared rows, and one a row)
 lm chat --workdir DIR [--system TEXT] [--tool NAME=KIND:ARG] [--messages F|- --json] [decoding controls as lm sample]
 lm reward --workdir DIR --file F.jsonl;  lm lora merge --workdir DIR --out DIR2
 lm export hf --workdir DIR --out OUT [--step N] [--dtype bfloat16];  lm import hf --from PATH --workdir DIR
@@ -87,7 +88,7 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="output directory (default: DIR/plots of the first run)")
 
   p = sub.add_parser("bench", help="benchmarks that print one JSON line")
-  p.add_argument("what", choices=["train", "sample", "matmul", "fit", "data", "rl", "hf", "moe"])
+  p.add_argument("what", choices=["train", "sample", "matmul", "fit", "data", "rl", "hf", "moe", "score"])
   p.add_argument("--preset", default="ref", help="model preset (default: ref)")
   p.add_argument("--steps", type=int, default=10, help="timed steps (rl: rollouts)")
   p.add_argument("--config", default=None, help="benchmark this experiment's model instead of a preset")
@@ -107,9 +108,10 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--workdir",
     default=None,
-    help="data: use this run's tokenizer (default: the config's, trained); hf: also export it",
+    help="data: use this run's tokenizer (default: the config's, trained); hf: also export it; score: the run",
   )
   p.add_argument("--batches", type=int, default=200, help="data: batches timed per pipeline")
+  p.add_argument("--requests", type=int, default=2000, help="score: log-likelihood requests timed")
   p.add_argument("--table", default=None, help=f"fit: the table to fit (default: {scaling_cli.DEFAULT_BENCH_TABLE})")
 
   p = sub.add_parser("sample", help="complete a prompt with a trained run, streaming the text")

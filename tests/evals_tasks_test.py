@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from lm import bench, train
 from lm import model as model_lib
-from lm import train
 from lm.errors import UserError
 from lm.evals import icl, scoring, tasks
 
@@ -297,3 +297,10 @@ def test_chat_prompts_are_turns_of_the_chat_template_and_replies_end_at_end_of_t
   recorder = Recorder(tok)
   summary, _ = tasks.evaluate(recorder, task, shots=1, use_chat=True)
   assert recorder.stop_ids == (tok.special["<|end|>"],) and summary["exact_match"] == 0.5
+
+
+def test_bench_score_scores_the_same_packed_and_one_a_row(run):
+  record = bench.score_throughput(str(run), requests=24)
+  assert record["requests"] == 24 and record["context"] == 64
+  assert record["packed_requests_per_s"] > 0 and record["one_a_row_requests_per_s"] > 0
+  assert record["max_abs_logp_diff"] < 1e-4

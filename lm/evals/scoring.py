@@ -79,6 +79,7 @@ class Scorer:
   params: dict
   batch_size: int = 16
   step: int | None = None  # the checkpoint's, when read from a run
+  packed: bool = True  # short requests share rows (False: one a row, for `lm bench score`)
 
   @classmethod
   def from_run(cls, workdir: str, step: int | None = None, batch_size: int = 16) -> "Scorer":
@@ -105,7 +106,8 @@ class Scorer:
     t, b = self.context, self.batch_size
     for tokens, scored in rows:
       assert 0 < scored <= len(tokens) - 1 <= t, (scored, len(tokens), t)
-    packed = pack([len(tokens) - 1 for tokens, _ in rows], t)
+    lengths = [len(tokens) - 1 for tokens, _ in rows]
+    packed = pack(lengths, t) if self.packed else [[i] for i in range(len(rows))]
     logps, greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
     sharding = partitioning.batch_sharding(self.setup.mesh)
     for lo in tqdm(range(0, len(packed), b), desc="scoring", unit="batch", leave=False, disable=None):
