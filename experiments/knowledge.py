@@ -109,7 +109,12 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None, repeats=1):
       "id": "tool",
       "config": SFT,
       "init_from": f"sft_p{top}",
-      "overrides": {"data.post_source": f"jsonl:{world}/tool_train.jsonl", "train.steps": 1800},
+      "overrides": {
+        "data.post_source": f"jsonl:{world}/tool_train.jsonl",
+        "train.steps": 900,
+        "optim.lr": 1e-3,
+        "train.checkpoint_every": 300,
+      },
     },
     {"id": "tool_eval", "run": tool_eval},
     {"id": "identity", "run": lambda d: knowledge.identity(final, world, out_dir=d)},
