@@ -154,12 +154,12 @@ def test_requests_packed_into_one_row_score_as_they_do_alone(scorer):
   assert len({lp for lp, _ in packed}) > 1  # the segments do not see each other: different sums
 
 
-def test_pack_fits_every_request_once_and_fills_rows_first_fit_longest_first():
+def test_pack_fits_every_request_once_longest_first_into_the_fullest_row_with_room():
   lengths = [5, 60, 30, 30, 64, 1, 33]
   rows = scoring.pack(lengths, 64)
   assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
   assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
-  assert rows == [[4], [1, 5], [6, 2], [3, 0]]
+  assert rows == [[4], [1], [6, 2, 5], [3, 0]]  # 5 (length 1) fills row 2 exactly, not row 1
 
 
 def test_perplexity_is_bits_per_byte_of_the_rolling_log_likelihoods(run, scorer, tmp_path):

@@ -14,6 +14,7 @@ Rows go to the devices along the mesh's batch axes, as training batches do; the 
 positions at a time, so a large vocabulary never holds [B, T, V] at once.
 """
 
+import bisect
 import dataclasses
 import functools
 
@@ -59,15 +60,19 @@ def _score_tokens(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-  """Groups of indices into `lengths` whose lengths sum to at most `capacity` each: first fit, longest first."""
-  rows, room = [], []
+  """Groups of indices into `lengths` whose lengths sum to at most `capacity` each: longest first, each into the
+  open row it fills best (the fullest one it fits), a new row when none has room."""
+  rows, rooms = [], []  # rooms: (room left, row) of the rows with room, sorted
   for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-    j = next((j for j, r in enumerate(room) if r >= lengths[i]), len(rows))
-    if j == len(rows):
+    k = bisect.bisect_left(rooms, (lengths[i], -1))
+    if k < len(rooms):
+      room, row = rooms.pop(k)
+    else:
+      room, row = capacity, len(rows)
       rows.append([])
-      room.append(capacity)
-    rows[j].append(i)
-    room[j] -= lengths[i]
+    rows[row].append(i)
+    if room > lengths[i]:
+      bisect.insort(rooms, (room - lengths[i], row))
   return rows
 
 
