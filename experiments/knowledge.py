@@ -109,6 +109,7 @@ def get_study(workdir, paraphrases=PARAPHRASES, sizes=None, repeats=1):
       "id": "tool",
       "config": SFT,
       "init_from": f"sft_p{top}",
+      # 900 steps at lr 1e-3 searched through the tool as well as 1,800 at the SFT's 5e-4 did, in half the time
       "overrides": {
         "data.post_source": f"jsonl:{world}/tool_train.jsonl",
         "train.steps": 900,

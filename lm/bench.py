@@ -18,9 +18,9 @@ token. With `--peer PYTHON`, Hugging Face `generate()` on a Llama of the `ref` s
 parameters (`--experts` experts of width d_ff / top_k, top-k routing; the config's other `model.moe.*` keys),
 alternating between the two so that both see the same machine, and prints both and their ratio.
 
-`score` times `lm eval`'s scorer on a run's checkpoint: random short requests (a context of 8 to 48 tokens, a
-continuation of 1 to 8), packed several to a row as evaluations score them and one to a row, in the same
-invocation, and the largest difference between the two's log-likelihoods.
+`score` times `lm eval`'s scorer on a run's checkpoint: random short requests (a bos and 8 to 48 tokens of
+context, a continuation of 1 to 8), packed several to a row as evaluations score them and one to a row, in the
+same invocation, and the largest difference between the two's log-likelihoods.
 
 `matmul` times the single matmuls those steps are made of, under XLA and, with `--peer PYTHON`,
 under PyTorch in the same invocation: how much of a gap to PyTorch is the kernels' own.

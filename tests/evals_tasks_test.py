@@ -147,16 +147,34 @@ def test_requests_packed_into_one_row_score_as_they_do_alone(scorer):
   pairs = [([tok.bos_id] + tok.encode([f"{a} plus {b} is"])[0], tok.encode([f" {a + b}."])[0]) for a, b in
            [(1, 2), (10, 11), (3, 3), (7, 9), (0, 0), (11, 5)]]  # fmt: skip
   packed = scorer.loglikelihood(pairs)
-  assert len(scoring.pack([len(c) + len(x) - 1 for c, x in pairs], scorer.context)) == 2  # six in two rows
+  assert len(scoring.best_fit([len(c) + len(x) - 1 for c, x in pairs], scorer.context)) == 2  # six in two rows
   alone = [scorer.loglikelihood([p])[0] for p in pairs]
   assert [g for _, g in packed] == [g for _, g in alone]
   np.testing.assert_allclose([lp for lp, _ in packed], [lp for lp, _ in alone], atol=1e-5)
   assert len({lp for lp, _ in packed}) > 1  # the segments do not see each other: different sums
 
 
-def test_pack_fits_every_request_once_longest_first_into_the_fullest_row_with_room():
+def test_a_moe_that_drops_tokens_scores_each_request_in_a_row_of_its_own(tmp_path):
+  """Experts with a capacity drop the tokens beyond it, and a row's tokens compete for it: no packing there."""
+  (tmp_path / "corpus.txt").write_text("\n".join(LINES * 4) + "\n")
+  moe = {"model.moe.experts": 4, "model.moe.top_k": 1, "model.moe.capacity_factor": 0.5}
+  cfg = tiny_config(**{"data.source": f"text:{tmp_path / 'corpus.txt'}", "train.steps": 2, "data.seq_len": 64}, **moe)
+  train.train(cfg, str(tmp_path / "run"), progress=False)
+  scorer = scoring.Scorer.from_run(str(tmp_path / "run"), batch_size=4)
+  tok = scorer.tok
+  pairs = [([tok.bos_id] + tok.encode([f"{a} plus {a} is"])[0], tok.encode([f" {2 * a}."])[0]) for a in range(6)]
+  alone = [scorer.loglikelihood([p])[0][0] for p in pairs]
+  assert [lp for lp, _ in scorer.loglikelihood(pairs)] == alone
+  # Packed anyway (the scorer told the experts were dropless), the neighbours' tokens take slots and scores move.
+  dropless = dataclasses.replace(scorer.setup.model_cfg.moe, capacity_factor=0.0)
+  told = dataclasses.replace(scorer.setup, model_cfg=dataclasses.replace(scorer.setup.model_cfg, moe=dropless))
+  packed = [lp for lp, _ in dataclasses.replace(scorer, setup=told).loglikelihood(pairs)]
+  assert np.abs(np.array(packed) - alone).max() > 0.1
+
+
+def test_best_fit_groups_every_request_once_longest_first_into_the_fullest_row_with_room():
   lengths = [5, 60, 30, 30, 64, 1, 33]
-  rows = scoring.pack(lengths, 64)
+  rows = scoring.best_fit(lengths, 64)
   assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
   assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
   assert rows == [[4], [1], [6, 2, 5], [3, 0]]  # 5 (length 1) fills row 2 exactly, not row 1

@@ -34,7 +34,6 @@ from tqdm import tqdm
 from lm.errors import UserError
 from lm.evals.scoring import Scorer
 
-PROGRESS_BATCHES = 8  # Scorer batches per progress-bar update; whole batches, so rows batch as in one call
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for a task that sets no max_gen_toks
 SKIPPED_KEYS = ("alias", "name", "sample_len")  # labels, and the example count that "n" reports
 
@@ -54,14 +53,6 @@ class LMEvalModel(lm_eval_model.LM):
   def _prompt(self, text: str) -> list[int]:
     return [self.scorer.tok.bos_id] + (self.scorer.tok.encode([text])[0] if text else [])
 
-  def _slices(self, items: list, desc: str, disable_tqdm: bool):
-    """`items` in slices of PROGRESS_BATCHES whole Scorer batches, advancing a progress bar past each."""
-    size = PROGRESS_BATCHES * self.scorer.batch_size
-    with tqdm(total=len(items), desc=desc, disable=True if disable_tqdm else None) as bar:
-      for lo in range(0, len(items), size):
-        yield items[lo : lo + size]
-        bar.update(len(items[lo : lo + size]))
-
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     """[(log p(continuation | context), whether every continuation token is the argmax)] for requests whose
     `args` are (context, continuation)."""
@@ -71,18 +62,12 @@ class LMEvalModel(lm_eval_model.LM):
       if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
       pairs.append((self._prompt(context), self.scorer.tok.encode([continuation])[0]))
-    out = []
-    for chunk in self._slices(pairs, "lm loglikelihood", disable_tqdm):
-      out += self.scorer.loglikelihood(chunk)
-    return out
+    return self.scorer.loglikelihood(pairs, "lm loglikelihood", progress=False if disable_tqdm else None)
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     """[log p(text)] for requests whose `args` are (text,), each text scored after a bos."""
     docs = self.scorer.tok.encode([req.args[0] for req in requests])
-    out = []
-    for chunk in self._slices(docs, "lm loglikelihood_rolling", disable_tqdm):
-      out += self.scorer.loglikelihood_rolling(chunk)
-    return out
+    return self.scorer.loglikelihood_rolling(docs, "lm loglikelihood_rolling", progress=False if disable_tqdm else None)
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     """[greedy continuation] for requests whose `args` are (context, gen_kwargs); requests that share `until` and

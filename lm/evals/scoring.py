@@ -59,21 +59,21 @@ def _score_tokens(model, params, batch: dict) -> tuple[jax.Array, jax.Array]:
   )
 
 
-def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
   """Groups of indices into `lengths` whose lengths sum to at most `capacity` each: longest first, each into the
-  open row it fills best (the fullest one it fits), a new row when none has room."""
-  rows, rooms = [], []  # rooms: (room left, row) of the rows with room, sorted
+  open group it fills best (the one with the least room that still fits it), a new group when none has room."""
+  groups, rooms = [], []  # rooms: (room left, group) of the groups with room, sorted
   for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-    k = bisect.bisect_left(rooms, (lengths[i], -1))
+    k = bisect.bisect_left(rooms, (lengths[i], -1))  # -1 sorts before every group: the first with enough room
     if k < len(rooms):
-      room, row = rooms.pop(k)
+      room, group = rooms.pop(k)
     else:
-      room, row = capacity, len(rows)
-      rows.append([])
-    rows[row].append(i)
+      room, group = capacity, len(groups)
+      groups.append([])
+    groups[group].append(i)
     if room > lengths[i]:
-      bisect.insort(rooms, (room - lengths[i], row))
-  return rows
+      bisect.insort(rooms, (room - lengths[i], group))
+  return groups
 
 
 @dataclasses.dataclass
@@ -103,60 +103,70 @@ class Scorer:
   def context(self) -> int:
     return self.cfg.data.seq_len
 
-  def _rows(self, rows: list[tuple[list[int], int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Scores rows (tokens, number of scored tokens at their end), each at most context + 1 tokens long.
+  def _rows(self, sequences: list[tuple[list[int], int]], desc: str = "scoring", progress: bool | None = None):
+    """Scores sequences (tokens, number of scored tokens at their end), each at most context + 1 tokens long:
+    [sum of their scored tokens' log p], [whether each of those tokens is the argmax].
 
-    Short rows share a row of the batch, each in its own segment with positions from 0, as training packs
-    documents: the model's segment mask keeps them apart, so each scores as it would alone."""
+    Short sequences share a row of the batch, each in its own segment with positions from 0, as training packs
+    documents: the model's segment mask keeps them apart, so each scores as it would alone. Not in a model
+    whose experts drop the tokens beyond their capacity: a row's tokens compete for it (dropless MoE shares)."""
     t, b = self.context, self.batch_size
-    for tokens, scored in rows:
+    for tokens, scored in sequences:
       assert 0 < scored <= len(tokens) - 1 <= t, (scored, len(tokens), t)
-    lengths = [len(tokens) - 1 for tokens, _ in rows]
-    packed = pack(lengths, t) if self.packed else [[i] for i in range(len(rows))]
-    logps, greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
+    moe = self.setup.model_cfg.moe
+    if self.packed and not (moe.experts and moe.capacity_factor > 0):
+      rows = best_fit([len(tokens) - 1 for tokens, _ in sequences], t)
+    else:
+      rows = [[i] for i in range(len(sequences))]
+    logps, greedy = np.zeros(len(sequences)), np.zeros(len(sequences), bool)
     sharding = partitioning.batch_sharding(self.setup.mesh)
-    for lo in tqdm(range(0, len(packed), b), desc="scoring", unit="batch", leave=False, disable=None):
-      chunk = packed[lo : lo + b]
+    bar = tqdm(
+      range(0, len(rows), b), desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress
+    )
+    for lo in bar:
       batch = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-      spans = []  # (request, row, first scored position, end)
-      for i, members in enumerate(chunk):
+      spans = []  # (sequence, batch row, its first scored position, its end)
+      for i, members in enumerate(rows[lo : lo + b]):
         start = 0
-        for segment, r in enumerate(members, 1):
-          tokens, scored = rows[r]
+        for segment, j in enumerate(members, 1):
+          tokens, scored = sequences[j]
           n = len(tokens) - 1
           batch["inputs"][i, start : start + n], batch["targets"][i, start : start + n] = tokens[:-1], tokens[1:]
           batch["segment_ids"][i, start : start + n], batch["positions"][i, start : start + n] = segment, np.arange(n)
-          spans.append((r, i, start + n - scored, start + n))
+          spans.append((j, i, start + n - scored, start + n))
           start += n
       with self.setup.context():
         # Every process holds the whole batch and gives its devices their rows (several processes work too).
         placed = {k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i]) for k, v in batch.items()}
         logp_BxT, hit_BxT = (np.asarray(x) for x in _score_tokens(self.setup.model, self.params, placed))
-      for r, i, first, end in spans:
-        logps[r], greedy[r] = logp_BxT[i, first:end].sum(), hit_BxT[i, first:end].all()
+      for j, i, first, end in spans:
+        logps[j], greedy[j] = logp_BxT[i, first:end].sum(dtype=np.float64), hit_BxT[i, first:end].all()
     return logps, greedy
 
-  def loglikelihood(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    rows = []
+  def loglikelihood(
+    self, requests: list[tuple[list[int], list[int]]], desc: str = "scoring", progress: bool | None = None
+  ) -> list[tuple[float, bool]]:
+    """(`progress`: a progress bar over the batches, named `desc`; None: when stderr is a terminal.)"""
+    sequences = []
     for context, continuation in requests:
       if not continuation:
         raise UserError("a continuation to score is empty")
       if not context:
         context = [self.tok.bos_id]
       tokens = (context + continuation)[-(self.context + 1) :]  # keep the continuation, cut the context's start
-      rows.append((tokens, min(len(continuation), len(tokens) - 1)))
-    logps, greedy = self._rows(rows)
+      sequences.append((tokens, min(len(continuation), len(tokens) - 1)))
+    logps, greedy = self._rows(sequences, desc, progress)
     return [(float(lp), bool(g)) for lp, g in zip(logps, greedy, strict=True)]
 
-  def loglikelihood_rolling(self, docs: list[list[int]]) -> list[float]:
-    rows, owner, length = [], [], self.context
+  def loglikelihood_rolling(self, docs: list[list[int]], desc: str = "scoring", progress: bool | None = None):
+    sequences, owner, length = [], [], self.context
     for d, doc in enumerate(docs):
       for start in range(0, len(doc), length):
         end = min(start + length, len(doc))
         tokens = [self.tok.bos_id] + doc[:end] if start == 0 else doc[end - length - 1 : end]
-        rows.append((tokens, end - start))
+        sequences.append((tokens, end - start))
         owner.append(d)
-    logps, _ = self._rows(rows)
+    logps, _ = self._rows(sequences, desc, progress)
     totals = np.zeros(len(docs))
     np.add.at(totals, np.asarray(owner, int), logps)
     return totals.tolist()
