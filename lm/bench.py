@@ -465,6 +465,8 @@ def score_throughput(workdir: str | None, requests: int, seed: int = 0) -> dict:
 
   if not workdir:
     raise UserError("lm bench score needs --workdir RUN (a trained run whose checkpoint to score with)")
+  if requests < 1:
+    raise UserError(f"lm bench score needs --requests of at least 1, got {requests}")
   scorer = scoring.Scorer.from_run(workdir)
   rng = np.random.default_rng(seed)
   ids = lambda n: rng.integers(len(tokenizer_lib.SPECIAL_TOKENS), scorer.tok.vocab_size, n).tolist()  # noqa: E731

@@ -322,3 +322,5 @@ def test_bench_score_scores_the_same_packed_and_one_a_row(run):
   assert record["requests"] == 24 and record["context"] == 64
   assert record["packed_requests_per_s"] > 0 and record["one_a_row_requests_per_s"] > 0
   assert record["max_abs_logp_diff"] < 1e-4
+  with pytest.raises(UserError, match="--requests of at least 1"):
+    bench.score_throughput(str(run), requests=0)
