@@ -3,6 +3,7 @@ world: they run end to end, and their pieces are right (the chat prompt, batchin
 read at each sequence's last token). A 2-step model answers nothing right, so no test asks for accuracy."""
 
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,12 +11,15 @@ import pytest
 
 from lm import chat, sampling, tokenizer, train
 from lm import workdir as workdir_lib
+from lm.config import load_module
 from lm.errors import UserError
 from lm.evals import instruct
 from lm.tokenizer import load_tokenizer
 from lm.worlds import instructions
 
 from conftest import tiny_config
+
+EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +218,24 @@ def test_paired_counts_gains_and_losses_and_gives_mcnemars_exact_p(tmp_path):
   assert instruct.paired(before, before)["p_value"] == 1.0
   with pytest.raises(UserError, match="same examples"):
     instruct.paired(before, write("e", [True] * 5))
+
+
+def test_the_rl_chain_compares_grpo_with_sft_on_the_test_examples(world, tmp_path):
+  """experiments/instruct_rl.py's final comparison answers test.jsonl (not eval.jsonl, on which settings were
+  chosen) with both runs and pairs their replies; here "sft" and "grpo" are the two tiny runs."""
+  paths, runs = world
+  chain = load_module(str(EXPERIMENTS / "instruct_rl.py"))
+  workdir = tmp_path / "chain"
+  (workdir / "world").mkdir(parents=True)
+  test = paths["test"].read_text().splitlines()[:20]
+  (workdir / "world" / "test.jsonl").write_text("\n".join(test) + "\n")
+  (workdir / "sft").symlink_to(runs["a"])
+  (workdir / "grpo").symlink_to(runs["b"])
+  stages = {s["id"]: s for s in chain.get_study(str(workdir))}
+  ids = list(stages)
+  assert ids.index("sft_test") < ids.index("grpo_vs_sft") and ids.index("grpo_test") < ids.index("grpo_vs_sft")
+  results = {i: stages[i]["run"](str(workdir / i)) for i in ("sft_test", "grpo_test", "grpo_vs_sft")}
+  prompts = [json.loads(line)["prompt"] for line in test]
+  for run in ("sft_test", "grpo_test"):
+    assert results[run]["n"] == 20 and [s["prompt"] for s in samples(workdir / run)] == prompts
+  assert results["grpo_vs_sft"] == instruct.paired(workdir / "sft_test", workdir / "grpo_test")

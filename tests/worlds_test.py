@@ -6,7 +6,7 @@ import pytest
 
 from lm.worlds import instructions as world
 
-SIZES = {"n_train": 300, "n_eval": 60, "n_pairs": 200, "n_pretrain": 20, "n_prompts": 90}
+SIZES = {"n_train": 300, "n_eval": 60, "n_pairs": 200, "n_pretrain": 20, "n_prompts": 90, "n_test": 400}
 OTHER_STYLES = [s for s in world.STYLES if s != world.PREFERRED_STYLE]
 
 
@@ -81,7 +81,7 @@ def test_world_is_deterministic_from_the_seed(tmp_path, files):
   assert (
     set(again)
     == set(files)
-    == {"pretrain", "sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "eval"}
+    == {"pretrain", "sft_train", "sft_eval", "prefs_train", "prefs_eval", "prompts_train", "eval", "test"}
   )
   for name, path in files.items():
     assert again[name].read_bytes() == path.read_bytes(), name
@@ -238,6 +238,8 @@ def test_files_are_in_the_documented_formats(files):
   assert len(prompts) == SIZES["n_prompts"] and prompts == world.sample_examples(
     3, SIZES["n_prompts"], "train", "prompts"
   )
+  test = world.read_examples(files["test"])
+  assert test == world.test_examples(3, SIZES["n_test"], held)
   docs = _read(files["pretrain"])
   assert [d["id"] for d in docs] == [f"doc{i}" for i in range(SIZES["n_pretrain"])]
   for doc in docs:
@@ -245,6 +247,24 @@ def test_files_are_in_the_documented_formats(files):
     assert len(blocks) == world.QA_PER_DOCUMENT
     assert all(b.startswith("Q: ") and b.count("\nA: ") == 1 for b in blocks)
     assert "<|" not in doc["text"] and "The answer is" not in doc["text"] and "Answer:" not in doc["text"]
+
+
+def test_test_examples_are_held_out_unique_and_apart_from_the_eval_examples():
+  held = world.sample_examples(0, 500, "eval")
+  test = world.test_examples(0, 3000, held)
+  prompts = [e.prompt for e in test]
+  assert len(set(prompts)) == len(prompts) and not set(prompts) & {e.prompt for e in held}
+  assert all(world.is_heldout(e.args) for e in test)
+  drawn = world.sample_examples(0, 3000, "eval", "test")
+  firsts = {}
+  for i, e in enumerate(drawn):
+    firsts.setdefault(e.prompt, i)
+  assert set(prompts) == set(firsts) - {e.prompt for e in held}  # nothing left out but repeats and eval's
+  assert [firsts[p] for p in prompts] == sorted(firsts[p] for p in prompts)  # in the order drawn
+  kept = collections.Counter(e.task for e in test)
+  draws = collections.Counter(e.task for e in drawn)
+  assert kept["add"] < draws["add"] / 2 and kept["repeat"] < draws["repeat"] / 2  # few held-out inputs
+  assert all(kept[t] > 0.95 * draws[t] for t in ("reverse", "sort", "first", "count"))
 
 
 def test_the_correct_reward_is_the_checker_on_the_record_answer(files):

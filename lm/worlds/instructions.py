@@ -50,6 +50,8 @@ Files (`write_world`), JSON lines, all deterministic from the seed:
                      `correct` is the reward a program computes from their answers).
   eval.jsonl         the held-out examples {"task", "phrasing", "args", "prompt", "answer"}, for
                      accuracy and win rates (`read_examples`, `score`, `judge`).
+  test.jsonl         more held-out examples in eval.jsonl's form (`test_examples`): none of eval.jsonl's prompts,
+                     each prompt once. Settings are chosen on eval.jsonl; test.jsonl is for the final comparison.
 """
 
 import dataclasses
@@ -230,6 +232,18 @@ def sample_examples(seed: int, n: int, split: str, stream: str = "sft") -> list[
   return out
 
 
+def test_examples(seed: int, n: int, exclude: Sequence[Example] = ()) -> list[Example]:
+  """Held-out examples for a final comparison: `n` drawn in a stream of their own, each prompt kept once and
+  none of `exclude`'s (the examples settings were chosen on). Tasks with few held-out inputs (a tenth of add's 441
+  and of repeat's 168) come out fewer than the others."""
+  seen, out = {e.prompt for e in exclude}, []
+  for e in sample_examples(seed, n, "eval", "test"):
+    if e.prompt not in seen:
+      seen.add(e.prompt)
+      out.append(e)
+  return out
+
+
 def render(answer: str, style: str) -> str:
   """The reply that gives `answer` in `style` (a key of `STYLES`)."""
   prefix, suffix = STYLES[style]
@@ -368,12 +382,14 @@ def write_world(
   n_pairs: int = 5_000,
   n_pretrain: int = 5_000,
   n_prompts: int = 5_000,
+  n_test: int = 8_000,
 ) -> dict[str, epath.Path]:
   """Writes the world's files into `directory` (see the module docstring) and returns their paths by name:
   pretrain (`n_pretrain` documents), sft_train (`n_train` conversations), prefs_train (`n_pairs` pairs,
   drawn apart from the SFT examples), prompts_train (`n_prompts` examples, drawn apart again, for
-  reinforcement learning), and on the same `n_eval` held-out examples sft_eval, prefs_eval and eval. Each
-  file is replaced whole (written aside, then renamed)."""
+  reinforcement learning), on the same `n_eval` held-out examples sft_eval, prefs_eval and eval, and test
+  (`test_examples` of `n_test` draws, apart from eval's). Each file is replaced whole (written aside, then
+  renamed)."""
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   heldout = sample_examples(seed, n_eval, "eval")
@@ -385,6 +401,7 @@ def write_world(
     "prefs_eval": preference_pairs(heldout, seed),
     "prompts_train": [example_record(e) for e in sample_examples(seed, n_prompts, "train", "prompts")],
     "eval": [example_record(e) for e in heldout],
+    "test": [example_record(e) for e in test_examples(seed, n_test, heldout)],
   }
   paths = {}
   for name, rows in records.items():
