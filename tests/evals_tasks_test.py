@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lm import bench, train
+from lm import bench, cli, train
 from lm import model as model_lib
 from lm.errors import UserError
 from lm.evals import icl, scoring, tasks
@@ -324,3 +324,8 @@ def test_bench_score_scores_the_same_packed_and_one_a_row(run):
   assert record["max_abs_logp_diff"] < 1e-4
   with pytest.raises(UserError, match="--requests of at least 1"):
     bench.score_throughput(str(run), requests=0)
+
+
+def test_bench_score_refuses_config_overrides_it_would_ignore(run, capsys):
+  assert cli.main(["bench", "score", "--workdir", str(run), "--config.eval.batch_size=4"]) == 2
+  assert "takes no --config.eval.batch_size=4" in capsys.readouterr().err
