@@ -142,11 +142,13 @@ def test_the_scorer_sums_the_models_log_probs(run, scorer):
   assert rolling == pytest.approx(sum(lp for lp, _ in scorer.loglikelihood(windows)), abs=1e-3)
 
 
-def test_requests_packed_into_one_row_score_as_they_do_alone(scorer):
+def test_requests_packed_into_one_row_score_as_they_do_alone(scorer, capsys):
   tok = scorer.tok
   pairs = [([tok.bos_id] + tok.encode([f"{a} plus {b} is"])[0], tok.encode([f" {a + b}."])[0]) for a, b in
            [(1, 2), (10, 11), (3, 3), (7, 9), (0, 0), (11, 5)]]  # fmt: skip
-  packed = scorer.loglikelihood(pairs)
+  packed = scorer.loglikelihood(pairs, "sums", progress=True)
+  shown = [line for line in capsys.readouterr().err.replace("\r", "\n").split("\n") if line.startswith("sums")]
+  assert "6/6" in shown[-1] and "request" in shown[-1]  # the bar counts requests, not batches
   assert len(scoring.best_fit([len(c) + len(x) - 1 for c, x in pairs], scorer.context)) == 2  # six in two rows
   alone = [scorer.loglikelihood([p])[0] for p in pairs]
   assert [g for _, g in packed] == [g for _, g in alone]

@@ -120,33 +120,33 @@ class Scorer:
       rows = [[i] for i in range(len(sequences))]
     logps, greedy = np.zeros(len(sequences)), np.zeros(len(sequences), bool)
     sharding = partitioning.batch_sharding(self.setup.mesh)
-    bar = tqdm(
-      range(0, len(rows), b), desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress
-    )
-    for lo in bar:
-      batch = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-      spans = []  # (sequence, batch row, its first scored position, its end)
-      for i, members in enumerate(rows[lo : lo + b]):
-        start = 0
-        for segment, j in enumerate(members, 1):
-          tokens, scored = sequences[j]
-          n = len(tokens) - 1
-          batch["inputs"][i, start : start + n], batch["targets"][i, start : start + n] = tokens[:-1], tokens[1:]
-          batch["segment_ids"][i, start : start + n], batch["positions"][i, start : start + n] = segment, np.arange(n)
-          spans.append((j, i, start + n - scored, start + n))
-          start += n
-      with self.setup.context():
-        # Every process holds the whole batch and gives its devices their rows (several processes work too).
-        placed = {k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i]) for k, v in batch.items()}
-        logp_BxT, hit_BxT = (np.asarray(x) for x in _score_tokens(self.setup.model, self.params, placed))
-      for j, i, first, end in spans:
-        logps[j], greedy[j] = logp_BxT[i, first:end].sum(dtype=np.float64), hit_BxT[i, first:end].all()
+    disable = None if progress is None else not progress
+    with tqdm(total=len(sequences), desc=desc, unit="request", leave=False, disable=disable) as bar:
+      for lo in range(0, len(rows), b):
+        batch = {k: np.zeros((b, t), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+        spans = []  # (sequence, batch row, its first scored position, its end)
+        for i, members in enumerate(rows[lo : lo + b]):
+          start = 0
+          for segment, j in enumerate(members, 1):
+            tokens, scored = sequences[j]
+            n = len(tokens) - 1
+            batch["inputs"][i, start : start + n], batch["targets"][i, start : start + n] = tokens[:-1], tokens[1:]
+            batch["segment_ids"][i, start : start + n], batch["positions"][i, start : start + n] = segment, np.arange(n)
+            spans.append((j, i, start + n - scored, start + n))
+            start += n
+        with self.setup.context():
+          # Every process holds the whole batch and gives its devices their rows (several processes work too).
+          placed = {k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i]) for k, v in batch.items()}
+          logp_BxT, hit_BxT = (np.asarray(x) for x in _score_tokens(self.setup.model, self.params, placed))
+        for j, i, first, end in spans:
+          logps[j], greedy[j] = logp_BxT[i, first:end].sum(dtype=np.float64), hit_BxT[i, first:end].all()
+        bar.update(sum(map(len, rows[lo : lo + b])))
     return logps, greedy
 
   def loglikelihood(
     self, requests: list[tuple[list[int], list[int]]], desc: str = "scoring", progress: bool | None = None
   ) -> list[tuple[float, bool]]:
-    """(`progress`: a progress bar over the batches, named `desc`; None: when stderr is a terminal.)"""
+    """(`progress`: a progress bar over the requests, named `desc`; None: when stderr is a terminal.)"""
     sequences = []
     for context, continuation in requests:
       if not continuation:
