@@ -148,7 +148,7 @@ def test_requests_packed_into_one_row_score_as_they_do_alone(scorer, capsys):
            [(1, 2), (10, 11), (3, 3), (7, 9), (0, 0), (11, 5)]]  # fmt: skip
   packed = scorer.loglikelihood(pairs, "sums", progress=True)
   shown = [line for line in capsys.readouterr().err.replace("\r", "\n").split("\n") if line.startswith("sums")]
-  assert "6/6" in shown[-1] and "request" in shown[-1]  # the bar counts requests, not batches
+  assert "/6 [" in shown[0] and "request" in shown[0]  # the bar counts the 6 requests, not the one batch
   assert len(scoring.best_fit([len(c) + len(x) - 1 for c, x in pairs], scorer.context)) == 2  # six in two rows
   alone = [scorer.loglikelihood([p])[0] for p in pairs]
   assert [g for _, g in packed] == [g for _, g in alone]
