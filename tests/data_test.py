@@ -1,5 +1,6 @@
 import json
 import os
+import tempfile
 
 import grain
 import jax
@@ -128,6 +129,14 @@ def test_prepared_corpus_is_reused_until_a_file_changes(tmp_path):
   (tmp_path / "src" / "doc000.txt").write_text("changed")
   assert corpus_builder.prepare(cfg)["train"][0] == "changed"
   assert len(os.listdir(tmp_path / "cache" / "lm_corpus")) == 2
+
+
+def test_preparing_a_corpus_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
+  cfg = make_cfg(tmp_path, f"text:{write_docs(tmp_path / 'src', letter_docs(4))}")
+  assert corpus_builder.prepare(cfg)["train"]
+  assert not os.listdir(tmp_path / "tmp")
 
 
 def test_prepared_corpus_reads_back_as_a_tfds_source(tmp_path):

@@ -35,6 +35,12 @@ SPLITS = ("train", "validation")
 SAMPLE_CHUNK_CHARS = 65_536  # training_text takes documents longer than this in pieces
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  def initialize_from_bucket(self) -> None:
+    """Nothing: a local corpus has no info on tfds's bucket, and nothing is fetched at run time. (tfds's own,
+    with its bucket disabled, makes an empty temporary directory for each new corpus and leaves it behind.)"""
+
+
 class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """The documents of the local `cfg.data.source`, split into train and validation."""
 
@@ -50,7 +56,7 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
-    return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+    return _LocalInfo(builder=self, features=features, disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     train, validation = split_documents(self._cfg)
