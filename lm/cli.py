@@ -32,6 +32,12 @@ from lm import distributed, eval_cli, plan, tokenizer_cli
 from lm.errors import UserError
 from lm.scaling import cli as scaling_cli
 
+# Benchmarks whose model is not a config's: --config and its overrides would be ignored, so they are refused.
+FIXED_BENCHES = {
+  "score": "scores with the run's own config (--workdir)",
+  "hf": "times a model of SmolLM-135M's shapes, built in the benchmark",
+}
+
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
@@ -225,6 +231,9 @@ def run(argv: list[str]) -> int:
     report = study.run_study(args.config, args.workdir, overrides, progress=not args.no_progress)
     if os.path.exists(report):
       print(report)
+  elif args.command == "bench" and args.what in FIXED_BENCHES and (args.config or overrides):
+    given = " ".join([*(["--config " + args.config] if args.config else []), *(f"--config.{o}" for o in overrides)])
+    raise UserError(f"lm bench {args.what} {FIXED_BENCHES[args.what]}; it takes no {given}")
   elif args.command in ("sweep", "scaling") or (args.command == "bench" and args.what == "fit"):
     return scaling_cli.run(args, overrides)
   elif args.command == "bench" and args.what == "hf":

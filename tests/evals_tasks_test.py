@@ -328,6 +328,8 @@ def test_bench_score_scores_the_same_packed_and_one_a_row(run):
     bench.score_throughput(str(run), requests=0)
 
 
-def test_bench_score_refuses_config_overrides_it_would_ignore(run, capsys):
+def test_bench_score_and_hf_refuse_the_config_overrides_they_would_ignore(run, capsys):
   assert cli.main(["bench", "score", "--workdir", str(run), "--config.eval.batch_size=4"]) == 2
-  assert "takes no --config.eval.batch_size=4" in capsys.readouterr().err
+  assert "run's own config (--workdir); it takes no --config.eval.batch_size=4" in capsys.readouterr().err
+  assert cli.main(["bench", "hf", "--config", "experiments/quickstart.py"]) == 2  # before any model is built
+  assert "SmolLM-135M's shapes, built in the benchmark; it takes no --config experiments/" in capsys.readouterr().err
